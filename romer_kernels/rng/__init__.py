@@ -1,0 +1,15 @@
+"""Counter-based randomness: Philox4x32-10 streams keyed by (chip seed, layer, purpose, counter)."""
+from romer_kernels.rng.streams import (
+    Purpose,
+    layer_key,
+    normal,
+    normal_like,
+    rng_backend,
+    set_rng_backend,
+    stream_seed,
+    uniform,
+)
+
+__all__ = [
+    "Purpose", "layer_key", "normal", "normal_like", "rng_backend", "set_rng_backend", "stream_seed", "uniform",
+]
