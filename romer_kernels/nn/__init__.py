@@ -1,0 +1,11 @@
+"""Drop-in analog layers and model-level helpers."""
+from romer_kernels.nn.analog_linear import AnalogLinear
+from romer_kernels.nn.model_helpers import (
+    analog_layers,
+    drift_analog_,
+    program_analog_,
+    reset_noise_counters,
+    set_mvm_noise,
+)
+
+__all__ = ["AnalogLinear", "analog_layers", "drift_analog_", "program_analog_", "reset_noise_counters", "set_mvm_noise"]

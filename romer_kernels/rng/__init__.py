@@ -2,6 +2,7 @@
 from romer_kernels.rng.streams import (
     Purpose,
     layer_key,
+    mvm_counter,
     normal,
     normal_like,
     rng_backend,
@@ -11,5 +12,5 @@ from romer_kernels.rng.streams import (
 )
 
 __all__ = [
-    "Purpose", "layer_key", "normal", "normal_like", "rng_backend", "set_rng_backend", "stream_seed", "uniform",
+    "Purpose", "layer_key", "mvm_counter", "normal", "normal_like", "rng_backend", "set_rng_backend", "stream_seed", "uniform",
 ]

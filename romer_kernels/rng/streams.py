@@ -25,9 +25,9 @@ class Purpose(enum.IntEnum):
     PROGRAM = 1          # programming noise, device slot d -> counter d
     DRIFT_NU = 2         # drift exponent, device slot d -> counter d
     READ = 3             # 1/f read noise; counter = device slot + 16 * drift call index
-    OUT_NOISE = 4        # per-MVM output noise; counter = forward index * 64 + bound-management round
+    OUT_NOISE = 4        # per-MVM output noise; counter = mvm_counter(call, round, readout)
     W_NOISE = 5          # per-MVM output-referred weight read noise; counter as OUT_NOISE
-    READOUT_NOISE = 6    # output noise of the drift-compensation readout; counter = drift call index
+    INP_NOISE = 6        # per-MVM input (DAC) noise; counter as OUT_NOISE
     MULTIPLICATIVE = 7   # multiplicative part of Gaussian chip noise
 
 
@@ -36,6 +36,17 @@ def splitmix64(value: int) -> int:
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _U64
     value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _U64
     return value ^ (value >> 31)
+
+
+def mvm_counter(call_index: int, bm_round: int, readout: bool = False) -> int:
+    """Counter of a per-MVM stream: forward call (or drift-readout call), bound-management round.
+
+    Layout: ``call_index * 128 + readout * 64 + bm_round`` with ``bm_round < 64``; the readout MVMs of
+    drift compensation thus never share noise with ordinary forwards.
+    """
+    if not 0 <= bm_round < 64:
+        raise ValueError(f"bound-management round must be in [0, 64), got {bm_round}")
+    return call_index * 128 + (64 if readout else 0) + bm_round
 
 
 def layer_key(layer: int | str) -> int:

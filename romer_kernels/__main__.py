@@ -1,0 +1,5 @@
+import sys
+
+from romer_kernels.cli.main import main
+
+sys.exit(main())

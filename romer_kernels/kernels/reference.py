@@ -1,0 +1,199 @@
+"""Pure-PyTorch reference of the analog tiled MVM: the semantics every backend must reproduce.
+
+One forward of a layer ``y = W x + b`` on a tiled crossbar (aihwkit ``InferenceTile`` +
+``ForwardBackwardPassIOManaged::forwardVector``, per input vector and per tile):
+
+1. noise management: scale = abs-max of the vector's slice on this tile (``nm_thres`` caps it), a
+   constant, or 1. An all-zero slice gives an exactly zero tile output.
+2. DAC: x' = clip(round(x / (scale * r) / dx) * dx, +-inp_bound), then optional input noise.
+   r = 1, 2, 4, ... is the bound-management reduction.
+3. analog MVM z = W_tile x', IR drop, output-referred weight read noise.
+4. output noise, ADC: z = round(z / dy) * dy, clip to +-out_bound. If the vector's output on this tile
+   clipped and bound management is iterative, go back to 2 with r doubled (until the aihwkit limits).
+5. digital: z * scale * r * out_scale * (weight scaling) * (drift compensation), summed over input
+   tiles, plus the digital bias.
+
+Random numbers come from the Philox streams of :mod:`romer_kernels.rng`; the caller gives the stream
+seed of each (purpose, bound-management round). Element layout of the per-MVM streams:
+``OUT_NOISE``/``W_NOISE``: element ``(b * n_in_tiles + i) * out_features + c`` for token b, input tile i,
+output c; ``INP_NOISE``: element ``b * in_features + k`` for input k. Token b is the row of the
+flattened input of this call, so a token's noise does not depend on the batch it came with.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from romer_kernels.config.analog import MAX_BM_ROUNDS, IOConfig
+from romer_kernels.config.tiling import TileGrid
+from romer_kernels.rng import Purpose, normal_like
+
+StreamSeed = Callable[[Purpose, int], int]  # (purpose, bound-management round) -> Philox seed
+
+
+def split_input(x: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """[B, in] -> [n_in_tiles, B, n_max], zero-padded (padding contributes nothing to any tile sum)."""
+    sizes = grid.in_sizes
+    out = x.new_zeros(len(sizes), x.shape[0], max(sizes))
+    for i, cols in enumerate(grid.in_slices()):
+        out[i, :, : sizes[i]] = x[:, cols]
+    return out
+
+
+def split_weight(w: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """[out, in] -> [n_in_tiles, out, n_max], zero-padded."""
+    sizes = grid.in_sizes
+    out = w.new_zeros(len(sizes), w.shape[0], max(sizes))
+    for i, cols in enumerate(grid.in_slices()):
+        out[i, :, : sizes[i]] = w[:, cols]
+    return out
+
+
+def _quantize(v: torch.Tensor, step: float) -> torch.Tensor:
+    """Round to the nearest multiple of ``step`` (ties to even, as aihwkit's ``rint``); 0 = identity.
+
+    The step is rounded to float32 first, as aihwkit computes it in the tile's precision, so that the
+    ties that bound management creates (x / 2 on a 7-bit DAC) fall the same way.
+    """
+    if step <= 0:
+        return v
+    step32 = torch.tensor(step, dtype=torch.float32)
+    return torch.round(v / step32) * step32
+
+
+def _noise_management(xt: torch.Tensor, io: IOConfig) -> torch.Tensor:
+    if io.noise_management == "abs_max":
+        scale = xt.abs().amax(dim=-1, keepdim=True)
+        return scale.clamp_max(io.nm_thres) if io.nm_thres > 0 else scale
+    if io.noise_management == "constant":
+        return torch.full_like(xt[..., :1], io.nm_thres if io.nm_thres > 0 else 1.0)
+    return torch.ones_like(xt[..., :1])
+
+
+def _bm_limit_reached(reduction: float, io: IOConfig) -> bool:
+    """aihwkit's stop rule: after a pass with this reduction no further round is taken."""
+    step = io.inp_step
+    return reduction > io.max_bm_factor or (step > 0 and reduction > io.max_bm_res / step)
+
+
+def tiled_mvm(
+    xt: torch.Tensor,
+    wt: torch.Tensor,
+    in_sizes: list[int],
+    out_sizes: list[int],
+    io: IOConfig,
+    stream_seed: StreamSeed | None,
+) -> torch.Tensor:
+    """Analog MVM of every (input tile, vector) pair, returned per input tile before digital scaling.
+
+    ``xt`` [T, B, n_max] inputs split per input tile, ``wt`` [T, out, n_max] tile weights (tile units,
+    zero-padded), ``in_sizes`` the true tile input sizes, ``out_sizes`` the output split. Returns
+    ``z * scale * r`` as [T, B, out]. ``stream_seed`` None switches every per-MVM noise off.
+    """
+    n_tiles, batch, n_max = xt.shape
+    out_features = wt.shape[1]
+    if io.is_perfect:
+        return torch.bmm(xt, wt.transpose(1, 2))
+
+    nm_scale = _noise_management(xt, io)                     # [T, B, 1]
+    # A vector whose scale is 0 (all-zero slice under noise management) gives exactly 0, as in aihwkit.
+    dead = (nm_scale <= 0) if io.noise_management != "none" and io.inp_noise <= 0 else None
+    safe_scale = torch.where(nm_scale > 0, nm_scale, torch.ones_like(nm_scale))
+
+    out_tile = torch.repeat_interleave(torch.arange(len(out_sizes)), torch.tensor(out_sizes))
+    in_pos = torch.arange(n_max, dtype=xt.dtype)
+    sizes = torch.tensor(in_sizes, dtype=xt.dtype)[:, None]
+    valid_inputs = in_pos[None, :] < sizes                   # [T, n_max]
+    in_offset = torch.cumsum(torch.tensor([0, *in_sizes[:-1]]), 0)
+
+    result = torch.zeros(n_tiles, batch, out_features, dtype=xt.dtype)
+    pending = torch.ones(n_tiles, batch, out_features, dtype=torch.bool)
+    if dead is not None:
+        pending &= ~dead
+    iterative = io.bound_management == "iterative" and io.out_bound > 0
+    abs_w = wt.abs() if (io.w_noise_type == "pcm_read" or io.ir_drop > 0) else None
+
+    for bm_round in range(MAX_BM_ROUNDS):
+        reduction = float(2 ** bm_round)
+        input_scale = (1.0 / safe_scale) / reduction          # aihwkit: scale = 1/nm, then /= reduction
+        x_dac = _quantize(xt * input_scale, io.inp_step).clamp(-io.inp_bound, io.inp_bound)
+        if io.inp_noise > 0 and stream_seed is not None:
+            noise = normal_like(stream_seed(Purpose.INP_NOISE, bm_round), (batch, sum(in_sizes)))
+            tiles = torch.zeros_like(x_dac)
+            for i, size in enumerate(in_sizes):
+                tiles[i, :, :size] = noise[:, int(in_offset[i]): int(in_offset[i]) + size]
+            x_dac = x_dac + io.inp_noise * tiles
+        x_dac = x_dac * valid_inputs[:, None, :]
+
+        z = torch.bmm(x_dac, wt.transpose(1, 2))              # [T, B, out]
+        if io.ir_drop > 0:
+            current = torch.bmm(x_dac.abs(), abs_w.transpose(1, 2))
+            a = current * (sizes[:, :, None] / io.ir_drop_g_ratio)
+            c = a * (a * (0.05 * a - 0.2) + 0.5)
+            position = 1.0 - in_pos[None, :] / sizes
+            weighted = torch.bmm(x_dac * (1.0 - position * position)[:, None, :], wt.transpose(1, 2))
+            z = z - c * io.ir_drop * weighted
+        if stream_seed is not None and io.w_noise > 0:
+            if io.w_noise_type == "additive_constant":
+                std = io.w_noise * x_dac.norm(dim=-1, keepdim=True)
+            else:
+                std = io.w_noise * torch.bmm(x_dac * x_dac, abs_w.transpose(1, 2)).sqrt()
+            z = z + std * _per_output_normals(stream_seed(Purpose.W_NOISE, bm_round), batch, n_tiles, out_features)
+        if stream_seed is not None and io.out_noise > 0:
+            z = z + io.out_noise * _per_output_normals(stream_seed(Purpose.OUT_NOISE, bm_round), batch, n_tiles, out_features)
+        z = _quantize(z, io.out_step)
+
+        if io.out_bound > 0:
+            over = z > io.out_bound
+            if io.bm_test_negative_bound:
+                over = over | (z < -io.out_bound)
+            z = z.clamp(-io.out_bound, io.out_bound)
+        result = torch.where(pending, z / input_scale, result)
+        if not iterative or _bm_limit_reached(reduction, io):
+            break
+        clipped = _any_per_out_tile(over, out_tile, len(out_sizes))
+        pending = pending & clipped[:, :, out_tile]
+        if not bool(pending.any()):
+            break
+    return result
+
+
+def _any_per_out_tile(over: torch.Tensor, out_tile: torch.Tensor, n_out_tiles: int) -> torch.Tensor:
+    counts = torch.zeros(*over.shape[:2], n_out_tiles, dtype=torch.float32)
+    counts.index_add_(2, out_tile, over.to(torch.float32))
+    return counts > 0
+
+
+def _per_output_normals(seed: int, batch: int, n_tiles: int, out_features: int) -> torch.Tensor:
+    """Normals of element (b * n_tiles + i) * out + c, returned as [T, B, out]."""
+    return normal_like(seed, (batch, n_tiles, out_features)).transpose(0, 1)
+
+
+def analog_linear(
+    x: torch.Tensor,
+    tile_weight: torch.Tensor,
+    out_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    grid: TileGrid,
+    io: IOConfig,
+    stream_seed: StreamSeed | None,
+) -> torch.Tensor:
+    """Reference forward of an analog linear layer on float32 CPU tensors.
+
+    ``x`` [B, in]; ``tile_weight`` [out, in] the weights on the tiles (tile units); ``out_scale``
+    [n_in_tiles, out] the digital factor of each input tile's partial output (weight scaling, drift
+    compensation and ``io.out_scale``); ``bias`` [out] or None. Rows of ``x`` holding NaN or Inf give
+    NaN rows and do not affect other rows.
+    """
+    bad_rows = ~torch.isfinite(x).all(dim=-1)
+    if bool(bad_rows.any()):
+        x = x.masked_fill(bad_rows[:, None], 0.0)
+    partial = tiled_mvm(split_input(x, grid), split_weight(tile_weight, grid), grid.in_sizes, grid.out_sizes,
+                        io, stream_seed)
+    y = (partial * out_scale[:, None, :]).sum(dim=0)
+    if bias is not None:
+        y = y + bias
+    if bool(bad_rows.any()):
+        y = y.masked_fill(bad_rows[:, None], float("nan"))
+    return y

@@ -1,0 +1,125 @@
+"""The chip behind one analog layer: mapping, programming, drift, and drift compensation.
+
+``LayerChip`` owns everything that is fixed once a layer is programmed with a seed: the tile grid, the
+weight scaling, the programmed weights and drift exponents, and the drift-compensation baseline. It
+produces the two tensors the MVM kernels need: the weights on the tiles (tile units) and the digital
+scale of every input tile's partial output.
+"""
+from __future__ import annotations
+
+import torch
+
+from romer_kernels.config.analog import AnalogConfig, MappingConfig
+from romer_kernels.config.tiling import TileGrid
+from romer_kernels.kernels.reference import tiled_mvm
+from romer_kernels.noise import build_noise_model
+from romer_kernels.noise.base import ProgrammedWeights
+from romer_kernels.rng import Purpose, mvm_counter, normal_like, stream_seed
+
+READ_SLOTS = 16  # READ stream counter = device slot + READ_SLOTS * drift call index
+
+
+def weight_scales(w: torch.Tensor, grid: TileGrid, mapping: MappingConfig) -> torch.Tensor:
+    """Digital scale s of every weight's crossbar column (broadcast to ``w``), so that the tile holds w/s."""
+    if mapping.weight_scaling_omega <= 0:
+        return torch.ones_like(w)
+    absmax = grid.column_absmax(w) if mapping.weight_scaling_columnwise else grid.tile_absmax(w)
+    return torch.where(absmax > 0, absmax / mapping.weight_scaling_omega, torch.ones_like(absmax))
+
+
+def per_input_tile(values: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """Take one value per (input tile, output) from a tensor that is constant over each crossbar column."""
+    return torch.stack([values[:, cols.start] for cols in grid.in_slices()])
+
+
+class LayerChip:
+    """Programmed state of one analog layer. All tensors are float32 on the CPU or the layer's device."""
+
+    def __init__(self, config: AnalogConfig, out_features: int, in_features: int, layer_id: int | str):
+        self.config = config
+        self.layer_id = layer_id
+        self.grid = TileGrid(out_features, in_features, config.tile.max_input_size, config.tile.max_output_size)
+        self.noise_model = None if config.noise is None else build_noise_model(config.noise)
+        self.seed: int | None = None
+        self.programmed: ProgrammedWeights | None = None
+        self.scales: torch.Tensor | None = None      # [n_in_tiles, out] weight scaling s
+        self.baseline: torch.Tensor | None = None    # [n_in_tiles, out] drift-compensation readout at t=0
+        self.drift_calls = 0
+
+    # -- random streams -------------------------------------------------------------------------
+    def _draw(self, shape: torch.Size, drift_index: int | None = None):
+        def draw(purpose: Purpose, slot: int) -> torch.Tensor:
+            counter = slot if drift_index is None else slot + READ_SLOTS * drift_index
+            return normal_like(stream_seed(self.seed, self.layer_id, purpose, counter), shape)
+        return draw
+
+    def mvm_stream(self, call_index: int, readout: bool = False):
+        """Seeds of the per-MVM streams of one forward call (or one drift-compensation readout)."""
+        def seed(purpose: Purpose, bm_round: int) -> int:
+            return stream_seed(self.seed, self.layer_id, purpose, mvm_counter(call_index, bm_round, readout))
+        return seed
+
+    # -- programming and drift ------------------------------------------------------------------
+    def program(self, weight: torch.Tensor, seed: int, mvm_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Program the digital ``weight`` with chip ``seed``; returns (tile weights, out scales)."""
+        self.seed = seed
+        self.drift_calls = 0
+        w = weight.detach().to(torch.float32)
+        scales = weight_scales(w, self.grid, self.config.mapping)
+        target = w / scales
+        if self.noise_model is None:
+            self.programmed = ProgrammedWeights(target)
+        else:
+            self.programmed = self.noise_model.program(target, self.grid, self._draw(target.shape))
+        self.scales = per_input_tile(scales, self.grid)
+        self.baseline = None
+        if self.config.drift_compensation.kind != "none":
+            self.baseline = self.readout(self.programmed.weights, mvm_noise)
+        return self.programmed.weights, self._out_scale(self.programmed.weights, mvm_noise)
+
+    def drift(self, t_inference: float, mvm_noise: bool, drift_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights ``t_inference`` seconds after programming, with fresh read noise; returns as program()."""
+        if self.programmed is None:
+            raise RuntimeError("drift needs a programmed chip: call program first")
+        if not t_inference >= 0 or t_inference == float("inf"):
+            raise ValueError(f"t_inference must be a finite time in seconds >= 0, got {t_inference}")
+        index = self.drift_calls if drift_index is None else drift_index
+        self.drift_calls = index + 1
+        if self.noise_model is None:
+            weights = self.programmed.weights
+        else:
+            weights = self.noise_model.read(self.programmed, float(t_inference), self.grid,
+                                            self._draw(self.programmed.weights.shape, drift_index=index))
+        return weights, self._out_scale(weights, mvm_noise, readout_index=index + 1)
+
+    # -- drift compensation ---------------------------------------------------------------------
+    def readout(self, tile_weight: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
+        """aihwkit's compensation readout: mean |output| of one-hot inputs through each tile's periphery.
+
+        Returns [n_in_tiles, out]: per tile (global) or per crossbar column (per_column), clamped at 1e-4.
+        """
+        grid = self.grid
+        sizes = grid.in_sizes
+        n_max = max(sizes)
+        probes = torch.eye(n_max).expand(len(sizes), n_max, n_max).clone()
+        for i, size in enumerate(sizes):
+            probes[i, size:] = 0.0
+        wt = torch.zeros(len(sizes), grid.out_features, n_max)
+        for i, cols in enumerate(grid.in_slices()):
+            wt[i, :, : sizes[i]] = tile_weight[:, cols]
+        seeds = self.mvm_stream(readout_index, readout=True) if mvm_noise else None
+        y = tiled_mvm(probes, wt, sizes, grid.out_sizes, self.config.io, seeds).abs()  # [T, n_max, out]
+        valid = (torch.arange(n_max)[None, :] < torch.tensor(sizes)[:, None]).to(y.dtype)  # [T, n_max]
+        column_mean = (y * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)  # [T, out]
+        if self.config.drift_compensation.kind == "per_column":
+            return column_mean.clamp_min(1e-4)
+        tile_mean = torch.empty_like(column_mean)
+        for rows in grid.out_slices():
+            tile_mean[:, rows] = column_mean[:, rows].mean(dim=1, keepdim=True)
+        return tile_mean.clamp_min(1e-4)
+
+    def _out_scale(self, tile_weight: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
+        scale = self.scales * self.config.io.out_scale
+        if self.baseline is not None and readout_index > 0:
+            scale = scale * (self.baseline / self.readout(tile_weight, mvm_noise, readout_index))
+        return scale

@@ -1,0 +1,50 @@
+"""Model-level helpers: program, drift and switch noise on every analog layer of a model at once."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from romer_kernels.nn.analog_linear import AnalogLinear
+
+
+def analog_layers(model: nn.Module) -> Iterator[tuple[str, AnalogLinear]]:
+    """(qualified name, layer) of every analog layer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AnalogLinear):
+            yield name, module
+
+
+def _require_analog(model: nn.Module) -> list[AnalogLinear]:
+    layers = [layer for _, layer in analog_layers(model)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no analog layers; convert it first")
+    return layers
+
+
+def program_analog_(model: nn.Module, seed: int) -> nn.Module:
+    """Program every analog layer with chip ``seed`` (each layer's own stream comes from its layer_id)."""
+    for layer in _require_analog(model):
+        layer.program_(seed)
+    return model
+
+
+def drift_analog_(model: nn.Module, t_inference: float) -> nn.Module:
+    """Move every analog layer to ``t_inference`` seconds after programming."""
+    for layer in _require_analog(model):
+        layer.drift_(t_inference)
+    return model
+
+
+def set_mvm_noise(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch per-MVM noise (output, input, weight read noise) on or off in every analog layer."""
+    for layer in _require_analog(model):
+        layer.mvm_noise = bool(enabled)
+    return model
+
+
+def reset_noise_counters(model: nn.Module) -> nn.Module:
+    """Restart the per-MVM noise sequence of every analog layer."""
+    for layer in _require_analog(model):
+        layer.reset_noise_counter()
+    return model
