@@ -43,7 +43,7 @@ def test_same_seed_same_chip_other_seed_other_chip(name):
     b = AnalogLinear.from_linear(linear, name, seed=7).program_()
     c = AnalogLinear.from_linear(linear, name, seed=8).program_()
     assert torch.equal(a(x), b(x))
-    assert not torch.equal(a._tile_weight, c._tile_weight)
+    assert not torch.equal(a.effective_weight(), c.effective_weight())
 
 
 def test_per_mvm_noise_is_fresh_each_call_and_reproducible_after_reset():
@@ -89,7 +89,7 @@ def test_state_dict_round_trip_restores_the_same_chip():
     fresh = AnalogLinear(700, 300, config="ideal")
     fresh.load_state_dict(torch.load(buffer, weights_only=False))
     assert fresh.config == layer.config and fresh.seed == 11 and fresh.t_inference == 3600.0
-    assert torch.equal(fresh._tile_weight, layer._tile_weight)
+    assert torch.equal(fresh.effective_weight(), layer.effective_weight())
     fresh.reset_noise_counter()
     assert torch.equal(fresh(x), y)
 
@@ -98,12 +98,14 @@ def test_changed_weights_reprogram_the_chip():
     layer = AnalogLinear.from_linear(_linear(64, 16), "gaussian-chip", seed=0)
     x = torch.randn(2, 64)
     layer(x)
-    before = layer._tile_weight.clone()
+    before = layer.effective_weight()
     with torch.no_grad():
         layer.weight.mul_(2.0)
     assert not layer.is_programmed
     layer(x)
-    assert layer.is_programmed and not torch.equal(layer._tile_weight, before)
+    assert layer.is_programmed and not torch.equal(layer.effective_weight(), before)
+    # same seed, doubled weights: the Gaussian chip noise (relative to the column max) doubles too
+    torch.testing.assert_close(layer.effective_weight(), 2 * before, rtol=1e-5, atol=1e-6)
 
 
 def test_non_finite_inputs_give_nan_rows_and_leave_other_rows_and_state_intact():
@@ -133,9 +135,9 @@ def test_drift_changes_weights_and_global_compensation_restores_scale():
     # one day of PCM drift shrinks weights by about 1/3; compensation brings the output scale back
     assert relative_error(raw(x), y_ref) > 0.25
     assert relative_error(comp(x), y_ref) < 0.2
-    first = comp._tile_weight.clone()
+    first = comp.effective_weight()
     comp.drift_(86400.0)  # a second read at the same time draws new read noise
-    assert not torch.equal(first, comp._tile_weight)
+    assert not torch.equal(first, comp.effective_weight())
 
 
 def test_model_helpers_program_and_switch_noise():

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from romer_kernels.config import IOConfig, TileGrid, get_split_sizes
 from romer_kernels.config.analog import resolution_step
-from romer_kernels.kernels.reference import analog_linear, tiled_mvm
+from romer_kernels.kernels.reference import analog_linear, split_weight, tiled_mvm
 from romer_kernels.rng import Purpose, stream_seed
 
 
@@ -18,7 +18,7 @@ def _seeds(chip_seed=0):
 
 def _run(x, w, io, seeds=None, max_in=0, max_out=0):
     grid = TileGrid(w.shape[0], w.shape[1], max_in, max_out)
-    return analog_linear(x, w, torch.ones(len(grid.in_sizes), w.shape[0]), None, grid, io, seeds)
+    return analog_linear(x, split_weight(w, grid), torch.ones(len(grid.in_sizes), w.shape[0]), None, grid, io, seeds)
 
 
 def test_split_sizes_match_aihwkit():

@@ -84,11 +84,13 @@ def tiled_mvm(
     out_sizes: list[int],
     io: IOConfig,
     stream_seed: StreamSeed | None,
+    abs_wt: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Analog MVM of every (input tile, vector) pair, returned per input tile before digital scaling.
 
     ``xt`` [T, B, n_max] inputs split per input tile, ``wt`` [T, out, n_max] tile weights (tile units,
-    zero-padded), ``in_sizes`` the true tile input sizes, ``out_sizes`` the output split. Returns
+    zero-padded), ``in_sizes`` the true tile input sizes, ``out_sizes`` the output split, ``abs_wt``
+    optionally ``wt.abs()`` precomputed (needed by PCM-read noise and IR drop). Returns
     ``z * scale * r`` as [T, B, out]. ``stream_seed`` None switches every per-MVM noise off.
     """
     n_tiles, batch, n_max = xt.shape
@@ -112,7 +114,9 @@ def tiled_mvm(
     if dead is not None:
         pending &= ~dead
     iterative = io.bound_management == "iterative" and io.out_bound > 0
-    abs_w = wt.abs() if (io.w_noise_type == "pcm_read" or io.ir_drop > 0) else None
+    abs_w = abs_wt
+    if abs_w is None and (io.w_noise_type == "pcm_read" or io.ir_drop > 0):
+        abs_w = wt.abs()
 
     for bm_round in range(MAX_BM_ROUNDS):
         reduction = float(2 ** bm_round)
@@ -172,25 +176,25 @@ def _per_output_normals(seed: int, batch: int, n_tiles: int, out_features: int) 
 
 def analog_linear(
     x: torch.Tensor,
-    tile_weight: torch.Tensor,
+    split_w: torch.Tensor,
     out_scale: torch.Tensor,
     bias: torch.Tensor | None,
     grid: TileGrid,
     io: IOConfig,
     stream_seed: StreamSeed | None,
+    abs_split_w: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference forward of an analog linear layer on float32 CPU tensors.
 
-    ``x`` [B, in]; ``tile_weight`` [out, in] the weights on the tiles (tile units); ``out_scale``
-    [n_in_tiles, out] the digital factor of each input tile's partial output (weight scaling, drift
-    compensation and ``io.out_scale``); ``bias`` [out] or None. Rows of ``x`` holding NaN or Inf give
-    NaN rows and do not affect other rows.
+    ``x`` [B, in]; ``split_w`` the tile weights (tile units) split per input tile by
+    :func:`split_weight`, [n_in_tiles, out, n_max]; ``out_scale`` [n_in_tiles, out] the digital factor of
+    each input tile's partial output (weight scaling, drift compensation and ``io.out_scale``); ``bias``
+    [out] or None. Rows of ``x`` holding NaN or Inf give NaN rows and do not affect other rows.
     """
     bad_rows = ~torch.isfinite(x).all(dim=-1)
     if bool(bad_rows.any()):
         x = x.masked_fill(bad_rows[:, None], 0.0)
-    partial = tiled_mvm(split_input(x, grid), split_weight(tile_weight, grid), grid.in_sizes, grid.out_sizes,
-                        io, stream_seed)
+    partial = tiled_mvm(split_input(x, grid), split_w, grid.in_sizes, grid.out_sizes, io, stream_seed, abs_split_w)
     y = (partial * out_scale[:, None, :]).sum(dim=0)
     if bias is not None:
         y = y + bias

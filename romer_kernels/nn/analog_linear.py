@@ -24,7 +24,7 @@ from torch import nn
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.presets import resolve_config
-from romer_kernels.kernels.reference import analog_linear
+from romer_kernels.kernels.reference import analog_linear, split_weight
 from romer_kernels.nn.chip import LayerChip
 
 
@@ -63,8 +63,9 @@ class AnalogLinear(nn.Module):
             bound = 1 / math.sqrt(in_features)
             nn.init.uniform_(self.bias, -bound, bound)
         self._chip = LayerChip(self.config, out_features, in_features, layer_id)
-        self._tile_weight: torch.Tensor | None = None
-        self._out_scale: torch.Tensor | None = None
+        self._out_scale: torch.Tensor | None = None         # [n_in_tiles, out] digital factors
+        self._split_weight: torch.Tensor | None = None      # tile weights split per input tile
+        self._abs_split_weight: torch.Tensor | None = None
         self._programmed_version: tuple[int, int] | None = None
         self.t_inference: float | None = None
         self.forward_calls = 0
@@ -124,8 +125,12 @@ class AnalogLinear(nn.Module):
         return self._programmed_version is not None and self._programmed_version == self._weight_version()
 
     def _set_chip_tensors(self, tile_weight: torch.Tensor, out_scale: torch.Tensor) -> None:
-        self._tile_weight = tile_weight.to(self.weight.device)
-        self._out_scale = out_scale.to(self.weight.device)
+        self._out_scale = out_scale
+        # the kernels read the weights split per input tile; |W| is needed by PCM-read noise and IR drop
+        self._split_weight = split_weight(tile_weight, self._chip.grid)
+        io = self.config.io
+        needs_abs = not io.is_perfect and (io.w_noise_type == "pcm_read" or io.ir_drop > 0)
+        self._abs_split_weight = self._split_weight.abs() if needs_abs else None
 
     def _restore_chip(self, t_inference: float | None, drift_index: int) -> None:
         """Recreate the chip exactly as it was: program from the seed, then replay the last drift."""
@@ -134,6 +139,15 @@ class AnalogLinear(nn.Module):
             tile_weight, out_scale = self._chip.drift(t_inference, self.mvm_noise, drift_index=drift_index)
             self._set_chip_tensors(tile_weight, out_scale)
             self.t_inference = t_inference
+
+    def effective_weight(self) -> torch.Tensor:
+        """[out, in] weights the chip realises in digital units: tile weights x weight scaling x drift
+        compensation x out_scale (what the layer computes with perfect periphery)."""
+        if not self.is_programmed:
+            self._restore_chip(self.t_inference, max(self._chip.drift_calls - 1, 0))
+        parts = [self._split_weight[i, :, : cols.stop - cols.start] * self._out_scale[i][:, None]
+                 for i, cols in enumerate(self._chip.grid.in_slices())]
+        return torch.cat(parts, dim=1)
 
     def reset_noise_counter(self) -> None:
         """Restart the per-MVM noise sequence (the next forward draws what the first forward drew)."""
@@ -153,8 +167,9 @@ class AnalogLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(torch.float32)
         seeds = self._chip.mvm_stream(call_index) if self.mvm_noise else None
         with torch.no_grad():
-            y = analog_linear(flat.detach().cpu(), self._tile_weight.cpu(), self._out_scale.cpu(),
-                              None if bias is None else bias.detach().cpu(), self._chip.grid, self.config.io, seeds)
+            y = analog_linear(flat.detach().cpu(), self._split_weight, self._out_scale,
+                              None if bias is None else bias.detach().cpu(), self._chip.grid, self.config.io, seeds,
+                              self._abs_split_weight)
         return y.to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     # -- persistence ----------------------------------------------------------------------------

@@ -1,0 +1,3 @@
+from benchmarks import bench_linear
+
+bench_linear.main()
