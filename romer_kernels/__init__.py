@@ -1,17 +1,31 @@
-"""romer_kernels: fast analog in-memory-computing simulation for Mixture-of-Experts language models."""
-from romer_kernels.config import AnalogConfig, IOConfig, MappingConfig, TileConfig, preset, PRESETS
-from romer_kernels.nn import (
-    AnalogLinear,
-    analog_layers,
-    drift_analog_,
-    program_analog_,
-    reset_noise_counters,
-    set_mvm_noise,
-)
+"""romer_kernels: fast analog in-memory-computing simulation for Mixture-of-Experts language models.
+
+The public names below are imported lazily, so that ``import romer_kernels.rng`` (used by kernels and
+tests) does not pull in the whole package.
+"""
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AnalogConfig", "AnalogLinear", "IOConfig", "MappingConfig", "PRESETS", "TileConfig", "analog_layers",
-    "drift_analog_", "preset", "program_analog_", "reset_noise_counters", "set_mvm_noise",
-]
+_EXPORTS = {
+    "AnalogConfig": "romer_kernels.config",
+    "IOConfig": "romer_kernels.config",
+    "MappingConfig": "romer_kernels.config",
+    "TileConfig": "romer_kernels.config",
+    "PRESETS": "romer_kernels.config",
+    "preset": "romer_kernels.config",
+    "AnalogLinear": "romer_kernels.nn",
+    "analog_layers": "romer_kernels.nn",
+    "drift_analog_": "romer_kernels.nn",
+    "program_analog_": "romer_kernels.nn",
+    "reset_noise_counters": "romer_kernels.nn",
+    "set_mvm_noise": "romer_kernels.nn",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'romer_kernels' has no attribute {name!r}")

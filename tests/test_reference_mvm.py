@@ -189,3 +189,15 @@ def test_tiled_mvm_readout_shape():
     xt = torch.eye(4).expand(2, 4, 4).clone()
     z = tiled_mvm(xt, wt, [4, 3], [5], IOConfig(out_noise=0.0), None)
     assert z.shape == (2, 4, 5)
+
+
+def test_row_ids_select_the_noise_of_those_tokens():
+    w, x = torch.randn(12, 40), torch.randn(6, 40)
+    io = IOConfig(inp_noise=0.01)
+    grid = TileGrid(12, 40, 16, 0)
+    args = (split_weight(w, grid), torch.ones(len(grid.in_sizes), 12), None, grid, io, _seeds(9))
+    full = analog_linear(x, *args)
+    picked = analog_linear(x[[4, 1]], *args, row_ids=torch.tensor([4, 1]))
+    torch.testing.assert_close(picked, full[[4, 1]], rtol=1e-5, atol=io.out_step * 16 * float(x.abs().max()))
+    with pytest.raises(ValueError, match="row_ids"):
+        analog_linear(x[:2], *args, row_ids=torch.tensor([0, 1, 2]))

@@ -17,7 +17,9 @@ Random numbers come from the Philox streams of :mod:`romer_kernels.rng`; the cal
 seed of each (purpose, bound-management round). Element layout of the per-MVM streams:
 ``OUT_NOISE``/``W_NOISE``: element ``(b * n_in_tiles + i) * out_features + c`` for token b, input tile i,
 output c; ``INP_NOISE``: element ``b * in_features + k`` for input k. Token b is the row of the
-flattened input of this call, so a token's noise does not depend on the batch it came with.
+flattened input of this call (or the id the caller passes in ``row_ids``, e.g. the token's position in
+the whole batch when only the tokens routed to one expert are computed), so a token's noise does not
+depend on the batch it came with.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 
 from romer_kernels.config.analog import MAX_BM_ROUNDS, IOConfig
 from romer_kernels.config.tiling import TileGrid
-from romer_kernels.rng import Purpose, normal_like
+from romer_kernels.rng import Purpose, normal_rows
 
 StreamSeed = Callable[[Purpose, int], int]  # (purpose, bound-management round) -> Philox seed
 
@@ -85,16 +87,21 @@ def tiled_mvm(
     io: IOConfig,
     stream_seed: StreamSeed | None,
     abs_wt: torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Analog MVM of every (input tile, vector) pair, returned per input tile before digital scaling.
 
     ``xt`` [T, B, n_max] inputs split per input tile, ``wt`` [T, out, n_max] tile weights (tile units,
     zero-padded), ``in_sizes`` the true tile input sizes, ``out_sizes`` the output split, ``abs_wt``
-    optionally ``wt.abs()`` precomputed (needed by PCM-read noise and IR drop). Returns
+    optionally ``wt.abs()`` precomputed (needed by PCM-read noise and IR drop), ``row_ids`` the global
+    token index of each vector for the noise streams (default 0..B-1). Returns
     ``z * scale * r`` as [T, B, out]. ``stream_seed`` None switches every per-MVM noise off.
     """
     n_tiles, batch, n_max = xt.shape
     out_features = wt.shape[1]
+    rows = torch.arange(batch) if row_ids is None else row_ids.to(torch.int64)
+    if rows.shape != (batch,):
+        raise ValueError(f"row_ids must have one id per input vector ({batch}), got shape {tuple(rows.shape)}")
     if io.is_perfect:
         return torch.bmm(xt, wt.transpose(1, 2))
 
@@ -123,7 +130,7 @@ def tiled_mvm(
         input_scale = (1.0 / safe_scale) / reduction          # aihwkit: scale = 1/nm, then /= reduction
         x_dac = _quantize(xt * input_scale, io.inp_step).clamp(-io.inp_bound, io.inp_bound)
         if io.inp_noise > 0 and stream_seed is not None:
-            noise = normal_like(stream_seed(Purpose.INP_NOISE, bm_round), (batch, sum(in_sizes)))
+            noise = normal_rows(stream_seed(Purpose.INP_NOISE, bm_round), rows, sum(in_sizes))
             tiles = torch.zeros_like(x_dac)
             for i, size in enumerate(in_sizes):
                 tiles[i, :, :size] = noise[:, int(in_offset[i]): int(in_offset[i]) + size]
@@ -143,9 +150,10 @@ def tiled_mvm(
                 std = io.w_noise * x_dac.norm(dim=-1, keepdim=True)
             else:
                 std = io.w_noise * torch.bmm(x_dac * x_dac, abs_w.transpose(1, 2)).sqrt()
-            z = z + std * _per_output_normals(stream_seed(Purpose.W_NOISE, bm_round), batch, n_tiles, out_features)
+            z = z + std * _per_output_normals(stream_seed(Purpose.W_NOISE, bm_round), rows, n_tiles, out_features)
         if stream_seed is not None and io.out_noise > 0:
-            z = z + io.out_noise * _per_output_normals(stream_seed(Purpose.OUT_NOISE, bm_round), batch, n_tiles, out_features)
+            z = z + io.out_noise * _per_output_normals(stream_seed(Purpose.OUT_NOISE, bm_round), rows, n_tiles,
+                                                       out_features)
         z = _quantize(z, io.out_step)
 
         if io.out_bound > 0:
@@ -169,9 +177,9 @@ def _any_per_out_tile(over: torch.Tensor, out_tile: torch.Tensor, n_out_tiles: i
     return counts > 0
 
 
-def _per_output_normals(seed: int, batch: int, n_tiles: int, out_features: int) -> torch.Tensor:
-    """Normals of element (b * n_tiles + i) * out + c, returned as [T, B, out]."""
-    return normal_like(seed, (batch, n_tiles, out_features)).transpose(0, 1)
+def _per_output_normals(seed: int, rows: torch.Tensor, n_tiles: int, out_features: int) -> torch.Tensor:
+    """Normals of element (row * n_tiles + i) * out + c for each row id, returned as [T, B, out]."""
+    return normal_rows(seed, rows, n_tiles * out_features).reshape(len(rows), n_tiles, out_features).transpose(0, 1)
 
 
 def analog_linear(
@@ -183,18 +191,21 @@ def analog_linear(
     io: IOConfig,
     stream_seed: StreamSeed | None,
     abs_split_w: torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference forward of an analog linear layer on float32 CPU tensors.
 
     ``x`` [B, in]; ``split_w`` the tile weights (tile units) split per input tile by
     :func:`split_weight`, [n_in_tiles, out, n_max]; ``out_scale`` [n_in_tiles, out] the digital factor of
     each input tile's partial output (weight scaling, drift compensation and ``io.out_scale``); ``bias``
-    [out] or None. Rows of ``x`` holding NaN or Inf give NaN rows and do not affect other rows.
+    [out] or None; ``row_ids`` the token index of each row in the noise streams (default 0..B-1).
+    Rows of ``x`` holding NaN or Inf give NaN rows and do not affect other rows.
     """
     bad_rows = ~torch.isfinite(x).all(dim=-1)
     if bool(bad_rows.any()):
         x = x.masked_fill(bad_rows[:, None], 0.0)
-    partial = tiled_mvm(split_input(x, grid), split_w, grid.in_sizes, grid.out_sizes, io, stream_seed, abs_split_w)
+    partial = tiled_mvm(split_input(x, grid), split_w, grid.in_sizes, grid.out_sizes, io, stream_seed, abs_split_w,
+                        row_ids)
     y = (partial * out_scale[:, None, :]).sum(dim=0)
     if bias is not None:
         y = y + bias

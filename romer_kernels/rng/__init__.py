@@ -5,6 +5,7 @@ from romer_kernels.rng.streams import (
     mvm_counter,
     normal,
     normal_like,
+    normal_rows,
     rng_backend,
     set_rng_backend,
     stream_seed,
@@ -12,5 +13,5 @@ from romer_kernels.rng.streams import (
 )
 
 __all__ = [
-    "Purpose", "layer_key", "mvm_counter", "normal", "normal_like", "rng_backend", "set_rng_backend", "stream_seed", "uniform",
+    "Purpose", "layer_key", "mvm_counter", "normal", "normal_like", "normal_rows", "rng_backend", "set_rng_backend", "stream_seed", "uniform",
 ]

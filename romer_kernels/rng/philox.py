@@ -95,10 +95,33 @@ def uniform(seed: int, start: int, count: int) -> torch.Tensor:
     return words_to_uniform(randint(seed, start, count))
 
 
+def _block_normals(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """The four normals (randn4x lanes) of each Philox block, shape ``counters.shape + (4,)``."""
+    u = words_to_uniform(philox4x32(seed, counters))
+    n0, n1 = uniform_to_normal(u[..., 0], u[..., 1])
+    n2, n3 = uniform_to_normal(u[..., 2], u[..., 3])
+    return torch.stack((n0, n1, n2, n3), dim=-1)
+
+
 def normal(seed: int, start: int, count: int) -> torch.Tensor:
     """Stream elements ``[start, start + count)`` as float32 standard normals (lane e % 4 of randn4x)."""
     blocks, skip = _block_range(start, count)
-    u = words_to_uniform(philox4x32(seed, blocks))
-    n0, n1 = uniform_to_normal(u[:, 0], u[:, 1])
-    n2, n3 = uniform_to_normal(u[:, 2], u[:, 3])
-    return torch.stack((n0, n1, n2, n3), dim=-1).reshape(-1)[skip : skip + count]
+    return _block_normals(seed, blocks).reshape(-1)[skip : skip + count]
+
+
+def normal_rows(seed: int, rows: torch.Tensor, row_len: int) -> torch.Tensor:
+    """Normals of the rows ``rows`` of a row-major stream array with ``row_len`` columns.
+
+    Element (r, c) is stream element ``r * row_len + c``; returns [len(rows), row_len]. Used where only
+    some rows are needed (the tokens routed to one expert).
+    """
+    rows = rows.to(torch.int64).reshape(-1)
+    if row_len <= 0:
+        raise ValueError(f"row_len must be positive, got {row_len}")
+    if row_len % 4 == 0:  # rows are whole Philox blocks
+        per_row = row_len // 4
+        counters = rows[:, None] * per_row + torch.arange(per_row)
+        return _block_normals(seed, counters).reshape(len(rows), row_len)
+    offsets = rows[:, None] * row_len + torch.arange(row_len)
+    normals = _block_normals(seed, offsets // 4)
+    return normals.gather(-1, (offsets % 4)[..., None]).squeeze(-1)

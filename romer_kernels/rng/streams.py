@@ -111,6 +111,13 @@ def uniform(seed: int, start: int, count: int) -> torch.Tensor:
     return philox.uniform(seed, start, count)
 
 
+def normal_rows(seed: int, rows: torch.Tensor, row_len: int) -> torch.Tensor:
+    """Rows ``rows`` of the row-major stream array with ``row_len`` columns, as [len(rows), row_len]."""
+    if _BACKEND == "cpp" and hasattr(_cpp_ops(), "philox_normal_rows"):
+        return _cpp_ops().philox_normal_rows(seed, rows.to(torch.int64).contiguous(), row_len)
+    return philox.normal_rows(seed, rows, row_len)
+
+
 def normal_like(seed: int, shape: tuple[int, ...] | torch.Size, start: int = 0) -> torch.Tensor:
     """Normals for a row-major array of ``shape`` whose element (i, j, ...) has index start + flat(i, j, ...)."""
     count = 1
