@@ -15,7 +15,8 @@ from romer_kernels.nn.analog_linear import AnalogLinear
 
 def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
     """||y - y_ref||_F / ||y_ref||_F (the metric of aihwkit-anchor.md section 5)."""
-    return float((y.double() - y_ref.double()).norm() / y_ref.double().norm())
+    y, y_ref = y.detach().double(), y_ref.detach().double()
+    return float((y - y_ref).norm() / y_ref.norm())
 
 
 @dataclass
