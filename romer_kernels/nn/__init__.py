@@ -1,5 +1,7 @@
 """Drop-in analog layers and model-level helpers."""
 from romer_kernels.nn.analog_linear import AnalogLinear
+from romer_kernels.nn.analog_matrix import AnalogMatrix
+from romer_kernels.nn.base import AnalogModule
 from romer_kernels.nn.model_helpers import (
     analog_layers,
     drift_analog_,
@@ -8,4 +10,4 @@ from romer_kernels.nn.model_helpers import (
     set_mvm_noise,
 )
 
-__all__ = ["AnalogLinear", "analog_layers", "drift_analog_", "program_analog_", "reset_noise_counters", "set_mvm_noise"]
+__all__ = ["AnalogLinear", "AnalogMatrix", "AnalogModule", "analog_layers", "drift_analog_", "program_analog_", "reset_noise_counters", "set_mvm_noise"]

@@ -26,9 +26,10 @@ from torch import nn
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.presets import resolve_config
 from romer_kernels.nn.analog_matrix import AnalogMatrix, check_seed
+from romer_kernels.nn.base import AnalogModule
 
 
-class AnalogLinear(nn.Module):
+class AnalogLinear(AnalogModule):
     """Linear layer ``y = x W^T + b`` computed by a simulated analog crossbar chip."""
 
     def __init__(
@@ -98,6 +99,13 @@ class AnalogLinear(nn.Module):
     @mvm_noise.setter
     def mvm_noise(self, enabled: bool) -> None:
         self.analog.mvm_noise = bool(enabled)
+
+    def set_mvm_noise(self, enabled: bool) -> None:
+        self.mvm_noise = enabled
+
+    @property
+    def num_tiles(self) -> int:
+        return self.analog.num_tiles
 
     @property
     def is_programmed(self) -> bool:

@@ -101,14 +101,16 @@ class AnalogMatrix:
 
     # -- compute --------------------------------------------------------------------------------
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               row_ids: torch.Tensor | None = None) -> torch.Tensor:
+               row_ids: torch.Tensor | None = None, call_index: int | None = None) -> torch.Tensor:
         """``x [B, in] -> [B, out]`` through the chip, in float32 on the CPU reference path.
 
-        One call is one forward of the layer: it uses and advances the per-MVM noise counter.
+        One call is one forward of the layer: it uses and advances the per-MVM noise counter, unless the
+        caller numbers its forwards itself (``call_index``, e.g. one counter for all experts of a layer).
         """
         self.ensure_programmed(weight)
-        call_index = self.forward_calls
-        self.forward_calls += 1
+        if call_index is None:
+            call_index = self.forward_calls
+            self.forward_calls += 1
         seeds = self.chip.mvm_stream(call_index) if self.mvm_noise else None
         with torch.no_grad():
             bias32 = None if bias is None else bias.detach().to(device="cpu", dtype=torch.float32)

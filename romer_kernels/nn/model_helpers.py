@@ -5,17 +5,17 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from romer_kernels.nn.analog_linear import AnalogLinear
+from romer_kernels.nn.base import AnalogModule
 
 
-def analog_layers(model: nn.Module) -> Iterator[tuple[str, AnalogLinear]]:
-    """(qualified name, layer) of every analog layer in ``model``."""
+def analog_layers(model: nn.Module) -> Iterator[tuple[str, AnalogModule]]:
+    """(qualified name, module) of every analog module in ``model`` (linear layers, experts, ...)."""
     for name, module in model.named_modules():
-        if isinstance(module, AnalogLinear):
+        if isinstance(module, AnalogModule):
             yield name, module
 
 
-def _require_analog(model: nn.Module) -> list[AnalogLinear]:
+def _require_analog(model: nn.Module) -> list[AnalogModule]:
     layers = [layer for _, layer in analog_layers(model)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no analog layers; convert it first")
@@ -39,7 +39,7 @@ def drift_analog_(model: nn.Module, t_inference: float) -> nn.Module:
 def set_mvm_noise(model: nn.Module, enabled: bool) -> nn.Module:
     """Switch per-MVM noise (output, input, weight read noise) on or off in every analog layer."""
     for layer in _require_analog(model):
-        layer.mvm_noise = bool(enabled)
+        layer.set_mvm_noise(bool(enabled))
     return model
 
 

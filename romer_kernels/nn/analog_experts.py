@@ -1,0 +1,181 @@
+"""``AnalogExperts``: the fused routed experts of an MoE layer, each expert on its own crossbar tiles.
+
+Drop-in for the transformers 5 experts modules (``gate_up_proj [E, 2I, H]`` with gate rows first, then up
+rows; ``down_proj [E, H, I]``; ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``).
+The digital parameters keep their names, so checkpoints keep their keys. Each expert e has two analog
+matrices, ``gate_up[e]`` and ``down[e]``, with layer ids ``"<name>.<e>.gate_up_proj"`` and
+``"<name>.<e>.down_proj"``: independent programming noise per expert, and per-MVM noise keyed by the
+token's position in the call (``row_ids``) and one forward counter for the whole layer, so a token's
+noise in an expert does not depend on which other tokens were routed there.
+
+Experts listed in ``digital_experts`` are computed digitally (heterogeneous placement).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from romer_kernels.config.analog import AnalogConfig
+from romer_kernels.config.presets import resolve_config
+from romer_kernels.nn.analog_matrix import AnalogMatrix, check_seed
+from romer_kernels.nn.base import AnalogModule
+
+
+def _check_fused_experts(experts: nn.Module) -> None:
+    name = type(experts).__name__
+    for attr in ("gate_up_proj", "down_proj", "act_fn"):
+        if not hasattr(experts, attr):
+            raise TypeError(f"{name} is not a fused experts module: it has no {attr!r}")
+    if getattr(experts, "has_bias", False) or getattr(experts, "gate_up_proj_bias", None) is not None:
+        raise NotImplementedError(f"{name}: experts with biases are not supported yet")
+    if getattr(experts, "is_transposed", False):
+        raise NotImplementedError(f"{name}: transposed expert weights are not supported yet")
+    if getattr(experts, "has_gate", True) is False or getattr(experts, "is_concatenated", True) is False:
+        raise NotImplementedError(f"{name}: only concatenated gate/up experts are supported")
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
+        raise TypeError(f"{name}: expected gate_up_proj [E, 2I, H] and down_proj [E, H, I], got "
+                        f"{tuple(gate_up.shape)} and {tuple(down.shape)}")
+    if gate_up.shape[1] != 2 * down.shape[2] or gate_up.shape[2] != down.shape[1]:
+        raise TypeError(f"{name}: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} disagree")
+
+
+class AnalogExperts(AnalogModule):
+    """Routed experts whose matrices are programmed on simulated crossbars, one set of tiles per expert."""
+
+    def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, act_fn: nn.Module,
+                 config: AnalogConfig | str | None = None, *, name: str = "experts", seed: int = 0,
+                 mvm_noise: bool = True, digital_experts: Iterable[int] = ()) -> None:
+        super().__init__()
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+        self.act_fn = act_fn
+        self.num_experts, two_inter, self.hidden_dim = gate_up_proj.shape
+        self.intermediate_dim = two_inter // 2
+        self.name = name
+        config = resolve_config(config)
+        check_seed(seed)
+        self.digital_experts = frozenset(int(e) for e in digital_experts)
+        bad = sorted(e for e in self.digital_experts if not 0 <= e < self.num_experts)
+        if bad:
+            raise ValueError(f"digital_experts {bad} out of range for {self.num_experts} experts")
+        self.gate_up = [AnalogMatrix(config, two_inter, self.hidden_dim, f"{name}.{e}.gate_up_proj", seed, mvm_noise)
+                        for e in range(self.num_experts)]
+        self.down = [AnalogMatrix(config, self.hidden_dim, self.intermediate_dim, f"{name}.{e}.down_proj", seed,
+                                  mvm_noise) for e in range(self.num_experts)]
+        self.forward_calls = 0
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, config: AnalogConfig | str | None = None, *, name: str = "experts",
+                     seed: int = 0, mvm_noise: bool = True, digital_experts: Iterable[int] = ()) -> "AnalogExperts":
+        """Wrap a transformers fused experts module; its parameters are shared, not copied."""
+        _check_fused_experts(experts)
+        return cls(experts.gate_up_proj, experts.down_proj, experts.act_fn, config, name=name, seed=seed,
+                   mvm_noise=mvm_noise, digital_experts=digital_experts)
+
+    # -- chips ----------------------------------------------------------------------------------
+    def _matrices(self):
+        for e in range(self.num_experts):
+            if e not in self.digital_experts:
+                yield self.gate_up[e], self.gate_up_proj[e]
+                yield self.down[e], self.down_proj[e]
+
+    @property
+    def config(self) -> AnalogConfig:
+        return self.gate_up[0].config
+
+    def program_(self, seed: int | None = None) -> "AnalogExperts":
+        for matrix, weight in self._matrices():
+            matrix.program(weight, seed)
+        return self
+
+    def drift_(self, t_inference: float) -> "AnalogExperts":
+        for matrix, weight in self._matrices():
+            matrix.drift(weight, t_inference)
+        return self
+
+    def reset_noise_counter(self) -> None:
+        self.forward_calls = 0
+
+    def set_mvm_noise(self, enabled: bool) -> None:
+        for matrix in self.gate_up + self.down:
+            matrix.mvm_noise = bool(enabled)
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(matrix.num_tiles for matrix, _ in self._matrices())
+
+    def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) as realised by the chip (digital units), or the digital weights."""
+        if expert in self.digital_experts:
+            return self.gate_up_proj[expert].detach(), self.down_proj[expert].detach()
+        return (self.gate_up[expert].effective_weight(self.gate_up_proj[expert]),
+                self.down[expert].effective_weight(self.down_proj[expert]))
+
+    # -- forward --------------------------------------------------------------------------------
+    def expert_forward(self, expert: int, x: torch.Tensor, token_ids: torch.Tensor, call_index: int) -> torch.Tensor:
+        """One expert's MLP on its tokens ``x [n, H]`` (``token_ids``: their rows in this call), float32."""
+        if expert in self.digital_experts:
+            hidden = nn.functional.linear(x.float(), self.gate_up_proj[expert].float())
+        else:
+            hidden = self.gate_up[expert].matmul(x, self.gate_up_proj[expert], row_ids=token_ids, call_index=call_index)
+        gate, up = hidden.chunk(2, dim=-1)
+        hidden = self.act_fn(gate) * up
+        if expert in self.digital_experts:
+            return nn.functional.linear(hidden, self.down_proj[expert].float())
+        return self.down[expert].matmul(hidden, self.down_proj[expert], row_ids=token_ids, call_index=call_index)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dim() != 2 or hidden_states.shape[-1] != self.hidden_dim:
+            raise ValueError(f"AnalogExperts expects hidden_states [tokens, {self.hidden_dim}], got {tuple(hidden_states.shape)}")
+        if top_k_index.shape != top_k_weights.shape or top_k_index.shape[0] != hidden_states.shape[0]:
+            raise ValueError(f"top_k_index {tuple(top_k_index.shape)} and top_k_weights {tuple(top_k_weights.shape)} "
+                             f"must both be [tokens, k] for {hidden_states.shape[0]} tokens")
+        call_index = self.forward_calls
+        self.forward_calls += 1
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32)
+        flat_experts = top_k_index.reshape(-1).cpu()
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        if counts.numel() > self.num_experts:
+            raise ValueError(f"top_k_index holds expert ids >= {self.num_experts}")
+        k = top_k_index.shape[1]
+        x_cpu = hidden_states.detach().cpu()
+        weights = top_k_weights.detach().reshape(-1).cpu().float()
+        start = 0
+        for expert, count in enumerate(counts.tolist()):
+            if count == 0:
+                continue
+            slots = order[start:start + count]
+            start += count
+            tokens = slots // k
+            y = self.expert_forward(expert, x_cpu[tokens], tokens, call_index)
+            out.index_add_(0, tokens, y * weights[slots, None])
+        return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "forward_calls": self.forward_calls,
+            "digital_experts": sorted(self.digital_experts),
+            "gate_up": [m.state(self.gate_up_proj[e]) for e, m in enumerate(self.gate_up)],
+            "down": [m.state(self.down_proj[e]) for e, m in enumerate(self.down)],
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.forward_calls = int(state["forward_calls"])
+        self.digital_experts = frozenset(state["digital_experts"])
+        for matrix, saved in zip(self.gate_up, state["gate_up"]):
+            matrix.load_state(saved)
+        for matrix, saved in zip(self.down, state["down"]):
+            matrix.load_state(saved)
+
+    def extra_repr(self) -> str:
+        config = self.config
+        noise = "none" if config.noise is None else config.noise.kind
+        return (f"name={self.name!r}, num_experts={self.num_experts}, hidden={self.hidden_dim}, "
+                f"intermediate={self.intermediate_dim}, digital_experts={sorted(self.digital_experts)}, "
+                f"tiles={self.num_tiles}, noise={noise}")
