@@ -1,0 +1,213 @@
+"""One-call conversion of a Hugging Face MoE model to analog hardware, with a placement policy.
+
+``analogize_(model, config, placement)`` walks the model once and replaces, in place:
+
+- fused routed experts (transformers 5: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) by
+  ``AnalogExperts`` (each expert on its own tiles);
+- ``nn.Linear`` modules by ``AnalogLinear`` (attention, dense MLPs, shared experts, lm_head, and the
+  per-expert linears of transformers-4-style or remote-code models);
+- router modules with a plain ``weight [E, H]`` by the same module with analog logits
+  (``make_router_analog``), and ``nn.Linear`` routers by ``AnalogLinear``.
+
+Which of these become analog is decided per module category by ``Placement``, then by the digital
+override lists (fnmatch patterns on module names; per-expert ids per experts module). Parameters keep
+their names, so the digital checkpoint keys are unchanged. Every chip's layer id is its module name,
+so a model programmed with the same seed is the same chip whatever else is converted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from romer_kernels.config.analog import AnalogConfig
+from romer_kernels.config.presets import resolve_config
+from romer_kernels.nn.analog_experts import AnalogExperts
+from romer_kernels.nn.analog_linear import AnalogLinear
+from romer_kernels.nn.analog_router import AnalogRouter, make_router_analog
+from romer_kernels.nn.base import AnalogModule
+
+CATEGORIES = ("experts", "shared_experts", "router", "attention", "dense_mlp", "lm_head", "other")
+_EXPERT_LINEAR = re.compile(r"(^|\.)experts\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which parts of the model live on analog tiles. Defaults: everything but ``lm_head``.
+
+    ``digital``: fnmatch patterns of module names that stay digital (e.g. ``"model.layers.0.*"``).
+    ``digital_experts``: experts-module name -> expert ids that stay digital (heterogeneous placement).
+    """
+
+    experts: bool = True
+    shared_experts: bool = True
+    router: bool = True
+    attention: bool = True
+    dense_mlp: bool = True
+    lm_head: bool = False
+    other: bool = True
+    digital: tuple[str, ...] = ()
+    digital_experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in CATEGORIES:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Placement.{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.digital, str) or not all(isinstance(p, str) for p in self.digital):
+            raise ValueError(f"Placement.digital must be a list of module-name patterns, got {self.digital!r}")
+        object.__setattr__(self, "digital", tuple(self.digital))
+        if not isinstance(self.digital_experts, dict):
+            raise ValueError("Placement.digital_experts must map experts-module names to expert ids")
+        clean = {}
+        for module, ids in self.digital_experts.items():
+            if not all(isinstance(e, int) and e >= 0 for e in ids):
+                raise ValueError(f"Placement.digital_experts[{module!r}] must hold non-negative expert ids, got {ids!r}")
+            clean[module] = tuple(sorted(set(ids)))
+        object.__setattr__(self, "digital_experts", clean)
+
+    @classmethod
+    def all_digital_except(cls, *categories: str) -> "Placement":
+        unknown = sorted(set(categories) - set(CATEGORIES))
+        if unknown:
+            raise ValueError(f"unknown module categories {unknown}; known: {', '.join(CATEGORIES)}")
+        return cls(**{name: name in categories for name in CATEGORIES})
+
+    def is_digital(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.digital)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["digital"] = list(self.digital)
+        data["digital_experts"] = {k: list(v) for k, v in self.digital_experts.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Placement":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Placement has no field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        data = dict(data)
+        data["digital"] = tuple(data.get("digital", ()))
+        data["digital_experts"] = {k: tuple(v) for k, v in data.get("digital_experts", {}).items()}
+        return cls(**data)
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)
+            and gate_up.dim() == 3 and down.dim() == 3)
+
+
+def is_router(name: str, module: nn.Module) -> bool:
+    """A router: a module called ``gate``/``router`` (not a dense ``gate_proj``) with a 2-D weight."""
+    last = name.rsplit(".", 1)[-1]
+    weight = getattr(module, "weight", None)
+    return last in ("gate", "router") and isinstance(weight, nn.Parameter) and weight.dim() == 2
+
+
+def categorize(name: str, module: nn.Module) -> str:
+    """The placement category of a module from its name and type."""
+    if is_fused_experts(module) or _EXPERT_LINEAR.search(name + "."):
+        return "experts"
+    if "shared_expert" in name:
+        return "shared_experts"
+    if is_router(name, module):
+        return "router"
+    parts = name.split(".")
+    if parts[-1] == "lm_head":
+        return "lm_head"
+    if any("attn" in part or "attention" in part for part in parts):
+        return "attention"
+    if any(part in ("mlp", "feed_forward", "ffn", "block_sparse_moe") for part in parts):
+        return "dense_mlp"
+    return "other"
+
+
+def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, placement: Placement | None = None,
+               *, seed: int = 0, mvm_noise: bool = True) -> nn.Module:
+    """Convert ``model`` in place to analog hardware; returns the model.
+
+    ``config``: an ``AnalogConfig`` or a preset name. ``placement``: which modules are analog
+    (``Placement()`` by default). Raises ``ValueError`` if nothing was converted, or if a digital
+    override names a module that does not exist.
+    """
+    config = resolve_config(config)
+    placement = placement or Placement()
+    if any(isinstance(m, AnalogModule) for m in model.modules()):
+        raise ValueError("model is already analog; convert a fresh copy")
+    names = {name for name, _ in model.named_modules()}
+    missing = sorted(name for name in placement.digital_experts if name not in names)
+    if missing:
+        raise ValueError(f"Placement.digital_experts names unknown module(s): {', '.join(missing)}")
+
+    converted = 0
+    for name, module in list(model.named_modules()):
+        if not name or placement.is_digital(name):
+            continue
+        category = categorize(name, module)
+        if not getattr(placement, category):
+            continue
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        if is_fused_experts(module):
+            analog = AnalogExperts.from_experts(module, config, name=name, seed=seed, mvm_noise=mvm_noise,
+                                                digital_experts=placement.digital_experts.get(name, ()))
+            setattr(owner, child, analog)
+            converted += 1
+        elif isinstance(module, nn.Linear):
+            match = _EXPERT_LINEAR.search(name + ".")
+            if match and _expert_is_digital(name, match, placement):
+                continue
+            setattr(owner, child, AnalogLinear.from_linear(module, config, seed=seed, layer_id=name, mvm_noise=mvm_noise))
+            converted += 1
+        elif category == "router":
+            make_router_analog(module, config, name=name, seed=seed, mvm_noise=mvm_noise)
+            converted += 1
+    if converted == 0:
+        raise ValueError(f"nothing in {type(model).__name__} was converted: no module matches the placement")
+    return model
+
+
+def _expert_is_digital(name: str, match: re.Match, placement: Placement) -> bool:
+    experts_module = name[: match.start(2)].rstrip(".")
+    return int(match.group(2)) in placement.digital_experts.get(experts_module, ())
+
+
+@dataclass
+class PlacementRow:
+    module: str
+    category: str
+    kind: str          # "analog" or "digital"
+    parameters: int
+    tiles: int
+
+
+def placement_report(model: nn.Module) -> list[PlacementRow]:
+    """Every weight-carrying module of a (converted) model: category, analog or digital, size, tiles."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, AnalogRouter):
+            continue  # reported with its router
+        category = categorize(name, module) if name else "other"
+        if isinstance(module, AnalogExperts):
+            params = module.gate_up_proj.numel() + module.down_proj.numel()
+            kind = "analog" if len(module.digital_experts) < module.num_experts else "digital"
+            if module.digital_experts:
+                kind += f" ({len(module.digital_experts)} experts digital)"
+            rows.append(PlacementRow(name, category, kind, params, module.num_tiles))
+        elif isinstance(module, AnalogLinear):
+            rows.append(PlacementRow(name, category, "analog", _own_params(module), module.num_tiles))
+        elif hasattr(module, "analog") and isinstance(module.analog, AnalogRouter):
+            rows.append(PlacementRow(name, "router", "analog", module.weight.numel(), module.analog.num_tiles))
+        elif isinstance(module, nn.Linear) or is_fused_experts(module) or is_router(name, module):
+            rows.append(PlacementRow(name, category, "digital", _own_params(module), 0))
+    return rows
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
