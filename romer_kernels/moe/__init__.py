@@ -1,4 +1,23 @@
 """MoE model integration: conversion of Hugging Face models, placement, routing analysis."""
 from romer_kernels.moe.convert import CATEGORIES, Placement, PlacementRow, analogize_, categorize, placement_report
+from romer_kernels.moe.routing import (
+    LayerRouting,
+    RoutingSummary,
+    RoutingTrace,
+    coefficient_of_variation,
+    expert_counts,
+    flip_rate,
+    frequency_kl,
+    load_imbalance_score,
+    max_over_mean,
+    routing_entropy,
+    summarize,
+    top_k_overlap,
+    trace_routing,
+)
 
-__all__ = ["CATEGORIES", "Placement", "PlacementRow", "analogize_", "categorize", "placement_report"]
+__all__ = [
+    "CATEGORIES", "LayerRouting", "Placement", "PlacementRow", "RoutingSummary", "RoutingTrace", "analogize_",
+    "categorize", "coefficient_of_variation", "expert_counts", "flip_rate", "frequency_kl", "load_imbalance_score",
+    "max_over_mean", "placement_report", "routing_entropy", "summarize", "top_k_overlap", "trace_routing",
+]
