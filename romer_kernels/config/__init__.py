@@ -14,10 +14,11 @@ from romer_kernels.config.device_noise import (
     ReRamWan2022NoiseConfig,
 )
 from romer_kernels.config.presets import PRESETS, preset, resolve_config
+from romer_kernels.config.scaling import scale_noise
 from romer_kernels.config.tiling import TileGrid, get_split_sizes
 
 __all__ = [
     "AnalogConfig", "DriftCompensationConfig", "GaussianNoiseConfig", "HermesNoiseConfig", "IOConfig",
     "MappingConfig", "PCMNoiseConfig", "PRESETS", "ReRamWan2022NoiseConfig", "TileConfig", "TileGrid",
-    "get_split_sizes", "preset", "resolution_step", "resolve_config",
+    "get_split_sizes", "preset", "resolution_step", "resolve_config", "scale_noise",
 ]

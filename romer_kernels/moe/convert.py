@@ -170,6 +170,9 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
             converted += 1
     if converted == 0:
         raise ValueError(f"nothing in {type(model).__name__} was converted: no module matches the placement")
+    # remembered so that save_analog() can write how to rebuild the same analog model
+    model.romer_conversion = {"config": config.to_dict(), "placement": placement.to_dict(), "seed": seed,
+                              "mvm_noise": mvm_noise}
     return model
 
 

@@ -1,0 +1,144 @@
+"""analogize_ on tiny random models of every supported architecture: equivalence, noise, generate, tracing,
+save/load, placement overrides."""
+import pytest
+import torch
+from moe_models import BUILDERS, LegacyMoEModel, build
+from torch import nn
+
+from romer_kernels import AnalogLinear, preset, program_analog_, reset_noise_counters
+from romer_kernels.evaluation import relative_error
+from romer_kernels.moe import Placement, analogize_, load_analog, placement_report, save_analog, trace_routing
+from romer_kernels.nn.analog_experts import AnalogExperts
+from romer_kernels.nn.base import AnalogModule
+
+ARCHS = list(BUILDERS)
+
+
+def _ids(seed=0, shape=(2, 12)):
+    return torch.randint(3, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ideal_conversion_keeps_logits_and_generate_works(arch):
+    model = build(arch)
+    ids = _ids(1)
+    reference = model(ids).logits
+    analogize_(model, "ideal")
+    assert any(isinstance(m, AnalogExperts) for m in model.modules())
+    assert relative_error(model(ids).logits, reference) <= 1e-5
+    generated = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 9)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_noisy_conversion_changes_logits_reproducibly(arch):
+    ids = _ids(2)
+    outputs = []
+    for _ in range(2):
+        model = build(arch)
+        reference = model(ids).logits
+        analogize_(model, preset("rasch2023"), seed=3)
+        outputs.append(model(ids).logits)
+        assert torch.isfinite(outputs[-1]).all()
+        assert relative_error(outputs[-1], reference) > 1e-4
+    assert torch.equal(outputs[0], outputs[1])  # same seed, same chip, same per-MVM noise
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tracing_does_not_change_outputs(arch):
+    model = analogize_(build(arch), "aihwkit-default", seed=1)
+    ids = _ids(3)
+    plain = model(ids).logits
+    reset_noise_counters(model)
+    with trace_routing(model) as trace:
+        traced = model(ids).logits
+    assert torch.equal(plain, traced)
+    assert trace.layers and all(layer.top_k_index.shape == (ids.numel(), 2) for layer in trace.layers.values())
+    assert trace.lis() >= 1.0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3", "qwen2_moe"])
+def test_save_and_load_restore_the_same_chip(arch, tmp_path):
+    model = analogize_(build(arch), "aihwkit-default", seed=7)
+    program_analog_(model, 7)
+    for module in model.modules():
+        if isinstance(module, AnalogModule):
+            module.drift_(3600.0)
+    ids = _ids(4)
+    reset_noise_counters(model)
+    expected = model(ids).logits
+    save_analog(model, tmp_path / "chip")
+    loaded = load_analog(tmp_path / "chip")
+    reset_noise_counters(loaded)
+    assert torch.equal(loaded(ids).logits, expected)
+    # the digital checkpoint is a plain transformers checkpoint
+    plain = type(model).from_pretrained(tmp_path / "chip")
+    assert not any(isinstance(m, AnalogModule) for m in plain.modules())
+
+
+@torch.no_grad()
+def test_transformers4_layout_with_linear_experts_and_linear_router():
+    model = LegacyMoEModel()
+    ids = _ids(5)
+    reference = model(ids)
+    placement = Placement(digital_experts={"layers.0.mlp.experts": (1,)})
+    analogize_(model, "ideal", placement)
+    assert relative_error(model(ids), reference) <= 1e-5
+    assert isinstance(model.layers[0]["mlp"].experts[0].gate_proj, AnalogLinear)
+    assert isinstance(model.layers[0]["mlp"].experts[1].gate_proj, nn.Linear)
+    assert isinstance(model.layers[0]["mlp"].gate, AnalogLinear)
+    with trace_routing(model) as trace:
+        model(ids)
+    assert list(trace.layers) == ["layers.0.mlp.gate", "layers.1.mlp.gate"]
+
+
+def test_placement_categories_and_overrides():
+    model = build("qwen2_moe")
+    placement = Placement(attention=False, digital=("model.layers.1.*",),
+                          digital_experts={"model.layers.0.mlp.experts": (0, 3)})
+    analogize_(model, "rasch2023", placement)
+    rows = {row.module: row for row in placement_report(model)}
+    assert rows["model.layers.0.self_attn.q_proj"].kind == "digital"
+    assert rows["model.layers.0.mlp.gate"].kind == "analog"
+    assert rows["model.layers.0.mlp.experts"].kind.startswith("analog (2 experts digital)")
+    assert rows["model.layers.0.mlp.shared_expert.up_proj"].kind == "analog"
+    assert rows["model.layers.1.mlp.experts"].kind == "digital"
+    assert rows["lm_head"].kind == "digital"
+    assert rows["model.layers.0.mlp.experts"].tiles == 2 * 6  # six analog experts, two matrices, one tile each
+
+
+def test_conversion_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown module"):
+        analogize_(build("olmoe"), "ideal", Placement(digital_experts={"model.nope": (1,)}))
+    with pytest.raises(ValueError, match="nothing in"):
+        analogize_(build("olmoe"), "ideal", Placement.all_digital_except())
+    model = analogize_(build("olmoe"), "ideal")
+    with pytest.raises(ValueError, match="already analog"):
+        analogize_(model, "ideal")
+    with pytest.raises(ValueError, match="unknown module categories"):
+        Placement.all_digital_except("experts", "mlp")
+    with pytest.raises(ValueError, match="Placement.attention"):
+        Placement(attention="yes")
+    with pytest.raises(ValueError, match="romer_conversion"):
+        save_analog(nn.Linear(2, 2), "/tmp/unused")
+    with pytest.raises(FileNotFoundError, match="save_analog"):
+        load_analog("/nonexistent/dir")
+
+
+@torch.no_grad()
+def test_expert_noise_does_not_depend_on_other_tokens_routing():
+    model = build("olmoe")
+    experts = AnalogExperts.from_experts(model.model.layers[0].mlp.experts, "aihwkit-default", name="e")
+    hidden = torch.randn(6, 64)
+    index = torch.tensor([[0, 1], [2, 3], [0, 4], [5, 6], [7, 1], [2, 0]])
+    weights = torch.rand(6, 2)
+    full = experts(hidden, index, weights)
+    experts.reset_noise_counter()
+    changed = index.clone()
+    changed[1] = torch.tensor([4, 5])  # token 1 now visits other experts; token 0 must not notice
+    again = experts(hidden, changed, weights)
+    torch.testing.assert_close(again[0], full[0], rtol=1e-5, atol=1e-5)
