@@ -1,31 +1,159 @@
-"""The ``romer`` command line."""
+"""The ``romer`` command line: ``romer demo`` is the main job (see ``romer --help``)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from romer_kernels.config.presets import PRESETS, preset
-from romer_kernels.evaluation.layer_error import layer_error_table
+
+console = Console()
+DEFAULT_MODEL = "tiny-olmoe"
 
 
+# -- shared pieces ---------------------------------------------------------------------------------
+def _tokens(tokenizer, data: str, split: str):
+    import torch  # noqa: PLC0415
+
+    from romer_kernels.evaluation import corpus  # noqa: PLC0415
+
+    if data == "bundled":
+        text = corpus.load_corpus(split)
+    elif data.startswith("hf:"):
+        parts = data[3:].split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError("--data hf:NAME:CONFIG[:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:test")
+        text = corpus.load_hf_dataset_text(parts[0], parts[1], parts[2] if len(parts) == 3 else split)
+    else:
+        text = corpus.load_corpus(split, path=data)
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def _placement(args):
+    from romer_kernels.moe.convert import Placement  # noqa: PLC0415
+
+    if not args.placement:
+        return Placement()
+    path = Path(args.placement)
+    if not path.is_file():
+        raise FileNotFoundError(f"placement file {path} not found")
+    return Placement.from_dict(json.loads(path.read_text()))
+
+
+def _fmt(cell, digits=3):
+    if cell is None:
+        return "-"
+    mean, std, low, high = cell
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
+    from romer_kernels.evaluation.lm_eval import evaluate_lm  # noqa: PLC0415
+    from romer_kernels.evaluation.montecarlo import Trial  # noqa: PLC0415
+    from romer_kernels.evaluation.sweep import SweepSettings, analog_copy, noise_sweep, plot_sweep  # noqa: PLC0415
+    from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
+
+    model, tokenizer = load_model_and_tokenizer(model_name, args.dtype)
+    tokens = _tokens(tokenizer, args.data, args.split)
+    settings = SweepSettings(config=preset(args.preset), placement=_placement(args), seeds=tuple(range(args.seeds)),
+                             noise_scales=tuple(args.scales), times=tuple(args.times), seq_len=args.seq_len,
+                             batch_size=args.batch_size, max_windows=args.windows)
+    console.print(f"[bold]{title}[/]: model {model_name}, preset {args.preset}, {args.seeds} chip seeds x noise "
+                  f"scales {args.scales} x t {args.times} s, {tokens.numel()} tokens of {args.data}/{args.split}, "
+                  f"windows of {args.seq_len} (at most {args.windows}), run folder {run_dir}")
+    start = time.perf_counter()
+    result = noise_sweep(model, tokens, settings, run_dir, model_id=model_name, data_id=f"{args.data}:{args.split}",
+                         on_clean=lambda clean: console.print(
+                             f"clean: PPL {clean.perplexity:.2f}, LIS {clean.routing.lis:.3f}" if clean.routing
+                             else f"clean: PPL {clean.perplexity:.2f}"))
+    table = Table(title=f"{model_name} on analog hardware ({args.preset}), mean ± std over chip seeds")
+    for column in ("noise scale", "t (s)", "n", "PPL", "LIS", "flip rate", "top-k overlap", "KL(noisy‖clean)"):
+        table.add_column(column, justify="right")
+    clean = result.clean
+    table.add_row("clean", "-", "1", f"{clean.perplexity:.3f}", f"{clean.routing.lis:.3f}" if clean.routing else "-",
+                  "0", "1", "0")
+    for row in result.table():
+        table.add_row(f"{row['noise_scale']:g}", f"{row['t']:g}", str(row["n"]), _fmt(row.get("ppl")),
+                      _fmt(row.get("lis")), _fmt(row.get("flip_rate")), _fmt(row.get("overlap")),
+                      _fmt(row.get("kl_to_clean"), 4))
+    console.print(table)
+    worst = Trial(0, max(args.scales), max(args.times))
+    noisy = evaluate_lm(analog_copy(model, settings, worst), tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                        max_windows=args.windows)
+    plot = plot_sweep(result, noisy.trace, run_dir / "sweep.png",
+                      f"{model_name}, {args.preset}; expert load at noise scale {worst.noise_scale:g}")
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"clean": {"ppl": clean.perplexity, "lis": clean.routing.lis if clean.routing else None},
+         "rows": result.table()}, indent=1))
+    console.print(f"{result.trials_run} trials run now ({len(result.summaries) and 'results in'} "
+                  f"{run_dir / 'results.sqlite'}), plot {plot}, {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser, run_dir: str) -> None:
+    parser.add_argument("--preset", default="rasch2023", choices=list(PRESETS))
+    parser.add_argument("--placement", help="JSON file with a Placement (default: all analog but lm_head)")
+    parser.add_argument("--data", default="bundled", help="'bundled', a text file, or hf:NAME:CONFIG[:SPLIT]")
+    parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    parser.add_argument("--seeds", type=int, default=3, help="chip instances per setting")
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="noise scales")
+    parser.add_argument("--times", type=float, nargs="+", default=[3600.0], help="seconds after programming")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--windows", type=int, default=16, help="at most this many windows (0 = all)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--run-dir", default=run_dir)
+
+
+# -- commands --------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
-    console = Console()
+    args.windows = args.windows or None
+    return _sweep(args, args.model, Path(args.run_dir), "romer demo")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    args.windows = args.windows or None
+    run_dir = Path(args.run_dir or f"runs/eval-{Path(args.model).name}-{args.preset}")
+    return _sweep(args, args.model, run_dir, "romer eval")
+
+
+def _info(args: argparse.Namespace) -> int:
+    from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
+    from romer_kernels.moe.convert import analogize_, placement_report  # noqa: PLC0415
+
+    model, _ = load_model_and_tokenizer(args.model)
+    analogize_(model, preset(args.preset), _placement(args))
+    table = Table(title=f"{args.model}: placement with preset {args.preset}")
+    for column in ("module", "category", "analog/digital", "parameters", "tiles"):
+        table.add_column(column, justify="right" if column in ("parameters", "tiles") else "left")
+    analog_params = total = tiles = 0
+    for row in placement_report(model):
+        table.add_row(row.module, row.category, row.kind, f"{row.parameters:,}", str(row.tiles))
+        total += row.parameters
+        tiles += row.tiles
+        analog_params += row.parameters if row.kind.startswith("analog") else 0
+    console.print(table)
+    console.print(f"{analog_params:,} of {total:,} linear parameters analog, {tiles} tiles")
+    return 0
+
+
+def _layers(args: argparse.Namespace) -> int:
+    from romer_kernels.evaluation.layer_error import layer_error_table  # noqa: PLC0415
+
     names = args.presets or list(PRESETS)
-    unknown = [name for name in names if name not in PRESETS]
-    if unknown:
-        console.print(f"[red]unknown preset(s): {', '.join(unknown)}; known: {', '.join(PRESETS)}")
-        return 2
-    console.print(f"Analog layer {args.in_features}->{args.out_features}, batch {args.batch}, "
-                  f"{args.seeds} chip seeds, t = {args.t:g} s after programming")
+    console.print(f"AnalogLinear {args.in_features}->{args.out_features}, batch {args.batch}, {args.seeds} chip seeds, "
+                  f"t = {args.t:g} s after programming")
     with console.status("simulating"):
-        rows = layer_error_table({name: name for name in names}, args.in_features, args.out_features,
-                                 args.batch, args.seeds, args.t)
-    table = Table(title="Output error and cost of an AnalogLinear per preset")
+        rows = layer_error_table({name: name for name in names}, args.in_features, args.out_features, args.batch,
+                                 args.seeds, args.t)
+    table = Table(title="Output error and cost of one analog layer per preset")
     for column in ("preset", "rel. error (mean ± std)", "forward ms", "nn.Linear ms", "slowdown", "program+drift ms"):
-        table.add_column(column, justify="right" if column != "preset" else "left")
+        table.add_column(column, justify="left" if column == "preset" else "right")
     for row in rows:
         table.add_row(row.name, f"{row.error_mean:.4f} ± {row.error_std:.4f}", f"{row.forward_ms:.2f}",
                       f"{row.digital_ms:.2f}", f"{row.slowdown:.1f}x", f"{row.program_drift_ms:.1f}")
@@ -35,37 +163,66 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _presets(args: argparse.Namespace) -> int:
     if args.name:
-        try:
-            print(preset(args.name).to_json(indent=2))
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        print(preset(args.name).to_json(indent=2))
         return 0
     for name, factory in PRESETS.items():
         print(f"{name:16s} {(factory.__doc__ or '').strip().splitlines()[0]}")
     return 0
 
 
+def _train_tiny(args: argparse.Namespace) -> int:
+    from romer_kernels.models import tiny  # noqa: PLC0415
+
+    return tiny.main(args.rest) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="romer", description="Analog in-memory-computing simulation for MoE LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="error and speed of an analog layer under each preset")
-    demo.add_argument("--in-features", type=int, default=1024)
-    demo.add_argument("--out-features", type=int, default=1024)
-    demo.add_argument("--batch", type=int, default=64)
-    demo.add_argument("--seeds", type=int, default=3)
-    demo.add_argument("--t", type=float, default=3600.0, help="seconds after programming")
-    demo.add_argument("--presets", nargs="*", help="subset of presets (default: all)")
+
+    demo = commands.add_parser("demo", help="the main job: bundled MoE model, clean vs analog at several noise scales")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name, local folder or hub id")
+    _add_sweep_arguments(demo, "runs/demo")
     demo.set_defaults(func=_demo)
+
+    evaluate = commands.add_parser("eval", help="the same sweep for any supported model")
+    evaluate.add_argument("--model", required=True, help="bundled model name, local folder or hub id")
+    _add_sweep_arguments(evaluate, "")
+    evaluate.set_defaults(func=_eval)
+
+    info = commands.add_parser("info", help="print which modules of a model are analog")
+    info.add_argument("--model", default=DEFAULT_MODEL)
+    info.add_argument("--preset", default="rasch2023", choices=list(PRESETS))
+    info.add_argument("--placement", help="JSON file with a Placement")
+    info.set_defaults(func=_info)
+
+    layers = commands.add_parser("layers", help="error and speed of one analog layer under each preset")
+    layers.add_argument("--in-features", type=int, default=1024)
+    layers.add_argument("--out-features", type=int, default=1024)
+    layers.add_argument("--batch", type=int, default=64)
+    layers.add_argument("--seeds", type=int, default=3)
+    layers.add_argument("--t", type=float, default=3600.0, help="seconds after programming")
+    layers.add_argument("--presets", nargs="*", choices=list(PRESETS), help="subset of presets (default: all)")
+    layers.set_defaults(func=_layers)
+
     presets = commands.add_parser("presets", help="list presets, or print one as JSON")
-    presets.add_argument("name", nargs="?")
+    presets.add_argument("name", nargs="?", choices=list(PRESETS))
     presets.set_defaults(func=_presets)
+
+    train = commands.add_parser("train-tiny", help="train a bundled tiny MoE model (see romer train-tiny -- --help)",
+                                add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(func=_train_tiny)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError, NotImplementedError, TypeError) as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""Find a model and its tokenizer: a bundled name, a local folder, or a Hugging Face hub id."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped in the package (``romer_kernels/assets/models``)."""
+    if not ASSETS.is_dir():
+        return []
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A bundled model's folder, an existing local folder, or the string itself (a hub id)."""
+    if (ASSETS / name_or_path / "config.json").is_file():
+        return str(ASSETS / name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a transformers model folder")
+        return str(path)
+    if name_or_path.count("/") != 1 or name_or_path.startswith(("/", ".")):
+        known = ", ".join(bundled_models()) or "none"
+        raise FileNotFoundError(f"no model {name_or_path!r}: not a bundled model ({known}), a local folder, or a "
+                                "hub id of the form owner/name")
+    return name_or_path
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` in eval mode; errors name the model and say what went wrong."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    path = resolve_model_path(name_or_path)
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except ValueError as error:  # transformers: unrecognized configuration class / model type
+        raise ValueError(f"{name_or_path}: unsupported architecture ({error})") from error
+    except OSError as error:
+        raise FileNotFoundError(f"{name_or_path}: could not load the model ({error}). Without network access "
+                                "only bundled models and local folders work.") from error
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer
