@@ -1,0 +1,12 @@
+// The romer_kernels._C extension module. Each csrc/bindings/<group>_ops.cpp defines a
+// register_<group>_ops(module) function; declare it here and call it below to add a group.
+#include <torch/extension.h>
+
+namespace py = pybind11;
+
+void register_rng_ops(py::module_& m);
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "romer_kernels compiled CPU kernels (counter-based RNG streams).";
+  register_rng_ops(m);
+}
