@@ -315,3 +315,16 @@ def test_stream_seed_rejects_bad_keys():
         stream_seed(0, 0, Purpose.PROGRAM, -1)
     with pytest.raises(ValueError):
         layer_key(-3)
+
+
+@needs_cpp
+@pytest.mark.parametrize("row_len", [12, 10, 1, 4097])
+def test_normal_rows_are_rows_of_the_stream_on_every_backend(row_len):
+    rows = torch.tensor([5, 0, 17, 3, 17])
+    full = philox.normal(99, 0, 18 * row_len).reshape(18, row_len)
+    assert_same_bits(philox.normal_rows(99, rows, row_len), full[rows])
+    assert max_ulp(_C.philox_normal_rows(99, rows, row_len), full[rows]) <= MAX_ULP_CPP_VS_TORCH
+    with pytest.raises(ValueError, match="row ids"):
+        _C.philox_normal_rows(99, torch.tensor([-1]), row_len)
+    with pytest.raises(ValueError, match="1-D int64"):
+        _C.philox_normal_rows(99, torch.tensor([1.0]), row_len)

@@ -3,12 +3,14 @@
 //   philox_randint(seed, start, count) -> int64 tensor of 32-bit words in [0, 2**32)
 //   philox_uniform(seed, start, count) -> float32 tensor in [0, 1)
 //   philox_normal(seed, start, count)  -> float32 tensor of standard normals
+//   philox_normal_rows(seed, rows, row_len) -> float32 [len(rows), row_len], rows of a row-major array
 //
 // Elements [start, start + count) of stream `seed`, same layout as romer_kernels/rng/philox.py. The
 // work runs without the GIL on at::get_num_threads() OpenMP threads (torch.set_num_threads applies);
 // results do not depend on the thread count.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -108,9 +110,42 @@ torch::Tensor philox_normal(const py::object& seed, const py::object& start, con
   return out;
 }
 
+// Rows `rows` of the row-major stream array with `row_len` columns: element (r, c) is stream element
+// r * row_len + c. Used for the tokens routed to one expert, which are scattered rows of a batch.
+torch::Tensor philox_normal_rows(const py::object& seed, const torch::Tensor& rows, const py::object& row_len) {
+  const uint64_t s = seed_arg(seed);
+  const int64_t len = range_arg(row_len, "row_len");
+  if (len == 0) throw py::value_error("row_len must be positive");
+  if (rows.device().type() != torch::kCPU || rows.scalar_type() != torch::kInt64 || rows.dim() != 1) {
+    throw py::value_error("rows must be a 1-D int64 CPU tensor");
+  }
+  const torch::Tensor ids = rows.contiguous();
+  const int64_t n = ids.numel();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (id[i] < 0 || id[i] > (std::numeric_limits<int64_t>::max() - len) / len) {
+      throw py::value_error("row ids must be non-negative and row * row_len + row_len below 2**63");
+    }
+  }
+  torch::Tensor out = torch::empty({n, len}, torch::dtype(torch::kFloat32));
+  float* dst = out.data_ptr<float>();
+  {
+    py::gil_scoped_release no_gil;
+    // rows are independent; each is filled on one thread, so the result does not depend on threads
+    at::parallel_for(0, n, std::max<int64_t>(1, 32768 / len), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        romer::philox::philox_fill_normal(s, id[i] * len, len, dst + i * len, 1);
+      }
+    });
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_rng_ops(py::module_& m) {
+  m.def("philox_normal_rows", &philox_normal_rows, py::arg("seed"), py::arg("rows"), py::arg("row_len"),
+        "Normals of rows `rows` of the row-major stream array with `row_len` columns, as [len(rows), row_len].");
   m.def("philox_randint", &philox_randint, py::arg("seed"), py::arg("start"), py::arg("count"),
         "Raw Philox4x32-10 words of stream `seed`, elements [start, start + count), as an int64 tensor.");
   m.def("philox_uniform", &philox_uniform, py::arg("seed"), py::arg("start"), py::arg("count"),
