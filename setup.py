@@ -32,6 +32,9 @@ setup(
     version="0.1.0",
     description="Fast analog in-memory-computing simulation for Mixture-of-Experts language models",
     packages=find_packages(include=["romer_kernels", "romer_kernels.*"]),
+    package_data={"romer_kernels": ["assets/**/*"]},
+    include_package_data=True,
+    entry_points={"console_scripts": ["romer = romer_kernels.cli.main:main"]},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",
@@ -40,6 +43,8 @@ setup(
         "safetensors",
         "tqdm",
         "rich",
+        "matplotlib",
+        "scipy",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton==3.9.0"],
