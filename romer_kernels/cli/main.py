@@ -12,7 +12,8 @@ from rich.table import Table
 
 from romer_kernels.config.presets import PRESETS, preset
 
-console = Console()
+# wide enough for module names when the output is a file or a CI log, not a terminal
+console = Console(width=None if sys.stdout.isatty() else 160)
 DEFAULT_MODEL = "tiny-olmoe"
 
 
