@@ -1,0 +1,66 @@
+"""This package's own simple device model: Gaussian weight noise relative to the crossbar column's
+w_max, no drift. There is no aihwkit counterpart (the closest is a weight modifier used in training).
+
+* ``program``: ``W_P = w + sigma * w_max * xi_1 + multiplicative_sigma * |w| * xi_2`` with ``w_max`` the
+  abs-max of the weight's crossbar column (one output row within one input tile, ``grid.column_absmax``)
+  of the target; xi_1 from (PROGRAM, 0), xi_2 from (MULTIPLICATIVE, 0).
+* ``read(t)``: ``W = W_P + read_sigma * w_max(W_P) * xi_3`` with xi_3 from (READ, 0), fresh at every
+  read (a new drift call index gives a new READ stream), w_max now the column abs-max of the programmed
+  weights; ``t_inference`` is ignored. With ``read_sigma = 0`` the programmed tensor itself is returned.
+"""
+from __future__ import annotations
+
+import torch
+
+from romer_kernels.config.device_noise import GaussianNoiseConfig
+from romer_kernels.config.tiling import TileGrid
+from romer_kernels.noise.base import DeviceNoiseModel, Draw, ProgrammedWeights
+from romer_kernels.noise.pcm import check_time, elementwise, standard_normal
+from romer_kernels.rng import Purpose
+
+
+class GaussianNoiseModel(DeviceNoiseModel):
+    """Additive (column w_max) and multiplicative Gaussian programming noise, optional read noise."""
+
+    def __init__(self, config: GaussianNoiseConfig):
+        if not isinstance(config, GaussianNoiseConfig):
+            raise ValueError(f"GaussianNoiseModel needs a GaussianNoiseConfig, got {type(config).__name__}")
+        self.config = config
+        self.sigma = float(config.sigma)
+        self.multiplicative_sigma = float(config.multiplicative_sigma)
+        self.read_sigma = float(config.read_sigma)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw) -> ProgrammedWeights:
+        w = w_target.detach().to(torch.float32).contiguous()
+        w_max = grid.column_absmax(w) if self.sigma > 0.0 else None
+        xi_add = standard_normal(draw, Purpose.PROGRAM, 0, w) if self.sigma > 0.0 else None
+        xi_mul = standard_normal(draw, Purpose.MULTIPLICATIVE, 0, w) if self.multiplicative_sigma > 0.0 else None
+        out = torch.empty_like(w)
+
+        def chunk(w, w_max, xi_add, xi_mul, result):
+            result.copy_(w)
+            if xi_add is not None:
+                result.add_(w_max.mul_(self.sigma).mul_(xi_add))
+            if xi_mul is not None:
+                result.add_(w.abs().mul_(self.multiplicative_sigma).mul_(xi_mul))
+
+        elementwise(chunk, [w, w_max, xi_add, xi_mul, out])
+        return ProgrammedWeights(out, None)
+
+    def read(self, programmed: ProgrammedWeights, t_inference: float, grid: TileGrid, draw: Draw) -> torch.Tensor:
+        check_time(t_inference)
+        w_prog = programmed.weights
+        if self.read_sigma == 0.0:
+            return w_prog
+        w_prog = w_prog.detach().to(torch.float32).contiguous()
+        w_max = grid.column_absmax(w_prog)
+        xi = standard_normal(draw, Purpose.READ, 0, w_prog)
+
+        def chunk(w, w_max, xi):    # w_max becomes the result, in place
+            w_max.mul_(self.read_sigma).mul_(xi).add_(w)
+
+        elementwise(chunk, [w_prog, w_max, xi])
+        return w_max
