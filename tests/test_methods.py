@@ -93,3 +93,241 @@ def test_baseline_scores_same_budget():
     assert placement.digital_experts == {"model.layers.0.mlp.experts": (6, 7)}
     assert placement.digital == ("model.layers.1.*",)
     assert top_experts(torch.ones(60), 0.125) == tuple(range(8))  # 7.5 rounds up, ties by id
+
+
+# -- ROMER ---------------------------------------------------------------------------------------------
+from romer_kernels.methods.romer import (  # noqa: E402
+    ReplicaDispatch,
+    RomerConfig,
+    apply_replacement_,
+    calibration_pass,
+    fit_affine,
+    moe_layers,
+    percentiles,
+    plan_replacement,
+    recalibrate_router_,
+    replace_experts_,
+    romer_,
+)
+from romer_kernels.moe import flip_rate, trace_routing  # noqa: E402
+
+
+def _plant_logit_distortion(model, scale=None, shift=None):
+    """Distort every analog router's raw logits per expert (as if the ADC output were off)."""
+    for layer in moe_layers(model):
+        matrix = layer.router.analog.matrix
+        original = matrix.matmul
+        a = scale(layer.num_experts) if scale else torch.ones(layer.num_experts)
+        b = shift(layer.num_experts) if shift else torch.zeros(layer.num_experts)
+        matrix.matmul = lambda x, w, *args, _f=original, _a=a, _b=b, **kw: _f(x, w, *args, **kw) * _a + _b
+
+
+def _routing(model, ids):
+    with torch.no_grad(), trace_routing(model) as trace:
+        model(ids)
+    return {name: layer.top_k_index for name, layer in trace.layers.items()}
+
+
+def _flips(model, clean, ids):
+    noisy, reference = _routing(model, ids), _routing(clean, ids)
+    return max(flip_rate(noisy[n], reference[n]) for n in noisy)
+
+
+def test_percentiles_and_affine_fit_by_hand():
+    x = torch.arange(11.0)[:, None].repeat(1, 2)
+    x[:, 1] *= 2
+    q = percentiles(x, (5.0, 50.0, 95.0))
+    assert torch.allclose(q[:, 0].float(), torch.tensor([0.5, 5.0, 9.5]))
+    assert torch.allclose(q[:, 1].float(), torch.tensor([1.0, 10.0, 19.0]))
+    scale, shift = fit_affine(q, 3 * q - 1)
+    assert torch.allclose(scale, torch.tensor([3.0, 3.0])) and torch.allclose(shift, torch.tensor([-1.0, -1.0]))
+    scale, shift = fit_affine(torch.ones(3, 1), torch.full((3, 1), 4.0))  # no spread: pure shift
+    assert float(scale) == 1.0 and float(shift) == pytest.approx(3.0)
+    assert float(fit_affine(q, -q)[0][0]) == pytest.approx(1e-3)  # clamped to min_scale
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3"])
+def test_recalibration_undoes_planted_affine_distortion(arch):
+    clean, model = build(arch), build(arch)
+    analogize_(model, "ideal")
+    gen = torch.Generator().manual_seed(5)
+    _plant_logit_distortion(model, scale=lambda n: 0.4 + 1.6 * torch.rand(n, generator=gen),
+                            shift=lambda n: torch.randn(n, generator=gen))
+    ids, held_out = _ids(1, (8, 16)), _ids(2, (4, 16))
+    assert _flips(model, clean, held_out) > 0.2
+    maps = recalibrate_router_(model, ids)
+    assert set(maps) == {layer.router_name for layer in moe_layers(model)}
+    assert _flips(model, clean, held_out) <= 0.02
+    assert _flips(model, clean, ids) <= 0.02
+    assert all(layer.router.analog.affine for layer in moe_layers(model))
+
+
+def test_self_recalibration_equalises_expert_percentiles():
+    model = build("olmoe")
+    analogize_(model, "ideal")
+    gen = torch.Generator().manual_seed(6)
+    _plant_logit_distortion(model, shift=lambda n: 2 * torch.randn(n, generator=gen))
+    ids = _ids(1, (8, 16))
+    config = RomerConfig(reference="self", stages=("recalibrate",))
+    before = calibration_pass(model, ids, logits=True, raw=False)
+    recalibrate_router_(model, ids, config)
+    after = calibration_pass(model, ids, logits=True, raw=False)
+    q = lambda s: percentiles(torch.cat(s.noisy), (5.0, 50.0, 95.0))  # noqa: E731  [P, E]
+    first, *later = before
+    # least squares over the three percentiles: each expert's mean percentile lands exactly on the target
+    assert q(after[first]).mean(0).std() < 1e-4 * q(before[first]).mean(0).std()
+    for name in [first] + later:  # later layers see hidden states changed by the earlier maps (one-pass fit)
+        assert q(after[name]).std(dim=1).max() < 0.5 * q(before[name]).std(dim=1).max()
+    recalibrate_router_(model, ids, RomerConfig(reference="standardize"))
+    medians = percentiles(torch.cat(calibration_pass(model, ids, logits=True, raw=False)[name].noisy), (50.0,))
+    assert medians.abs().max() < 0.05  # standardised logits are centred on their median
+
+
+def test_plan_replacement_by_hand():
+    f = torch.tensor([0.30, 0.001, 0.20, 0.0, 0.15, 0.15, 0.10, 0.099])
+    assert plan_replacement(f) == {3: 0}                                  # cap floor(0.125 * 8) = 1
+    assert plan_replacement(f, max_replaced_fraction=0.25) == {3: 0, 1: 2}
+    assert plan_replacement(f, max_replaced_fraction=0.25, num_donors=1) == {3: 0, 1: 0}
+    assert plan_replacement(f, tau_under=0.0) == {}
+    assert plan_replacement(f, max_replaced_fraction=0.25, excluded={3}) == {1: 0}
+
+
+def test_replica_dispatch_by_hand():
+    index = torch.tensor([[0, 1], [1, 2], [1, 3], [3, 1]])
+    weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.7, 0.3], [0.8, 0.2]])
+    dispatch = ReplicaDispatch(4, copies={1: [3]}, dead={3}, mode="average")
+    new_index, new_weights = dispatch(index, weights)
+    assert new_index.tolist() == [[0, -1, 1, 3], [1, 3, 2, -1], [1, 3, -1, -1], [-1, -1, 1, 3]]
+    assert torch.allclose(new_weights[0], torch.tensor([0.6, 0.0, 0.2, 0.2]))
+    assert torch.allclose(new_weights[3], torch.tensor([0.0, 0.0, 0.1, 0.1]))
+    assert dispatch.physical_counts(index).tolist() == [1, 4, 1, 4]
+    split = ReplicaDispatch(4, copies={1: [3]}, dead={3}, mode="split")
+    new_index, new_weights = split(index, weights)
+    assert new_index.tolist() == [[0, 1], [3, 2], [1, -1], [-1, 3]]
+    assert torch.equal(new_weights, weights)
+    assert split.physical_counts(index).tolist() == [1, 2, 1, 2]
+
+
+def test_replacement_replaces_planted_cold_experts():
+    model = build("qwen2_moe")
+    analogize_(model, "gaussian-chip", seed=3)
+    cold = {"model.layers.0.mlp": (2, 5), "model.layers.1.mlp": (0, 6)}
+    for layer in moe_layers(model):
+        mask = torch.zeros(layer.num_experts)
+        mask[list(cold[layer.router_name.rpartition(".")[0]])] = -10.0
+        matrix = layer.router.analog.matrix
+        matrix.matmul = lambda x, w, *a, _f=matrix.matmul, _m=mask, **k: _f(x, w, *a, **k) + _m
+    ids = _ids(1, (8, 16))
+    before = calibration_pass(model, ids, raw=False)
+    chips_before = {}
+    for layer in moe_layers(model):
+        chips_before[layer.experts_name] = [layer.experts.expert_weights(e)[0].clone() for e in range(E)]
+    config = RomerConfig(stages=("replace",), max_replaced_fraction=0.25, mode="split")
+    replacements = replace_experts_(model, ids, config)
+    for rep, layer in zip(replacements, moe_layers(model)):
+        planted = cold[layer.router_name.rpartition(".")[0]]
+        assert sorted(rep.replaced) == sorted(planted)
+        freq = before[layer.router_name].frequency
+        hottest = sorted(range(E), key=lambda e: -float(freq[e]))[:2]
+        assert sorted(rep.replaced.values()) == sorted(hottest)
+        experts = layer.experts
+        for slot, donor in rep.replaced.items():
+            assert torch.equal(experts.gate_up_proj[slot], experts.gate_up_proj[donor])
+            assert torch.equal(experts.down_proj[slot], experts.down_proj[donor])
+            chip_slot, chip_donor = experts.expert_weights(slot)[0], experts.expert_weights(donor)[0]
+            assert not torch.allclose(chip_slot, chip_donor)      # own, independent noise draw
+            assert not torch.allclose(chip_slot, chips_before[layer.experts_name][slot])  # reprogrammed
+        others = [e for e in range(E) if e not in rep.replaced]
+        for e in others:  # untouched experts are the same chip
+            assert torch.equal(experts.expert_weights(e)[0], chips_before[layer.experts_name][e])
+    after = calibration_pass(model, ids, raw=False)
+    for layer in moe_layers(model):
+        for slot in cold[layer.router_name.rpartition(".")[0]]:
+            assert after[layer.router_name].counts[slot] == 0  # no longer selectable
+            assert layer.router.analog.logit_shift[slot] == float("-inf")
+
+
+@pytest.mark.parametrize("mode", ["average", "split"])
+def test_replacement_is_exact_on_an_ideal_chip(mode):
+    # on an ideal chip a copy computes exactly what its donor does: the model equals one whose replaced
+    # experts are merely masked
+    ids = _ids(4)
+    masked, replaced = build("olmoe"), build("olmoe")
+    analogize_(masked, "ideal")
+    analogize_(replaced, "ideal")
+    plan = {0: 3, 5: 1}
+    for layer_m, layer_r in zip(moe_layers(masked), moe_layers(replaced)):
+        shift = torch.zeros(E)
+        shift[list(plan)] = float("-inf")
+        layer_m.router.analog.set_logit_affine(None, shift)
+        apply_replacement_(layer_r, plan, mode)
+    with torch.no_grad():
+        assert torch.allclose(replaced(ids).logits, masked(ids).logits, atol=1e-5)
+
+
+def test_replaced_expert_is_dropped_under_a_sigmoid_router_that_still_picks_it():
+    ids = _ids(4)
+    masked, replaced = build("deepseek_v3"), build("deepseek_v3")
+    for model in (masked, replaced):
+        model.model.layers[1].mlp.gate.e_score_correction_bias.data[3] = 100.0  # always chosen
+        analogize_(model, "ideal")
+    layer_m, layer_r = moe_layers(masked)[0], moe_layers(replaced)[0]
+    shift = torch.zeros(E)
+    shift[3] = float("-inf")
+    layer_m.router.analog.set_logit_affine(None, shift)
+    dispatch = apply_replacement_(layer_r, {3: 6}, "average")
+    index = _routing(replaced, ids)[layer_r.router_name]
+    assert bool((index == 3).any(dim=1).all())  # the router still selects the masked expert ...
+    counts = torch.bincount(index.reshape(-1), minlength=E)
+    assert dispatch.physical_counts(index)[3] == counts[6]  # ... but the slot only computes donor 6's tokens
+    with torch.no_grad():
+        assert torch.allclose(replaced(ids).logits, masked(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "deepseek_v2", "mixtral"])
+def test_romer_runs_both_stages_and_reports(arch):
+    clean, model = build(arch), build(arch)
+    analogize_(model, "gaussian-chip", seed=2)
+    ids = _ids(1, (2, 16))
+    expert_calls = [m.forward_calls for m in model.modules() if isinstance(m, AnalogExperts)]
+    report = romer_(model, ids, RomerConfig(tau_under=1.0), clean_model=clean)
+    assert [m.forward_calls for m in model.modules() if isinstance(m, AnalogExperts)] == expert_calls
+    assert all(len(r.replaced) == 1 for r in report.replacements)  # tau 1: the coldest expert, cap 1 of 8
+    assert set(report.maps) == {layer.router_name for layer in moe_layers(model)}
+    for rep in report.replacements:
+        (slot,) = rep.replaced
+        assert report.maps[rep.router].shift[slot] == float("-inf")
+        assert report.frequency_after[rep.router][slot] == 0.0
+    assert report.lis_before >= 1.0 and report.lis_after >= 1.0 and report.lis_after_router >= 1.0
+    assert 0.0 <= report.flip_rate_before <= 1.0 and 0.0 <= report.flip_rate_after <= 1.0
+    assert report.to_dict()["config"]["mode"] == "average"
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_romer_config_and_requirements():
+    with pytest.raises(ValueError, match="mode"):
+        RomerConfig(mode="copy")
+    with pytest.raises(ValueError, match="stages"):
+        RomerConfig(stages=("prune",))
+    with pytest.raises(ValueError, match="reference"):
+        RomerConfig(reference="median")
+    assert RomerConfig(stages="recalibrate").stages == ("recalibrate",)
+    model = build("olmoe")
+    analogize_(model, "ideal", Placement(router=False))
+    with pytest.raises(ValueError, match="not analog"):
+        recalibrate_router_(model, _ids())
+
+
+def test_experts_dispatch_hook():
+    model = build("olmoe")
+    analogize_(model, "ideal")
+    experts = model.model.layers[0].mlp.experts
+    hidden = torch.randn(3, 64)
+    index, weights = torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.full((3, 2), 0.5)
+    reference = experts(hidden, index, weights)
+    experts.dispatch = lambda i, w: (torch.cat([i, torch.full((3, 1), -1)], 1), torch.cat([w, torch.ones(3, 1)], 1))
+    assert torch.equal(experts(hidden, index, weights), reference)  # -1: dropped
+    experts.dispatch = lambda i, w: (i + 8, w)
+    with pytest.raises(ValueError, match="dispatch returned"):
+        experts(hidden, index, weights)

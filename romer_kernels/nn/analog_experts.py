@@ -9,6 +9,11 @@ token's position in the call (``row_ids``) and one forward counter for the whole
 noise in an expert does not depend on which other tokens were routed there.
 
 Experts listed in ``digital_experts`` are computed digitally (heterogeneous placement).
+
+``dispatch`` (default ``None``) is an optional hook for methods that re-route tokens inside the layer
+(expert replicas, replaced experts): a callable ``(top_k_index [T, k], top_k_weights [T, k]) ->
+(index [T, k'], weights [T, k'])`` applied at the start of ``forward``; in its result an index of -1 means
+"no expert" (the assignment is dropped). It is not saved by ``get_extra_state``.
 """
 from __future__ import annotations
 
@@ -67,6 +72,7 @@ class AnalogExperts(AnalogModule):
         self.down = [AnalogMatrix(config, self.hidden_dim, self.intermediate_dim, f"{name}.{e}.down_proj", seed,
                                   mvm_noise) for e in range(self.num_experts)]
         self.forward_calls = 0
+        self.dispatch = None
 
     @classmethod
     def from_experts(cls, experts: nn.Module, config: AnalogConfig | str | None = None, *, name: str = "experts",
@@ -134,12 +140,20 @@ class AnalogExperts(AnalogModule):
         if top_k_index.shape != top_k_weights.shape or top_k_index.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"top_k_index {tuple(top_k_index.shape)} and top_k_weights {tuple(top_k_weights.shape)} "
                              f"must both be [tokens, k] for {hidden_states.shape[0]} tokens")
+        if self.dispatch is not None:
+            top_k_index, top_k_weights = self.dispatch(top_k_index, top_k_weights)
         call_index = self.forward_calls
         self.forward_calls += 1
         out = torch.zeros(hidden_states.shape, dtype=torch.float32)
         flat_experts = top_k_index.reshape(-1).cpu()
+        if self.dispatch is not None:  # -1 = dropped assignment: sorted last, into a bin that is skipped
+            if flat_experts.numel() and int(flat_experts.max()) >= self.num_experts:
+                raise ValueError(f"dispatch returned expert ids >= {self.num_experts}")
+            flat_experts = torch.where(flat_experts < 0, self.num_experts, flat_experts)
         order = torch.argsort(flat_experts, stable=True)
         counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        if self.dispatch is not None:
+            counts = counts[: self.num_experts]
         if counts.numel() > self.num_experts:
             raise ValueError(f"top_k_index holds expert ids >= {self.num_experts}")
         k = top_k_index.shape[1]
