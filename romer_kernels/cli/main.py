@@ -106,7 +106,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, run_dir: str) -> None:
     parser.add_argument("--times", type=float, nargs="+", default=[3600.0], help="seconds after programming")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--windows", type=int, default=16, help="at most this many windows (0 = all)")
+    parser.add_argument("--windows", type=int, default=8, help="at most this many windows per trial (0 = all)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--run-dir", default=run_dir)
 
