@@ -2,6 +2,8 @@
 
 - ``placement``: heterogeneous analog/digital placement (MaxNNScore and baselines).
 - ``romer``: ROMER stage 1 (expert replacement) and stage 2 (percentile router recalibration).
+- ``replicate_quantize``: Replicate-and-Quantize (low-precision replicas of heavy hitters on their own
+  tiles, least important experts quantized, memory budget kept).
 
 See ``docs/methods.md`` for which steps follow the papers and which are our definitions.
 """
@@ -15,6 +17,15 @@ from romer_kernels.methods.placement import (
     routed_experts,
     top_experts,
 )
+from romer_kernels.methods.replicate_quantize import (
+    RQConfig,
+    RQReport,
+    ablation_importance,
+    crossbar_lis,
+    quantize_symmetric,
+    replicate_quantize_,
+    wanda_importance,
+)
 from romer_kernels.methods.romer import (
     ReplicaDispatch,
     RomerConfig,
@@ -26,7 +37,9 @@ from romer_kernels.methods.romer import (
     romer_,
 )
 
-__all__ = ["ReplicaDispatch", "RomerConfig", "RomerReport", "calibration_pass", "moe_layers", "recalibrate_router_",
+__all__ = ["RQConfig", "RQReport", "ablation_importance", "crossbar_lis", "quantize_symmetric",
+           "replicate_quantize_", "wanda_importance",
+           "ReplicaDispatch", "RomerConfig", "RomerReport", "calibration_pass", "moe_layers", "recalibrate_router_",
            "replace_experts_", "romer_",
            "SCORES", "digital_fraction", "digital_placement", "expert_scores", "max_nn_scores",
            "router_norm_scores", "routed_experts", "top_experts"]

@@ -14,6 +14,11 @@ Experts listed in ``digital_experts`` are computed digitally (heterogeneous plac
 (expert replicas, replaced experts): a callable ``(top_k_index [T, k], top_k_weights [T, k]) ->
 (index [T, k'], weights [T, k'])`` applied at the start of ``forward``; in its result an index of -1 means
 "no expert" (the assignment is dropped). It is not saved by ``get_extra_state``.
+
+``extra_experts`` (default ``None``) is an optional hook for additional expert slots (replicas on their
+own tiles): an object with ``num_experts``, ``forward(j, x, token_ids, call_index)`` (slot ``E + j``) and
+``matrices()`` (``(AnalogMatrix, weight)`` pairs, which then take part in programming, drift and tile
+counts). Ids ``E .. E + num_experts - 1`` are valid in a dispatched index. Not saved either.
 """
 from __future__ import annotations
 
@@ -73,6 +78,7 @@ class AnalogExperts(AnalogModule):
                                   mvm_noise) for e in range(self.num_experts)]
         self.forward_calls = 0
         self.dispatch = None
+        self.extra_experts = None
 
     @classmethod
     def from_experts(cls, experts: nn.Module, config: AnalogConfig | str | None = None, *, name: str = "experts",
@@ -88,6 +94,8 @@ class AnalogExperts(AnalogModule):
             if e not in self.digital_experts:
                 yield self.gate_up[e], self.gate_up_proj[e]
                 yield self.down[e], self.down_proj[e]
+        if self.extra_experts is not None:
+            yield from self.extra_experts.matrices()
 
     @property
     def config(self) -> AnalogConfig:
@@ -107,7 +115,8 @@ class AnalogExperts(AnalogModule):
         self.forward_calls = 0
 
     def set_mvm_noise(self, enabled: bool) -> None:
-        for matrix in self.gate_up + self.down:
+        extra = [m for m, _ in self.extra_experts.matrices()] if self.extra_experts is not None else []
+        for matrix in self.gate_up + self.down + extra:
             matrix.mvm_noise = bool(enabled)
 
     @property
@@ -146,16 +155,17 @@ class AnalogExperts(AnalogModule):
         self.forward_calls += 1
         out = torch.zeros(hidden_states.shape, dtype=torch.float32)
         flat_experts = top_k_index.reshape(-1).cpu()
+        slots = self.num_experts + (self.extra_experts.num_experts if self.extra_experts is not None else 0)
         if self.dispatch is not None:  # -1 = dropped assignment: sorted last, into a bin that is skipped
-            if flat_experts.numel() and int(flat_experts.max()) >= self.num_experts:
-                raise ValueError(f"dispatch returned expert ids >= {self.num_experts}")
-            flat_experts = torch.where(flat_experts < 0, self.num_experts, flat_experts)
+            if flat_experts.numel() and int(flat_experts.max()) >= slots:
+                raise ValueError(f"dispatch returned expert ids >= {slots}")
+            flat_experts = torch.where(flat_experts < 0, slots, flat_experts)
         order = torch.argsort(flat_experts, stable=True)
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        counts = torch.bincount(flat_experts, minlength=slots)
         if self.dispatch is not None:
-            counts = counts[: self.num_experts]
-        if counts.numel() > self.num_experts:
-            raise ValueError(f"top_k_index holds expert ids >= {self.num_experts}")
+            counts = counts[:slots]
+        if counts.numel() > slots:
+            raise ValueError(f"top_k_index holds expert ids >= {slots}")
         k = top_k_index.shape[1]
         x_cpu = hidden_states.detach().cpu()
         weights = top_k_weights.detach().reshape(-1).cpu().float()
@@ -163,11 +173,14 @@ class AnalogExperts(AnalogModule):
         for expert, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
-            slots = order[start:start + count]
+            rows = order[start:start + count]
             start += count
-            tokens = slots // k
-            y = self.expert_forward(expert, x_cpu[tokens], tokens, call_index)
-            out.index_add_(0, tokens, y * weights[slots, None])
+            tokens = rows // k
+            if expert < self.num_experts:
+                y = self.expert_forward(expert, x_cpu[tokens], tokens, call_index)
+            else:
+                y = self.extra_experts.forward(expert - self.num_experts, x_cpu[tokens], tokens, call_index)
+            out.index_add_(0, tokens, y * weights[rows, None])
         return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
 
     # -- persistence ----------------------------------------------------------------------------
