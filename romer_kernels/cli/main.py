@@ -123,6 +123,48 @@ def _eval(args: argparse.Namespace) -> int:
     return _sweep(args, args.model, run_dir, "romer eval")
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from romer_kernels.evaluation.compare import compare_methods, plot_compare  # noqa: PLC0415
+    from romer_kernels.evaluation.sweep import SweepSettings  # noqa: PLC0415
+    from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
+
+    args.windows = args.windows or None
+    run_dir = Path(args.run_dir or f"runs/compare-{Path(args.model).name}-{args.preset}")
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    eval_ids = _tokens(tokenizer, args.data, args.split)
+    calib_ids = _tokens(tokenizer, args.data, args.calib_split)
+    settings = SweepSettings(config=preset(args.preset), seeds=tuple(range(args.seeds)),
+                             noise_scales=tuple(args.scales), times=tuple(args.times), seq_len=args.seq_len,
+                             batch_size=args.batch_size, max_windows=args.windows)
+    console.print(f"[bold]romer compare[/]: {args.model}, preset {args.preset}, variants {', '.join(args.variants)}, "
+                  f"{args.seeds} chip seeds x scales {args.scales} x t {args.times} s; calibration on "
+                  f"{args.calib_windows} windows of the {args.calib_split} split, evaluation on {args.split}")
+    start = time.perf_counter()
+    result = compare_methods(model, eval_ids, calib_ids, settings, tuple(args.variants), run_dir, args.model,
+                             f"{args.data}:{args.split}", calib_windows=args.calib_windows)
+    table = Table(title=f"{args.model} ({args.preset}): methods, mean ± std over {args.seeds} chip seeds")
+    for column in ("noise scale", "t (s)", "variant", "n", "PPL", "LIS", "flip rate"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    clean = result.clean
+    table.add_row("-", "-", "clean", "1", f"{clean.perplexity:.3f}", f"{clean.routing.lis:.3f}", "0")
+    by_key: dict[tuple, dict] = {}
+    for s in result.summaries:
+        by_key.setdefault((s.noise_scale, s.t_inference, args.variants.index(s.variant)
+                           if s.variant in args.variants else 99, s.variant), {})[s.metric] = (s.mean, s.std, s.ci_low, s.ci_high)
+    for (scale, t, _, variant), metrics in sorted(by_key.items()):
+        table.add_row(f"{scale:g}", f"{t:g}", variant, str(args.seeds), _fmt(metrics.get("ppl")), _fmt(metrics.get("lis")),
+                      _fmt(metrics.get("flip_rate")))
+    console.print(table)
+    plot = plot_compare(result, run_dir / "compare.png", f"{args.model}, {args.preset}")
+    rows = [{"noise_scale": k[0], "t": k[1], "variant": k[3], **{m: v for m, v in metrics.items()}}
+            for k, metrics in sorted(by_key.items())]
+    (run_dir / "summary.json").write_text(json.dumps({"clean": {"ppl": clean.perplexity, "lis": clean.routing.lis},
+                                                      "rows": rows}, indent=1))
+    console.print(f"{result.trials_run} trials run now, results in {run_dir / 'results.sqlite'}, plot {plot}, "
+                  f"{time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
     from romer_kernels.moe.convert import analogize_, placement_report  # noqa: PLC0415
@@ -190,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="bundled model name, local folder or hub id")
     _add_sweep_arguments(evaluate, "")
     evaluate.set_defaults(func=_eval)
+
+    from romer_kernels.evaluation.compare import DEFAULT_VARIANTS, VARIANTS  # noqa: PLC0415
+
+    compare = commands.add_parser("compare", help="clean vs noisy vs noisy + each robustness method")
+    compare.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name, local folder or hub id")
+    compare.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
+    compare.add_argument("--calib-split", default="valid", choices=["train", "valid", "test"])
+    compare.add_argument("--calib-windows", type=int, default=8)
+    _add_sweep_arguments(compare, "")
+    compare.set_defaults(func=_compare, seeds=5, scales=[1.0, 2.0])
 
     info = commands.add_parser("info", help="print which modules of a model are analog")
     info.add_argument("--model", default=DEFAULT_MODEL)

@@ -29,21 +29,25 @@ class Trial:
     seed: int
     noise_scale: float
     t_inference: float
+    variant: str = ""      # what else differs between trials (e.g. the robustness method); "" = none
 
     @property
     def key(self) -> str:
-        return f"seed={self.seed}|scale={self.noise_scale!r}|t={self.t_inference!r}"
+        key = f"seed={self.seed}|scale={self.noise_scale!r}|t={self.t_inference!r}"
+        return f"{key}|variant={self.variant}" if self.variant else key
 
 
-def grid(seeds: Iterable[int], noise_scales: Iterable[float], times: Iterable[float]) -> list[Trial]:
-    """Every combination, ordered by noise scale, then time, then seed (so partial runs cover scales evenly)."""
-    seeds, noise_scales, times = list(seeds), list(noise_scales), list(times)
-    for name, values in (("seeds", seeds), ("noise_scales", noise_scales), ("times", times)):
+def grid(seeds: Iterable[int], noise_scales: Iterable[float], times: Iterable[float],
+         variants: Iterable[str] = ("",)) -> list[Trial]:
+    """Every combination, ordered by noise scale, time, variant, then seed (partial runs cover scales evenly)."""
+    seeds, noise_scales, times, variants = list(seeds), list(noise_scales), list(times), list(variants)
+    for name, values in (("seeds", seeds), ("noise_scales", noise_scales), ("times", times), ("variants", variants)):
         if not values:
             raise ValueError(f"a sweep needs at least one value in {name}")
     if any(s < 0 for s in seeds) or any(n < 0 for n in noise_scales) or any(t < 0 for t in times):
         raise ValueError("seeds, noise scales and times must be non-negative")
-    return [Trial(seed, float(scale), float(t)) for scale, t, seed in itertools.product(noise_scales, times, seeds)]
+    return [Trial(seed, float(scale), float(t), variant)
+            for scale, t, variant, seed in itertools.product(noise_scales, times, variants, seeds)]
 
 
 class ResultsStore:
@@ -57,8 +61,8 @@ class ResultsStore:
             self.connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self.connection.execute(
                 "CREATE TABLE IF NOT EXISTS trials (key TEXT PRIMARY KEY, seed INTEGER NOT NULL, "
-                "noise_scale REAL NOT NULL, t_inference REAL NOT NULL, metrics TEXT NOT NULL, "
-                "seconds REAL NOT NULL, finished REAL NOT NULL)")
+                "noise_scale REAL NOT NULL, t_inference REAL NOT NULL, variant TEXT NOT NULL, "
+                "metrics TEXT NOT NULL, seconds REAL NOT NULL, finished REAL NOT NULL)")
         text = json.dumps(fingerprint, sort_keys=True)
         row = self.connection.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
         if row is None:
@@ -75,13 +79,14 @@ class ResultsStore:
 
     def add(self, trial: Trial, metrics: dict[str, float], seconds: float) -> None:
         with self.connection:  # one transaction per trial: a crash never leaves half a trial
-            self.connection.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                    (trial.key, trial.seed, trial.noise_scale, trial.t_inference,
+            self.connection.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                    (trial.key, trial.seed, trial.noise_scale, trial.t_inference, trial.variant,
                                      json.dumps(metrics), seconds, time.time()))
 
     def rows(self) -> list[tuple[Trial, dict[str, float]]]:
-        cursor = self.connection.execute("SELECT seed, noise_scale, t_inference, metrics FROM trials ORDER BY rowid")
-        return [(Trial(seed, scale, t), json.loads(metrics)) for seed, scale, t, metrics in cursor]
+        cursor = self.connection.execute(
+            "SELECT seed, noise_scale, t_inference, variant, metrics FROM trials ORDER BY rowid")
+        return [(Trial(seed, scale, t, variant), json.loads(metrics)) for seed, scale, t, variant, metrics in cursor]
 
     def close(self) -> None:
         self.connection.close()
@@ -112,6 +117,7 @@ def run_sweep(store: ResultsStore, trials: list[Trial], run_trial: Callable[[Tri
 class Summary:
     noise_scale: float
     t_inference: float
+    variant: str
     metric: str
     n: int
     mean: float
@@ -121,12 +127,12 @@ class Summary:
 
 
 def summarize_trials(rows: list[tuple[Trial, dict[str, float]]], confidence: float = 0.95) -> list[Summary]:
-    """Mean, sample std and a Student-t confidence interval of each metric per (noise scale, time)."""
-    groups: dict[tuple[float, float], list[dict[str, float]]] = {}
+    """Mean, sample std and a Student-t confidence interval of each metric per (noise scale, time, variant)."""
+    groups: dict[tuple[float, float, str], list[dict[str, float]]] = {}
     for trial, metrics in rows:
-        groups.setdefault((trial.noise_scale, trial.t_inference), []).append(metrics)
+        groups.setdefault((trial.noise_scale, trial.t_inference, trial.variant), []).append(metrics)
     out = []
-    for (scale, t), results in sorted(groups.items()):
+    for (scale, t, variant), results in sorted(groups.items()):
         for metric in sorted({name for result in results for name in result}):
             values = [result[metric] for result in results if metric in result and math.isfinite(result[metric])]
             if not values:
@@ -135,5 +141,5 @@ def summarize_trials(rows: list[tuple[Trial, dict[str, float]]], confidence: flo
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * std / math.sqrt(len(values)) \
                 if len(values) > 1 else math.nan
-            out.append(Summary(scale, t, metric, len(values), mean, std, mean - half, mean + half))
+            out.append(Summary(scale, t, variant, metric, len(values), mean, std, mean - half, mean + half))
     return out

@@ -54,9 +54,10 @@ class SweepResult:
 
     def table(self) -> list[dict[str, Any]]:
         """One row per (noise scale, time) with mean, std and 95% interval of each metric."""
-        rows: dict[tuple[float, float], dict[str, Any]] = {}
+        rows: dict[tuple[float, float, str], dict[str, Any]] = {}
         for s in self.summaries:
-            row = rows.setdefault((s.noise_scale, s.t_inference), {"noise_scale": s.noise_scale, "t": s.t_inference})
+            row = rows.setdefault((s.noise_scale, s.t_inference, s.variant),
+                                  {"noise_scale": s.noise_scale, "t": s.t_inference, "variant": s.variant})
             row["n"] = s.n
             row[s.metric] = (s.mean, s.std, s.ci_low, s.ci_high)
         return list(rows.values())
