@@ -20,7 +20,7 @@ from torch import nn
 from romer_kernels.config.scaling import scale_noise
 from romer_kernels.evaluation.lm_eval import LMEval, evaluate_lm, windows
 from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, Trial, grid, run_sweep, summarize_trials
-from romer_kernels.evaluation.sweep import SweepSettings, trial_metrics
+from romer_kernels.evaluation.sweep import SweepSettings, errorbar_vs_scale, finish_axis, save_figure, trial_metrics
 from romer_kernels.methods import RomerConfig, RQConfig, digital_placement, replicate_quantize_, romer_
 from romer_kernels.moe.convert import Placement, analogize_
 from romer_kernels.nn.model_helpers import drift_analog_, program_analog_
@@ -147,21 +147,7 @@ def plot_compare(result: CompareResult, path: str | Path, title: str = "") -> Pa
                     "flip_rate": 0.0}
     for ax, metric, label in zip(axes, ("ppl", "lis", "flip_rate"), ("perplexity", "LIS", "flip rate")):
         for variant in sorted({s.variant for s in result.summaries}):
-            rows = sorted((s for s in result.summaries if s.metric == metric and s.variant == variant),
-                          key=lambda s: s.noise_scale)
-            if rows:
-                err = [[s.mean - s.ci_low if s.n > 1 else 0 for s in rows],
-                       [s.ci_high - s.mean if s.n > 1 else 0 for s in rows]]
-                ax.errorbar([s.noise_scale for s in rows], [s.mean for s in rows], yerr=err, marker="o", capsize=3,
-                            label=variant)
-        if clean_values[metric] is not None:
-            ax.axhline(clean_values[metric], color="k", linestyle="--", linewidth=1, label="clean")
-        ax.set_xlabel("noise scale")
-        ax.set_ylabel(label)
+            errorbar_vs_scale(ax, [s for s in result.summaries if s.metric == metric and s.variant == variant], variant)
+        finish_axis(ax, clean_values[metric], label)
     axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

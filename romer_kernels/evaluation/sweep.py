@@ -127,17 +127,9 @@ def plot_sweep(result: SweepResult, noisy_trace: RoutingTrace | None, path: str 
     for ax, metric, clean_value, label in ((axes[0], "ppl", result.clean.perplexity, "perplexity"),
                                            (axes[1], "lis", getattr(result.clean.routing, "lis", None), "LIS")):
         for t in sorted({s.t_inference for s in result.summaries}):
-            rows = sorted((s for s in result.summaries if s.metric == metric and s.t_inference == t),
-                          key=lambda s: s.noise_scale)
-            if rows:
-                x = [s.noise_scale for s in rows]
-                y = [s.mean for s in rows]
-                err = [[s.mean - s.ci_low if s.n > 1 else 0 for s in rows], [s.ci_high - s.mean if s.n > 1 else 0 for s in rows]]
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"analog, t={t:g}s")
-        if clean_value is not None:
-            ax.axhline(clean_value, color="k", linestyle="--", linewidth=1, label="clean")
-        ax.set_xlabel("noise scale")
-        ax.set_ylabel(label)
+            errorbar_vs_scale(ax, [s for s in result.summaries if s.metric == metric and s.t_inference == t],
+                              f"analog, t={t:g}s")
+        finish_axis(ax, clean_value, label)
         ax.legend(fontsize=8)
     if n_rows == 2:
         shown = layers[: min(len(layers), 4)]
@@ -152,6 +144,27 @@ def plot_sweep(result: SweepResult, noisy_trace: RoutingTrace | None, path: str 
             ax.set_xlabel("expert")
         load_axes[0].set_ylabel("share of routed tokens")
         load_axes[0].legend(fontsize=8)
+    return save_figure(fig, path, title)
+
+
+def errorbar_vs_scale(ax, summaries: list[Summary], label: str) -> None:
+    """One metric's mean and 95% interval against the noise scale."""
+    rows = sorted(summaries, key=lambda s: s.noise_scale)
+    if rows:
+        err = [[s.mean - s.ci_low if s.n > 1 else 0 for s in rows], [s.ci_high - s.mean if s.n > 1 else 0 for s in rows]]
+        ax.errorbar([s.noise_scale for s in rows], [s.mean for s in rows], yerr=err, marker="o", capsize=3, label=label)
+
+
+def finish_axis(ax, clean_value: float | None, label: str) -> None:
+    if clean_value is not None:
+        ax.axhline(clean_value, color="k", linestyle="--", linewidth=1, label="clean")
+    ax.set_xlabel("noise scale")
+    ax.set_ylabel(label)
+
+
+def save_figure(fig, path: str | Path, title: str = "") -> Path:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
     if title:
         fig.suptitle(title)
     path = Path(path)

@@ -34,22 +34,20 @@ from romer_kernels.rng import Purpose, normal_rows
 StreamSeed = Callable[[Purpose, int], int]  # (purpose, bound-management round) -> Philox seed
 
 
-def split_input(x: torch.Tensor, grid: TileGrid) -> torch.Tensor:
-    """[B, in] -> [n_in_tiles, B, n_max], zero-padded (padding contributes nothing to any tile sum)."""
+def split_columns(t: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """[rows, in] -> [n_in_tiles, rows, n_max]: the columns of each input tile, zero-padded.
+
+    Used for inputs ([B, in]) and weights ([out, in]); zero padding contributes nothing to any tile sum.
+    """
     sizes = grid.in_sizes
-    out = x.new_zeros(len(sizes), x.shape[0], max(sizes))
+    out = t.new_zeros(len(sizes), t.shape[0], max(sizes))
     for i, cols in enumerate(grid.in_slices()):
-        out[i, :, : sizes[i]] = x[:, cols]
+        out[i, :, : sizes[i]] = t[:, cols]
     return out
 
 
-def split_weight(w: torch.Tensor, grid: TileGrid) -> torch.Tensor:
-    """[out, in] -> [n_in_tiles, out, n_max], zero-padded."""
-    sizes = grid.in_sizes
-    out = w.new_zeros(len(sizes), w.shape[0], max(sizes))
-    for i, cols in enumerate(grid.in_slices()):
-        out[i, :, : sizes[i]] = w[:, cols]
-    return out
+split_input = split_columns   # [B, in] -> [n_in_tiles, B, n_max]
+split_weight = split_columns  # [out, in] -> [n_in_tiles, out, n_max]
 
 
 def _quantize(v: torch.Tensor, step: float) -> torch.Tensor:

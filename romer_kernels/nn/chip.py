@@ -11,7 +11,7 @@ import torch
 
 from romer_kernels.config.analog import AnalogConfig, MappingConfig
 from romer_kernels.config.tiling import TileGrid
-from romer_kernels.kernels.reference import tiled_mvm
+from romer_kernels.kernels.reference import split_weight, tiled_mvm
 from romer_kernels.noise import build_noise_model
 from romer_kernels.noise.base import ProgrammedWeights
 from romer_kernels.rng import Purpose, mvm_counter, normal_like, stream_seed
@@ -104,9 +104,7 @@ class LayerChip:
         probes = torch.eye(n_max).expand(len(sizes), n_max, n_max).clone()
         for i, size in enumerate(sizes):
             probes[i, size:] = 0.0
-        wt = torch.zeros(len(sizes), grid.out_features, n_max)
-        for i, cols in enumerate(grid.in_slices()):
-            wt[i, :, : sizes[i]] = tile_weight[:, cols]
+        wt = split_weight(tile_weight, grid)
         seeds = self.mvm_stream(readout_index, readout=True) if mvm_noise else None
         y = tiled_mvm(probes, wt, sizes, grid.out_sizes, self.config.io, seeds).abs()  # [T, n_max, out]
         valid = (torch.arange(n_max)[None, :] < torch.tensor(sizes)[:, None]).to(y.dtype)  # [T, n_max]
