@@ -32,7 +32,7 @@ setup(
     version="0.1.0",
     description="Fast analog in-memory-computing simulation for Mixture-of-Experts language models",
     packages=find_packages(include=["romer_kernels", "romer_kernels.*"]),
-    package_data={"romer_kernels": ["assets/**/*"]},
+    package_data={"romer_kernels": ["assets/corpus/*", "assets/models/*/*"]},
     include_package_data=True,
     entry_points={"console_scripts": ["romer = romer_kernels.cli.main:main"]},
     python_requires=">=3.10",

@@ -137,9 +137,9 @@ def plot_sweep(result: SweepResult, noisy_trace: RoutingTrace | None, path: str 
         for ax, name in zip(load_axes, shown):
             clean_counts = clean_trace.layers[name].counts()
             noisy_counts = noisy_trace.layers[name].counts()
-            experts = torch.arange(clean_counts.numel())
-            ax.bar(experts - 0.2, clean_counts / clean_counts.sum(), width=0.4, label="clean")
-            ax.bar(experts + 0.2, noisy_counts / noisy_counts.sum(), width=0.4, label="noisy")
+            experts = torch.arange(clean_counts.numel()).double()
+            ax.bar((experts - 0.2).tolist(), (clean_counts / clean_counts.sum()).tolist(), width=0.4, label="clean")
+            ax.bar((experts + 0.2).tolist(), (noisy_counts / noisy_counts.sum()).tolist(), width=0.4, label="noisy")
             ax.set_title(name.replace("model.layers.", "layer ").replace(".mlp.gate", ""), fontsize=9)
             ax.set_xlabel("expert")
         load_axes[0].set_ylabel("share of routed tokens")

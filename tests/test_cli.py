@@ -1,0 +1,52 @@
+"""The `romer` command line end to end, on the bundled tiny model with tiny settings."""
+import json
+import sqlite3
+
+import pytest
+
+from romer_kernels.cli.main import main
+from romer_kernels.models.loading import bundled_models
+
+FAST = ["--seeds", "2", "--scales", "1", "3", "--times", "3600", "--windows", "2", "--seq-len", "64",
+        "--batch-size", "2"]
+
+
+def test_presets_and_errors(capsys):
+    assert main(["presets"]) == 0
+    assert "rasch2023" in capsys.readouterr().out
+    assert main(["presets", "gaussian-chip"]) == 0
+    assert json.loads(capsys.readouterr().out)["noise"]["kind"] == "gaussian"
+    assert main(["eval", "--model", "no-such-model"]) == 2
+    assert "no model 'no-such-model'" in capsys.readouterr().out
+    assert main(["eval", "--model", "/nonexistent/folder"]) == 2
+
+
+@pytest.mark.skipif(not bundled_models(), reason="no bundled model in this checkout")
+def test_demo_writes_table_plot_and_resumable_results(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    assert main(["demo", "--run-dir", str(run_dir), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "clean" in out and "flip rate" in out
+    assert (run_dir / "sweep.png").stat().st_size > 10_000
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [row["noise_scale"] for row in summary["rows"]] == [1.0, 3.0]
+    rows = sqlite3.connect(run_dir / "results.sqlite").execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+    assert rows == 4
+    assert main(["demo", "--run-dir", str(run_dir), *FAST]) == 0  # resumes: nothing left to run
+    assert "0 trials run now" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not bundled_models(), reason="no bundled model in this checkout")
+def test_info_and_eval_on_a_local_text_file(tmp_path, capsys):
+    model = bundled_models()[0]
+    assert main(["info", "--model", model, "--preset", "rasch2023"]) == 0
+    assert "lm_head" in capsys.readouterr().out
+    text = tmp_path / "text.txt"
+    text.write_text("The crossbar stores the weights of every expert as conductances. " * 60)
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"attention": False}))
+    args = ["eval", "--model", model, "--data", str(text), "--placement", str(placement), "--preset", "gaussian-chip",
+            "--run-dir", str(tmp_path / "eval"), *FAST]
+    assert main(args) == 0
+    assert (tmp_path / "eval" / "results.sqlite").exists()
+    assert main(["eval", "--model", model, "--data", str(tmp_path / "missing.txt"), *FAST]) == 2
