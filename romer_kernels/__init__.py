@@ -20,6 +20,13 @@ _EXPORTS = {
     "program_analog_": "romer_kernels.nn",
     "reset_noise_counters": "romer_kernels.nn",
     "set_mvm_noise": "romer_kernels.nn",
+    "AnalogExperts": "romer_kernels.nn.analog_experts",
+    "Placement": "romer_kernels.moe",
+    "analogize_": "romer_kernels.moe",
+    "trace_routing": "romer_kernels.moe",
+    "save_analog": "romer_kernels.moe",
+    "load_analog": "romer_kernels.moe",
+    "scale_noise": "romer_kernels.config",
 }
 
 __all__ = sorted(_EXPORTS)

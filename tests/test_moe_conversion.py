@@ -142,3 +142,13 @@ def test_expert_noise_does_not_depend_on_other_tokens_routing():
     changed[1] = torch.tensor([4, 5])  # token 1 now visits other experts; token 0 must not notice
     again = experts(hidden, changed, weights)
     torch.testing.assert_close(again[0], full[0], rtol=1e-5, atol=1e-5)
+
+
+def test_top_level_api_names():
+    import romer_kernels
+
+    for name in romer_kernels.__all__:
+        assert getattr(romer_kernels, name) is not None
+    assert romer_kernels.analogize_ is analogize_
+    with pytest.raises(AttributeError, match="no attribute"):
+        romer_kernels.not_a_name  # noqa: B018
