@@ -50,3 +50,8 @@ def test_info_and_eval_on_a_local_text_file(tmp_path, capsys):
     assert main(args) == 0
     assert (tmp_path / "eval" / "results.sqlite").exists()
     assert main(["eval", "--model", model, "--data", str(tmp_path / "missing.txt"), *FAST]) == 2
+
+
+def test_compare_rejects_a_placement_file(tmp_path, capsys):
+    assert main(["compare", "--placement", str(tmp_path / "p.json")]) == 2
+    assert "sets the placement per variant" in capsys.readouterr().out

@@ -46,6 +46,15 @@ def _placement(args):
     return Placement.from_dict(json.loads(path.read_text()))
 
 
+def _settings(args, placement=None):
+    from romer_kernels.evaluation.sweep import SweepSettings  # noqa: PLC0415
+    from romer_kernels.moe.convert import Placement  # noqa: PLC0415
+
+    return SweepSettings(config=preset(args.preset), placement=placement or Placement(), seeds=tuple(range(args.seeds)),
+                         noise_scales=tuple(args.scales), times=tuple(args.times), seq_len=args.seq_len,
+                         batch_size=args.batch_size, max_windows=args.windows)
+
+
 def _fmt(cell, digits=3):
     if cell is None:
         return "-"
@@ -56,14 +65,12 @@ def _fmt(cell, digits=3):
 def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
     from romer_kernels.evaluation.lm_eval import evaluate_lm  # noqa: PLC0415
     from romer_kernels.evaluation.montecarlo import Trial  # noqa: PLC0415
-    from romer_kernels.evaluation.sweep import SweepSettings, analog_copy, noise_sweep, plot_sweep  # noqa: PLC0415
+    from romer_kernels.evaluation.sweep import analog_copy, noise_sweep, plot_sweep  # noqa: PLC0415
     from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
 
     model, tokenizer = load_model_and_tokenizer(model_name, args.dtype)
     tokens = _tokens(tokenizer, args.data, args.split)
-    settings = SweepSettings(config=preset(args.preset), placement=_placement(args), seeds=tuple(range(args.seeds)),
-                             noise_scales=tuple(args.scales), times=tuple(args.times), seq_len=args.seq_len,
-                             batch_size=args.batch_size, max_windows=args.windows)
+    settings = _settings(args, _placement(args))
     console.print(f"[bold]{title}[/]: model {model_name}, preset {args.preset}, {args.seeds} chip seeds x noise "
                   f"scales {args.scales} x t {args.times} s, {tokens.numel()} tokens of {args.data}/{args.split}, "
                   f"windows of {args.seq_len} (at most {args.windows}), run folder {run_dir}")
@@ -125,17 +132,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from romer_kernels.evaluation.compare import compare_methods, plot_compare  # noqa: PLC0415
-    from romer_kernels.evaluation.sweep import SweepSettings  # noqa: PLC0415
     from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
 
+    if args.placement:
+        raise ValueError("romer compare sets the placement per variant; --placement is not used here")
     args.windows = args.windows or None
     run_dir = Path(args.run_dir or f"runs/compare-{Path(args.model).name}-{args.preset}")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     eval_ids = _tokens(tokenizer, args.data, args.split)
     calib_ids = _tokens(tokenizer, args.data, args.calib_split)
-    settings = SweepSettings(config=preset(args.preset), seeds=tuple(range(args.seeds)),
-                             noise_scales=tuple(args.scales), times=tuple(args.times), seq_len=args.seq_len,
-                             batch_size=args.batch_size, max_windows=args.windows)
+    settings = _settings(args)
     console.print(f"[bold]romer compare[/]: {args.model}, preset {args.preset}, variants {', '.join(args.variants)}, "
                   f"{args.seeds} chip seeds x scales {args.scales} x t {args.times} s; calibration on "
                   f"{args.calib_windows} windows of the {args.calib_split} split, evaluation on {args.split}")
