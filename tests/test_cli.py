@@ -55,3 +55,13 @@ def test_info_and_eval_on_a_local_text_file(tmp_path, capsys):
 def test_compare_rejects_a_placement_file(tmp_path, capsys):
     assert main(["compare", "--placement", str(tmp_path / "p.json")]) == 2
     assert "sets the placement per variant" in capsys.readouterr().out
+
+
+def test_train_tiny_hands_all_arguments_to_its_own_parser(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train-tiny", "--help"])
+    assert done.value.code == 0
+    assert "--arch" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as failed:
+        main(["train-tiny", "--arch", "tiny-mixtral"])
+    assert failed.value.code == 2

@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("name", nargs="?", choices=list(PRESETS))
     presets.set_defaults(func=_presets)
 
-    train = commands.add_parser("train-tiny", help="train a bundled tiny MoE model (see romer train-tiny -- --help)",
+    train = commands.add_parser("train-tiny", help="train a bundled tiny MoE model (see romer train-tiny --help)",
                                 add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=_train_tiny)
@@ -276,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-tiny"]:  # its own parser owns every argument, --help included
+        from romer_kernels.models import tiny  # noqa: PLC0415
+
+        return tiny.main([a for a in argv[1:] if a != "--"]) or 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
