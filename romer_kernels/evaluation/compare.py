@@ -8,7 +8,6 @@ with the variant in the key. Variants share the chip seed, so their differences 
 """
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,13 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from romer_kernels.config.scaling import scale_noise
 from romer_kernels.evaluation.lm_eval import LMEval, evaluate_lm, windows
 from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, Trial, grid, run_sweep, summarize_trials
-from romer_kernels.evaluation.sweep import SweepSettings, errorbar_vs_scale, finish_axis, save_figure, trial_metrics
+from romer_kernels.evaluation.sweep import SweepSettings, analog_copy, errorbar_vs_scale, finish_axis, save_figure, trial_metrics
 from romer_kernels.methods import RomerConfig, RQConfig, digital_placement, replicate_quantize_, romer_
-from romer_kernels.moe.convert import Placement, analogize_
-from romer_kernels.nn.model_helpers import drift_analog_, program_analog_
+from romer_kernels.moe.convert import Placement
 
 PlacementFn = Callable[[nn.Module, torch.Tensor], Placement]
 MethodFn = Callable[[nn.Module, torch.Tensor], None]
@@ -86,12 +83,7 @@ def variant_model(model: nn.Module, settings: SweepSettings, trial: Trial, calib
         variant = VARIANTS[trial.variant]
     except KeyError:
         raise ValueError(f"unknown variant {trial.variant!r}; known: {', '.join(VARIANTS)}") from None
-    analog = copy.deepcopy(model)
-    config = scale_noise(settings.config, trial.noise_scale)
-    analogize_(analog, config, variant.placement(model, calib), seed=trial.seed)
-    program_analog_(analog, trial.seed)
-    if config.noise is not None:
-        drift_analog_(analog, trial.t_inference)
+    analog = analog_copy(model, settings, trial, variant.placement(model, calib))
     if variant.method is not None:
         variant.method(analog, calib)
     return analog

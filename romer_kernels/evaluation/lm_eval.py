@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from romer_kernels.moe.convert import is_router
 from romer_kernels.moe.routing import RoutingSummary, RoutingTrace, summarize, trace_routing
 
 
@@ -84,6 +85,4 @@ def evaluate_lm(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 256, s
 
 
 def _has_router(model: nn.Module) -> bool:
-    from romer_kernels.moe.convert import is_router  # noqa: PLC0415
-
     return any(is_router(name, module) for name, module in model.named_modules())

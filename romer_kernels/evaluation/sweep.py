@@ -63,11 +63,12 @@ class SweepResult:
         return list(rows.values())
 
 
-def analog_copy(model: nn.Module, settings: SweepSettings, trial: Trial) -> nn.Module:
-    """A programmed (and drifted) analog copy of the clean ``model`` for one trial."""
+def analog_copy(model: nn.Module, settings: SweepSettings, trial: Trial, placement: Placement | None = None) -> nn.Module:
+    """A programmed (and drifted) analog copy of the clean ``model`` for one trial
+    (``placement`` overrides ``settings.placement``)."""
     analog = copy.deepcopy(model)
     config = scale_noise(settings.config, trial.noise_scale)
-    analogize_(analog, config, settings.placement, seed=trial.seed)
+    analogize_(analog, config, placement or settings.placement, seed=trial.seed)
     program_analog_(analog, trial.seed)
     if config.noise is not None:
         drift_analog_(analog, trial.t_inference)
