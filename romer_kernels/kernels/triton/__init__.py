@@ -1,0 +1,9 @@
+"""Triton (GPU) backend of the analog tiled MVM and of the grouped top-k MoE expert dispatch.
+
+Same semantics as :mod:`romer_kernels.kernels.reference` (tested against it under the Triton interpreter,
+``TRITON_INTERPRET=1``). Importing this package needs ``triton``.
+"""
+from romer_kernels.kernels.triton._kernel import Blocks, bm_rounds
+from romer_kernels.kernels.triton.mvm import analog_linear_triton, stream_seed_table
+
+__all__ = ["Blocks", "analog_linear_triton", "bm_rounds", "stream_seed_table"]

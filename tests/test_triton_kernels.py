@@ -1,0 +1,155 @@
+"""Triton kernels (run in the interpreter, TRITON_INTERPRET=1 from conftest.py) against the reference.
+
+Every kernel is compared with ``reference.analog_linear`` on fresh random inputs with several ragged input
+tiles and output tiles. The ADC may flip a code where the float sums of kernel and reference differ by an
+ulp next to a rounding boundary, so comparisons allow a tiny fraction of elements off by about one ADC
+step (times the digital scale); everything else must agree to float rounding.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from romer_kernels.config import presets  # noqa: E402
+from romer_kernels.config.analog import AnalogConfig, DriftCompensationConfig, IOConfig, TileConfig  # noqa: E402
+from romer_kernels.kernels.reference import analog_linear  # noqa: E402
+from romer_kernels.kernels.triton import Blocks, analog_linear_triton, bm_rounds  # noqa: E402
+from romer_kernels.nn.analog_matrix import AnalogMatrix  # noqa: E402
+
+BLOCKS = Blocks(m=16, n=32, k=32, prepass_m=16, prepass_k=32)
+OUT, IN, BATCH = 40, 70, 12
+
+
+def small_config(name: str, max_out: int = 16, **io_changes) -> AnalogConfig:
+    """A preset on 32-input tiles (70 inputs -> 3 ragged tiles) and ``max_out``-output tiles, no drift
+    compensation, with ``io_changes`` applied to its IOConfig."""
+    config = presets.preset(name)
+    return dataclasses.replace(config, tile=TileConfig(32, max_out), io=dataclasses.replace(config.io, **io_changes),
+                               drift_compensation=DriftCompensationConfig("none"))
+
+
+def programmed_matrix(config: AnalogConfig, seed: int = 3, out: int = OUT, inp: int = IN, layer: str = "layer"):
+    matrix = AnalogMatrix(config, out, inp, layer, seed)
+    weight = torch.randn(out, inp) * 0.2
+    matrix.program(weight)
+    return matrix, weight
+
+
+def adc_tolerance(x: torch.Tensor, io: IOConfig, out_scale: torch.Tensor, n_tiles: int) -> float:
+    """About one ADC step in output units, for the largest input row and digital scale."""
+    if io.is_perfect or io.out_step <= 0:
+        return 0.0
+    nm = float(x[torch.isfinite(x).all(dim=1)].abs().max()) if io.noise_management == "abs_max" else 1.0
+    if io.noise_management == "constant":
+        nm = io.nm_thres if io.nm_thres > 0 else 1.0
+    reduction = 2 ** (bm_rounds(io) - 1)
+    return 1.01 * io.out_step * nm * reduction * float(out_scale.abs().max()) * n_tiles
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, step_tol: float, max_fraction: float = 0.01,
+                   rtol: float = 2e-5, atol: float = 2e-5) -> None:
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN rows differ"
+    finite = ~torch.isnan(ref)
+    diff = (out - ref).abs()[finite]
+    tol = atol + rtol * ref.abs()[finite]
+    off = diff > tol
+    assert float(off.float().mean()) <= max_fraction, f"{int(off.sum())}/{off.numel()} elements differ, max {diff.max()}"
+    if bool(off.any()):
+        assert float(diff.max()) <= step_tol + float(tol.max()), f"max difference {diff.max()} > ADC step {step_tol}"
+
+
+def run_both(matrix: AnalogMatrix, x: torch.Tensor, io: IOConfig | None = None, bias=None, row_ids=None,
+             call_index: int = 0, noise: bool = True, blocks: Blocks = BLOCKS):
+    io = matrix.config.io if io is None else io
+    seeds = matrix.chip.mvm_stream(call_index) if noise else None
+    args = (x, matrix._split, matrix._out_scale, bias, matrix.chip.grid, io, seeds, matrix._abs_split, row_ids)
+    return analog_linear_triton(*args, blocks=blocks), analog_linear(*args)
+
+
+def check_linear(matrix, x, io=None, **kwargs):
+    io = matrix.config.io if io is None else io
+    out, ref = run_both(matrix, x, io, **kwargs)
+    assert_matches(out, ref, adc_tolerance(x, io, matrix._out_scale, len(matrix.chip.grid.in_sizes)))
+    return out, ref
+
+
+def inputs(batch: int = BATCH, inp: int = IN, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, inp, generator=gen)
+    x[1] *= 40.0             # a large row
+    x[2, 32:64] = 0.0        # an all-zero input tile of one row (dead under abs-max noise management)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------------
+# dense MVM
+# ------------------------------------------------------------------------------------------------------
+IO_CASES = {
+    "perfect": ("ideal", {}),
+    "aihwkit-iterative-clipping": ("aihwkit-default", dict(out_bound=0.5)),
+    "aihwkit-default": ("aihwkit-default", {}),
+    "rasch2023": ("rasch2023", {}),
+    "inp-noise-additive-w-noise-nm-none": (
+        "aihwkit-default", dict(inp_noise=0.05, w_noise=0.03, w_noise_type="additive_constant",
+                                noise_management="none", out_bound=6.0)),
+    "nm-constant-no-negative-test": (
+        "aihwkit-default", dict(noise_management="constant", nm_thres=3.0, out_bound=0.8, bm_test_negative_bound=False)),
+    "nm-thres-no-quantization": ("aihwkit-default", dict(nm_thres=0.7, inp_res=0.0, out_res=0.0, out_bound=1.0,
+                                                          max_bm_factor=4)),
+}
+
+
+@pytest.mark.parametrize("case", list(IO_CASES))
+def test_analog_linear_matches_reference(case):
+    torch.manual_seed(list(IO_CASES).index(case))
+    name, changes = IO_CASES[case]
+    max_out = 0 if name == "rasch2023" else 16
+    config = small_config(name, max_out, **changes)
+    matrix, _ = programmed_matrix(config)
+    x = inputs(seed=list(IO_CASES).index(case))
+    bias = torch.randn(OUT)
+    row_ids = torch.randperm(50)[:BATCH]
+    out, ref = check_linear(matrix, x, bias=bias, row_ids=row_ids, call_index=2)
+    if not config.io.is_perfect:  # the noise is there and keyed by the row id
+        quiet, _ = run_both(matrix, x, bias=bias, row_ids=row_ids, call_index=2, noise=False)
+        assert not torch.allclose(quiet, out)
+    if case == "aihwkit-default":
+        other, _ = run_both(matrix, x, bias=bias, row_ids=row_ids + 1, call_index=2)
+        assert not torch.allclose(other, out)
+        again, _ = run_both(matrix, x, bias=bias, row_ids=row_ids, call_index=2)
+        assert torch.equal(again, out)
+
+
+def test_noise_off_and_nan_rows():
+    config = small_config("aihwkit-default", out_bound=0.5)
+    matrix, _ = programmed_matrix(config)
+    x = inputs()
+    x[4, 5] = float("nan")
+    x[7, 60] = float("inf")
+    out, ref = check_linear(matrix, x, noise=False)
+    assert torch.isnan(out[4]).all() and torch.isnan(out[7]).all() and not torch.isnan(out[[0, 1, 2, 3]]).any()
+
+
+def test_iterative_bound_management_is_exercised():
+    config = small_config("aihwkit-default", out_bound=0.5)
+    matrix, _ = programmed_matrix(config)
+    x = inputs()
+    iterative, _ = check_linear(matrix, x)
+    single, _ = check_linear(matrix, x, dataclasses.replace(config.io, bound_management="none"))
+    assert not torch.allclose(iterative, single)
+
+
+def test_noise_does_not_depend_on_block_sizes():
+    config = small_config("rasch2023", 16, inp_noise=0.02)
+    matrix, _ = programmed_matrix(config)
+    x = inputs()
+    a, _ = run_both(matrix, x, blocks=Blocks(m=16, n=16, k=16))
+    b, ref = run_both(matrix, x, blocks=Blocks(m=32, n=64, k=32))
+    step = adc_tolerance(x, config.io, matrix._out_scale, 3)
+    assert_matches(a, b, step)
+    assert_matches(a, ref, step)
