@@ -17,7 +17,14 @@ pytest.importorskip("triton")
 from romer_kernels.config import presets  # noqa: E402
 from romer_kernels.config.analog import AnalogConfig, DriftCompensationConfig, IOConfig, TileConfig  # noqa: E402
 from romer_kernels.kernels.reference import analog_linear  # noqa: E402
-from romer_kernels.kernels.triton import Blocks, analog_linear_triton, bm_rounds  # noqa: E402
+from romer_kernels.kernels.triton import (  # noqa: E402
+    Blocks,
+    align_block_size,
+    analog_experts_arguments,
+    analog_linear_triton,
+    bm_rounds,
+    moe_experts_triton,
+)
 from romer_kernels.nn.analog_matrix import AnalogMatrix  # noqa: E402
 
 BLOCKS = Blocks(m=16, n=32, k=32, prepass_m=16, prepass_k=32)
@@ -153,3 +160,51 @@ def test_noise_does_not_depend_on_block_sizes():
     step = adc_tolerance(x, config.io, matrix._out_scale, 3)
     assert_matches(a, b, step)
     assert_matches(a, ref, step)
+
+
+# ------------------------------------------------------------------------------------------------------
+# grouped top-k MoE dispatch
+# ------------------------------------------------------------------------------------------------------
+def test_align_block_size_pads_each_expert_to_block_m():
+    idx = torch.tensor([[2, 3], [1, 2], [1, -1], [1, 2]])
+    sorted_ids, expert_ids = align_block_size(idx, 5, 4)
+    sentinel = idx.numel()
+    assert sorted_ids.tolist() == [2, 4, 6, sentinel, 0, 3, 7, sentinel, 1, sentinel, sentinel, sentinel]
+    assert expert_ids.tolist() == [1, 2, 3]
+
+
+def analog_experts(config: AnalogConfig, n_experts=4, hidden=40, inter=12, seed=5):
+    from torch import nn
+
+    from romer_kernels.nn.analog_experts import AnalogExperts
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = nn.Parameter(torch.randn(n_experts, 2 * inter, hidden, generator=gen) * 0.2)
+    down = nn.Parameter(torch.randn(n_experts, hidden, inter, generator=gen) * 0.3)
+    module = AnalogExperts(gate_up, down, nn.SiLU(), config, name="moe", seed=seed)
+    module.dispatch = lambda index, weights: (index, weights)   # lets -1 (dropped) through the reference
+    return module.program_()
+
+
+@pytest.mark.parametrize("case", ["aihwkit-iterative-clipping", "rasch2023", "perfect"])
+def test_moe_experts_match_analog_experts(case):
+    name, changes = IO_CASES[case]
+    config = dataclasses.replace(small_config(name, **changes), tile=TileConfig(16, 16))  # H 40 -> 3, I 12 -> 1 tile
+    module = analog_experts(config)
+    tokens, top_k = 10, 2
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(tokens, 40, generator=gen)
+    hidden[3] *= 20.0
+    hidden[6, 0] = float("nan")
+    index = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0], [2, 1], [0, -1], [1, 2], [0, 1], [2, 0]])  # 3: no tokens
+    weights = torch.rand(tokens, top_k, generator=gen)
+    module.forward_calls = 4
+    ref = module(hidden, index, weights)
+    out = moe_experts_triton(hidden, index, weights, **analog_experts_arguments(module, call_index=4), blocks=BLOCKS)
+    n_tiles = 3 + 1
+    step = adc_tolerance(hidden, config.io, torch.ones(1), n_tiles) * 4  # two layers: a flip in GEMM1 propagates
+    assert_matches(out, ref, step, rtol=1e-4, atol=1e-4)
+    assert torch.isnan(out[6]).all() and not torch.isnan(out[[0, 1, 2, 3, 4, 5, 7, 8, 9]]).any()
+    if not config.io.is_perfect:
+        quiet = moe_experts_triton(hidden, index, weights, **{**analog_experts_arguments(module, 4),
+                                                              "seeds_gate_up": None, "seeds_down": None}, blocks=BLOCKS)
+        assert not torch.allclose(quiet[~torch.isnan(quiet[:, 0])], out[~torch.isnan(out[:, 0])])

@@ -4,6 +4,8 @@ Same semantics as :mod:`romer_kernels.kernels.reference` (tested against it unde
 ``TRITON_INTERPRET=1``). Importing this package needs ``triton``.
 """
 from romer_kernels.kernels.triton._kernel import Blocks, bm_rounds
+from romer_kernels.kernels.triton.moe import align_block_size, analog_experts_arguments, moe_experts_triton
 from romer_kernels.kernels.triton.mvm import analog_linear_triton, stream_seed_table
 
-__all__ = ["Blocks", "analog_linear_triton", "bm_rounds", "stream_seed_table"]
+__all__ = ["Blocks", "align_block_size", "analog_experts_arguments", "analog_linear_triton", "bm_rounds",
+           "moe_experts_triton", "stream_seed_table"]
