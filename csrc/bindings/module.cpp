@@ -5,8 +5,12 @@
 namespace py = pybind11;
 
 void register_rng_ops(py::module_& m);
+void register_mvm_ops(py::module_& m);
+void register_noise_ops(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "romer_kernels compiled CPU kernels (counter-based RNG streams).";
+  m.doc() = "romer_kernels compiled CPU kernels (RNG streams, analog MVM, device noise).";
   register_rng_ops(m);
+  register_mvm_ops(m);
+  register_noise_ops(m);
 }

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from romer_kernels.config.analog import AnalogConfig
-from romer_kernels.kernels.reference import analog_linear, split_weight
+from romer_kernels.kernels.backends import analog_linear, resolve_backend
+from romer_kernels.kernels.reference import split_weight
 from romer_kernels.nn.chip import LayerChip
 
 
@@ -47,6 +48,7 @@ class AnalogMatrix:
         self._split: torch.Tensor | None = None              # tile weights split per input tile
         self._abs_split: torch.Tensor | None = None          # |tile weights|, for PCM-read noise / IR drop
         self._pending_restore: tuple[bool, float | None, int] | None = None
+        self.backend: str | None = None  # MVM backend of this matrix; None = the process default (see kernels.backends)
 
     # -- life cycle -----------------------------------------------------------------------------
     @staticmethod
@@ -102,7 +104,7 @@ class AnalogMatrix:
     # -- compute --------------------------------------------------------------------------------
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                row_ids: torch.Tensor | None = None, call_index: int | None = None) -> torch.Tensor:
-        """``x [B, in] -> [B, out]`` through the chip, in float32 on the CPU reference path.
+        """``x [B, in] -> [B, out]`` through the chip, in float32 on the CPU (backends ``cpp``/``reference``).
 
         One call is one forward of the layer: it uses and advances the per-MVM noise counter, unless the
         caller numbers its forwards itself (``call_index``, e.g. one counter for all experts of a layer).
@@ -111,11 +113,13 @@ class AnalogMatrix:
         if call_index is None:
             call_index = self.forward_calls
             self.forward_calls += 1
-        seeds = self.chip.mvm_stream(call_index) if self.mvm_noise else None
+        streams = self.chip.mvm_stream(call_index) if self.mvm_noise else None
+        backend = resolve_backend(self.backend, "cpu")
         with torch.no_grad():
             bias32 = None if bias is None else bias.detach().to(device="cpu", dtype=torch.float32)
             return analog_linear(x.detach().to(device="cpu", dtype=torch.float32), self._split, self._out_scale,
-                                 bias32, self.chip.grid, self.config.io, seeds, self._abs_split, row_ids)
+                                 bias32, self.chip.grid, self.config.io, streams, self._abs_split, row_ids,
+                                 backend=backend)
 
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """[out, in] weights the chip realises in digital units (tile weights x weight scaling x drift

@@ -11,10 +11,11 @@ import torch
 
 from romer_kernels.config.analog import AnalogConfig, MappingConfig
 from romer_kernels.config.tiling import TileGrid
-from romer_kernels.kernels.reference import split_weight, tiled_mvm
+from romer_kernels.kernels.backends import tiled_mvm
+from romer_kernels.kernels.reference import split_weight
 from romer_kernels.noise import build_noise_model
 from romer_kernels.noise.base import ProgrammedWeights
-from romer_kernels.rng import Purpose, mvm_counter, normal_like, stream_seed
+from romer_kernels.rng import MvmStreams, Purpose, chip_key, normal_like, stream_seed
 
 READ_SLOTS = 16  # READ stream counter = device slot + READ_SLOTS * drift call index
 
@@ -45,6 +46,7 @@ class LayerChip:
         self.scales: torch.Tensor | None = None      # [n_in_tiles, out] weight scaling s
         self.baseline: torch.Tensor | None = None    # [n_in_tiles, out] drift-compensation readout at t=0
         self.drift_calls = 0
+        self._key: tuple[int, int] | None = None     # (seed, chip_key) of the per-MVM streams
 
     # -- random streams -------------------------------------------------------------------------
     def _draw(self, shape: torch.Size, drift_index: int | None = None):
@@ -53,11 +55,11 @@ class LayerChip:
             return normal_like(stream_seed(self.seed, self.layer_id, purpose, counter), shape)
         return draw
 
-    def mvm_stream(self, call_index: int, readout: bool = False):
-        """Seeds of the per-MVM streams of one forward call (or one drift-compensation readout)."""
-        def seed(purpose: Purpose, bm_round: int) -> int:
-            return stream_seed(self.seed, self.layer_id, purpose, mvm_counter(call_index, bm_round, readout))
-        return seed
+    def mvm_stream(self, call_index: int, readout: bool = False) -> MvmStreams:
+        """The per-MVM streams of one forward call (or one drift-compensation readout)."""
+        if self._key is None or self._key[0] != self.seed:
+            self._key = (self.seed, chip_key(self.seed, self.layer_id))
+        return MvmStreams(self._key[1], call_index, readout)
 
     # -- programming and drift ------------------------------------------------------------------
     def program(self, weight: torch.Tensor, seed: int, mvm_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,12 +103,15 @@ class LayerChip:
         grid = self.grid
         sizes = grid.in_sizes
         n_max = max(sizes)
-        probes = torch.eye(n_max).expand(len(sizes), n_max, n_max).clone()
-        for i, size in enumerate(sizes):
-            probes[i, size:] = 0.0
+        # Probe j of every input tile is the one-hot vector e_j of that tile: as one input row of the layer,
+        # row j holds a 1 at column j of each tile that has one.
+        probes = torch.zeros(n_max, grid.in_features)
+        for cols in grid.in_slices():
+            size = cols.stop - cols.start
+            probes[torch.arange(size), cols.start + torch.arange(size)] = 1.0
         wt = split_weight(tile_weight, grid)
         seeds = self.mvm_stream(readout_index, readout=True) if mvm_noise else None
-        y = tiled_mvm(probes, wt, sizes, grid.out_sizes, self.config.io, seeds).abs()  # [T, n_max, out]
+        y = tiled_mvm(probes, wt, grid, self.config.io, seeds, probes=True).abs()  # [T, n_max, out]
         valid = (torch.arange(n_max)[None, :] < torch.tensor(sizes)[:, None]).to(y.dtype)  # [T, n_max]
         column_mean = (y * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)  # [T, out]
         if self.config.drift_compensation.kind == "per_column":

@@ -58,17 +58,51 @@ def layer_key(layer: int | str) -> int:
     raise ValueError(f"layer id must be a non-negative int or a module name, got {layer!r}")
 
 
-def stream_seed(chip_seed: int, layer: int | str, purpose: Purpose, counter: int = 0) -> int:
-    """The Philox key of one stream; see the module docstring and docs/analog-model.md."""
-    if not isinstance(chip_seed, int) or chip_seed < 0:
+def chip_key(chip_seed: int, layer: int | str) -> int:
+    """The first half of the splitmix64 chain of :func:`stream_seed`: what (chip seed, layer) contribute.
+
+    Kernels take this 64-bit key and finish the chain for their (purpose, counter) themselves.
+    """
+    if not isinstance(chip_seed, int) or isinstance(chip_seed, bool) or chip_seed < 0:
         raise ValueError(f"chip seed must be a non-negative int, got {chip_seed!r}")
+    return splitmix64(splitmix64(chip_seed & _U64) ^ layer_key(layer))
+
+
+def seed_from_key(key: int, purpose: Purpose, counter: int = 0) -> int:
+    """The stream seed of (purpose, counter) under a :func:`chip_key`."""
     if counter < 0:
         raise ValueError(f"stream counter must be non-negative, got {counter}")
-    h = splitmix64(chip_seed & _U64)
-    h = splitmix64(h ^ layer_key(layer))
-    h = splitmix64(h ^ int(purpose))
+    h = splitmix64(key ^ int(purpose))
     h = splitmix64(h ^ (counter & _U64))
     return h & philox.SEED_MASK
+
+
+def stream_seed(chip_seed: int, layer: int | str, purpose: Purpose, counter: int = 0) -> int:
+    """The Philox key of one stream; see the module docstring and docs/analog-model.md."""
+    return seed_from_key(chip_key(chip_seed, layer), purpose, counter)
+
+
+class MvmStreams:
+    """The per-MVM streams of one forward call (or one drift-compensation readout) of one chip.
+
+    Callable as ``streams(purpose, bm_round) -> seed`` (what the reference kernel takes); the fused
+    kernels take ``key``, ``call_index`` and ``readout`` and derive the same seeds themselves.
+    """
+
+    __slots__ = ("key", "call_index", "readout")
+
+    def __init__(self, key: int, call_index: int, readout: bool = False) -> None:
+        if call_index < 0:
+            raise ValueError(f"call_index must be non-negative, got {call_index}")
+        self.key = key
+        self.call_index = call_index
+        self.readout = readout
+
+    def __call__(self, purpose: Purpose, bm_round: int) -> int:
+        return seed_from_key(self.key, purpose, mvm_counter(self.call_index, bm_round, self.readout))
+
+    def __repr__(self) -> str:
+        return f"MvmStreams(key={self.key:#x}, call_index={self.call_index}, readout={self.readout})"
 
 
 def _cpp_ops():

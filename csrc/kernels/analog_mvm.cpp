@@ -1,0 +1,455 @@
+// Fused analog tiled MVM on the CPU; see analog_mvm.h for the structure and
+// romer_kernels/kernels/reference.py for the semantics this file reproduces operation by operation.
+//
+// Every float operation of the prologue and epilogue is the reference's, in the reference's order and in
+// float32 (built with -ffp-contract=off, so no implicit fma), so with the same GEMM results the outputs
+// are bit-identical; the GEMM sums (MKL) and the normals (<= a few ulp) are the only sources of
+// difference.
+#include "kernels/analog_mvm.h"
+
+#include <omp.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "core/philox.h"
+
+namespace romer {
+namespace mvm {
+
+namespace {
+
+constexpr int kOutNoise = 4;  // romer_kernels.rng.Purpose codes
+constexpr int kWNoise = 5;
+constexpr int kInpNoise = 6;
+constexpr uint64_t kSeedMask = (uint64_t{1} << 63) - 1;
+
+inline uint64_t splitmix64(uint64_t v) {
+  v += 0x9E3779B97F4A7C15ull;
+  v = (v ^ (v >> 30)) * 0xBF58476D1CE4E5B9ull;
+  v = (v ^ (v >> 27)) * 0x94D049BB133111EBull;
+  return v ^ (v >> 31);
+}
+
+inline uint64_t mvm_counter(int64_t call_index, int round, bool readout) {
+  return static_cast<uint64_t>(call_index) * 128u + (readout ? 64u : 0u) + static_cast<uint64_t>(round);
+}
+
+// torch.round (half to even) of v / step, times step; step 0 = identity.
+inline float quantize(float v, float step) { return step > 0.0f ? std::nearbyint(v / step) * step : v; }
+
+// quantize() over an array, in place (explicitly vectorised: GCC does not vectorise nearbyint here).
+inline void quantize_inplace(float* v, int64_t n, float step) {
+  if (!(step > 0.0f)) return;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256 s = _mm256_set1_ps(step);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 q = _mm256_div_ps(_mm256_loadu_ps(v + i), s);
+    _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), s));
+  }
+#endif
+  for (; i < n; ++i) v[i] = quantize(v[i], step);
+}
+
+void check(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("analog_mvm: " + what);
+}
+
+void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
+  check(t.device().is_cpu(), std::string(name) + " must be a CPU tensor");
+  check(t.scalar_type() == at::kFloat, std::string(name) + " must be float32");
+  check(t.dim() == dim, std::string(name) + " must have " + std::to_string(dim) + " dimensions, got " +
+                            std::to_string(t.dim()));
+  check(t.is_contiguous(), std::string(name) + " must be contiguous");
+}
+
+int threads() { return std::max(1, at::get_num_threads()); }
+
+}  // namespace
+
+uint64_t stream_seed(uint64_t chip_key, int purpose, uint64_t counter) {
+  uint64_t h = splitmix64(chip_key ^ static_cast<uint64_t>(purpose));
+  h = splitmix64(h ^ counter);
+  return h & kSeedMask;
+}
+
+at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std::optional<at::Tensor>& abs_split_w,
+                      const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& row_ids, const std::vector<int64_t>& in_sizes,
+                      const std::vector<int64_t>& out_sizes, const IOParams& io, const NoiseKey& noise, bool probes,
+                      bool return_partial) {
+  // ---- shapes and arguments -----------------------------------------------------------------
+  check_tensor(x, "x", 2);
+  check_tensor(split_w, "split_w", 3);
+  const int64_t B = x.size(0), K = x.size(1);
+  const int64_t T = split_w.size(0), N = split_w.size(1), nmax = split_w.size(2);
+  check(static_cast<int64_t>(in_sizes.size()) == T,
+        "in_sizes has " + std::to_string(in_sizes.size()) + " tiles, split_w " + std::to_string(T));
+  std::vector<int64_t> in_off(T);
+  int64_t total_in = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    check(in_sizes[t] > 0 && in_sizes[t] <= nmax, "in_sizes must be in [1, split_w.shape[2]]");
+    in_off[t] = total_in;
+    total_in += in_sizes[t];
+  }
+  check(total_in == K, "in_sizes sum to " + std::to_string(total_in) + " but x has " + std::to_string(K) +
+                           " inputs");
+  std::vector<int64_t> out_tile_of(N);
+  int64_t n_ot = 0, total_out = 0;
+  for (int64_t s : out_sizes) {
+    check(s > 0, "out_sizes must be positive");
+    for (int64_t c = 0; c < s && total_out + c < N; ++c) out_tile_of[total_out + c] = n_ot;
+    total_out += s;
+    ++n_ot;
+  }
+  check(total_out == N, "out_sizes sum to " + std::to_string(total_out) + " but split_w has " +
+                            std::to_string(N) + " outputs");
+  const bool need_abs = !io.is_perfect && (io.ir_drop > 0.0f || (io.w_noise_pcm && io.w_noise > 0.0f && noise.enabled));
+  if (abs_split_w.has_value()) {
+    check_tensor(*abs_split_w, "abs_split_w", 3);
+    check(abs_split_w->sizes() == split_w.sizes(), "abs_split_w must have split_w's shape");
+  }
+  if (!return_partial) {
+    check(out_scale.has_value(), "out_scale is required unless return_partial");
+  }
+  if (out_scale.has_value()) {
+    check_tensor(*out_scale, "out_scale", 2);
+    check(out_scale->size(0) == T && out_scale->size(1) == N, "out_scale must be [n_in_tiles, out_features]");
+  }
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", 1);
+    check(bias->size(0) == N, "bias must have out_features elements");
+  }
+  std::vector<int64_t> rid(B);
+  if (row_ids.has_value()) {
+    const at::Tensor r = row_ids->to(at::kLong).contiguous();
+    check(r.dim() == 1 && r.size(0) == B, "row_ids must have one id per input vector");
+    const int64_t* rp = r.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      check(rp[b] >= 0, "row_ids must be non-negative");
+      rid[b] = rp[b];
+    }
+  } else {
+    for (int64_t b = 0; b < B; ++b) rid[b] = b;
+  }
+  const int nt = threads();
+  const float* xp = x.data_ptr<float>();
+  const at::TensorOptions f32 = x.options();
+
+  // Rows holding NaN/Inf give NaN rows (they are computed as zero rows and never affect other rows).
+  std::vector<uint8_t> bad(B, 0);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = xp + b * K;
+    bool ok = true;
+    for (int64_t k = 0; k < K; ++k) ok &= std::isfinite(row[k]);
+    bad[b] = !ok;
+  }
+
+  at::Tensor partial;
+  const at::Tensor w_t = split_w.transpose(1, 2);
+  if (io.is_perfect) {
+    at::Tensor xs = at::zeros({T, B, nmax}, f32);
+    float* xsp = xs.data_ptr<float>();
+#pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        if (bad[b]) continue;
+        std::copy_n(xp + b * K + in_off[t], in_sizes[t], xsp + (t * B + b) * nmax);
+      }
+    }
+    partial = at::bmm(xs, w_t);
+  } else {
+    // ---- per (tile, vector) noise management, fixed over the bound-management rounds -----------
+    std::vector<float> safe_scale(T * B);
+    std::vector<uint8_t> pending(T * B * n_ot);
+    const auto nm = static_cast<NoiseManagement>(io.noise_management);
+    const bool dead_possible = nm != NoiseManagement::None && !(io.inp_noise > 0.0f);
+#pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        float scale = 1.0f;
+        if (nm == NoiseManagement::AbsMax) {
+          scale = 0.0f;
+          if (!bad[b]) {
+            const float* row = xp + b * K + in_off[t];
+            for (int64_t k = 0; k < in_sizes[t]; ++k) scale = std::max(scale, std::fabs(row[k]));
+          }
+          if (io.nm_thres > 0.0f) scale = std::min(scale, io.nm_thres);
+        } else if (nm == NoiseManagement::Constant) {
+          scale = io.nm_thres > 0.0f ? io.nm_thres : 1.0f;
+        }
+        const bool dead = bad[b] || (dead_possible && scale <= 0.0f);
+        safe_scale[t * B + b] = scale > 0.0f ? scale : 1.0f;
+        std::fill_n(pending.begin() + (t * B + b) * n_ot, n_ot, static_cast<uint8_t>(!dead));
+      }
+    }
+
+    // ---- which products the epilogue needs -----------------------------------------------------
+    const bool ir = io.ir_drop > 0.0f;
+    const bool w_noise = noise.enabled && io.w_noise > 0.0f;
+    const bool pcm_read = w_noise && io.w_noise_pcm;
+    const bool out_noise = noise.enabled && io.out_noise > 0.0f;
+    const bool inp_noise = noise.enabled && io.inp_noise > 0.0f;
+    check(!(probes && inp_noise), "probes mode needs inp_noise = 0 (noisy inputs are not one-hot)");
+    const int na = ir ? 2 : 1;                      // blocks of XA (against W): x', x' (1 - p^2)
+    const int nb = (ir ? 1 : 0) + (pcm_read ? 1 : 0);  // blocks of XB (against |W|): |x'|, x'^2
+    std::vector<float> ir_gain;                      // 1 - p^2, p = 1 - k / size
+    std::vector<float> ir_size_ratio(T);             // size / g_ratio
+    if (ir) {
+      ir_gain.assign(T * nmax, 0.0f);
+      for (int64_t t = 0; t < T; ++t) {
+        const float size = static_cast<float>(in_sizes[t]);
+        for (int64_t k = 0; k < nmax; ++k) {
+          const float p = 1.0f - static_cast<float>(k) / size;
+          ir_gain[t * nmax + k] = 1.0f - p * p;
+        }
+        ir_size_ratio[t] = size / io.ir_drop_g_ratio;
+      }
+    }
+    at::Tensor abs_w;
+    if (need_abs && nb > 0) {
+      abs_w = abs_split_w.has_value() ? *abs_split_w : split_w.abs();
+    } else if (need_abs && probes) {
+      abs_w = abs_split_w.has_value() ? *abs_split_w : split_w.abs();
+    }
+    const float* wp = split_w.data_ptr<float>();
+    const float* awp = abs_w.defined() ? abs_w.data_ptr<float>() : nullptr;
+
+    partial = at::zeros({T, B, N}, f32);
+    float* pp = partial.data_ptr<float>();
+    std::vector<uint8_t> over(T * B * n_ot, 0);
+    std::vector<std::vector<int64_t>> rows(T);
+
+    for (int round = 0; round < io.max_rounds; ++round) {
+      const float reduction = static_cast<float>(std::ldexp(1.0, round));
+      // Rows of this round per tile: all of them first, then the pairs whose output tile clipped.
+      int64_t M = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        rows[t].clear();
+        for (int64_t b = 0; b < B; ++b) {
+          const uint8_t* pend = pending.data() + (t * B + b) * n_ot;
+          if (round == 0 || std::any_of(pend, pend + n_ot, [](uint8_t v) { return v != 0; })) rows[t].push_back(b);
+        }
+        M = std::max<int64_t>(M, static_cast<int64_t>(rows[t].size()));
+      }
+      if (M == 0) break;
+      const uint64_t counter = mvm_counter(noise.call_index, round, noise.readout);
+
+      // ---- prologue: DAC (+ input noise) and the extra operands ---------------------------------
+      at::Tensor xa = at::zeros({T, na * M, nmax}, f32);
+      at::Tensor xb = nb > 0 ? at::zeros({T, nb * M, nmax}, f32) : at::Tensor();
+      std::vector<float> norm(T * M, 0.0f);
+      float* xap = xa.data_ptr<float>();
+      float* xbp = nb > 0 ? xb.data_ptr<float>() : nullptr;
+      const uint64_t inp_seed = inp_noise ? stream_seed(noise.chip_key, kInpNoise, counter) : 0;
+      bool probe_violation = false;
+#pragma omp parallel num_threads(nt) reduction(|| : probe_violation)
+      {
+        std::vector<float> xi(inp_noise ? nmax : 0);
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t j = 0; j < M; ++j) {
+            if (j >= static_cast<int64_t>(rows[t].size())) continue;
+            const int64_t b = rows[t][j];
+            const uint8_t* pend = pending.data() + (t * B + b) * n_ot;
+            if (std::none_of(pend, pend + n_ot, [](uint8_t v) { return v != 0; })) continue;  // dead: stays 0
+            const int64_t size = in_sizes[t];
+            const float input_scale = (1.0f / safe_scale[t * B + b]) / reduction;
+            const float* src = xp + b * K + in_off[t];
+            float* dst = xap + (t * na * M + j) * nmax;
+            if (inp_noise) philox::philox_fill_normal(inp_seed, rid[b] * K + in_off[t], size, xi.data(), 1);
+            for (int64_t k = 0; k < size; ++k) dst[k] = src[k] * input_scale;
+            quantize_inplace(dst, size, io.inp_step);
+            const float lo = -io.inp_bound, hi = io.inp_bound;
+            for (int64_t k = 0; k < size; ++k) dst[k] = std::min(std::max(dst[k], lo), hi);
+            if (inp_noise) {
+              for (int64_t k = 0; k < size; ++k) dst[k] = dst[k] + io.inp_noise * xi[k];
+            }
+            if (probes) {
+              for (int64_t k = 0; k < size; ++k) probe_violation |= (k != b && dst[k] != 0.0f);
+            }
+            if (w_noise && !pcm_read) {
+              float sq = 0.0f;
+              for (int64_t k = 0; k < size; ++k) sq += dst[k] * dst[k];
+              norm[t * M + j] = std::sqrt(sq);
+            }
+            if (ir) {
+              float* g = xap + (t * na * M + M + j) * nmax;
+              const float* gain = ir_gain.data() + t * nmax;
+              for (int64_t k = 0; k < size; ++k) g[k] = dst[k] * gain[k];
+            }
+            if (nb > 0) {
+              float* blk = xbp + (t * nb * M + j) * nmax;
+              if (ir) {
+                for (int64_t k = 0; k < size; ++k) blk[k] = std::fabs(dst[k]);
+                blk += M * nmax;
+              }
+              if (pcm_read) {
+                for (int64_t k = 0; k < size; ++k) blk[k] = dst[k] * dst[k];
+              }
+            }
+          }
+        }
+      }
+      check(!probe_violation, "probes mode: an input row is not one-hot at its own position");
+
+      // ---- products -------------------------------------------------------------------------------
+      at::Tensor za, zb;
+      if (!probes) {
+        za = at::bmm(xa, w_t);
+        if (nb > 0) zb = at::bmm(xb, abs_w.transpose(1, 2));
+      } else {
+        // Row j of tile t is v e_b: every product is v times one weight column, exactly as in the GEMM.
+        za = at::zeros({T, na * M, N}, f32);
+        if (nb > 0) zb = at::zeros({T, nb * M, N}, f32);
+        float* zap = za.data_ptr<float>();
+        float* zbp = nb > 0 ? zb.data_ptr<float>() : nullptr;
+#pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t j = 0; j < M; ++j) {
+            if (j >= static_cast<int64_t>(rows[t].size())) continue;
+            const int64_t b = rows[t][j];
+            if (b >= in_sizes[t]) continue;
+            for (int a = 0; a < na; ++a) {
+              const float v = xap[(t * na * M + a * M + j) * nmax + b];
+              float* out = zap + (t * na * M + a * M + j) * N;
+              const float* col = wp + t * N * nmax + b;
+              for (int64_t c = 0; c < N; ++c) out[c] = v * col[c * nmax];
+            }
+            for (int a = 0; a < nb; ++a) {
+              const float v = xbp[(t * nb * M + a * M + j) * nmax + b];
+              float* out = zbp + (t * nb * M + a * M + j) * N;
+              const float* col = awp + t * N * nmax + b;
+              for (int64_t c = 0; c < N; ++c) out[c] = v * col[c * nmax];
+            }
+          }
+        }
+      }
+      const float* zap = za.data_ptr<float>();
+      const float* zbp = nb > 0 ? zb.data_ptr<float>() : nullptr;
+
+      // ---- epilogue -------------------------------------------------------------------------------
+      const uint64_t w_seed = w_noise ? stream_seed(noise.chip_key, kWNoise, counter) : 0;
+      const uint64_t o_seed = out_noise ? stream_seed(noise.chip_key, kOutNoise, counter) : 0;
+      const bool clip = io.out_bound > 0.0f;
+#pragma omp parallel num_threads(nt)
+      {
+        std::vector<float> nw(w_noise ? N : 0), no(out_noise ? N : 0), row(N);
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t j = 0; j < M; ++j) {
+            if (j >= static_cast<int64_t>(rows[t].size())) continue;
+            const int64_t b = rows[t][j];
+            const uint8_t* pend = pending.data() + (t * B + b) * n_ot;
+            if (std::none_of(pend, pend + n_ot, [](uint8_t v) { return v != 0; })) continue;
+            uint8_t* ov = over.data() + (t * B + b) * n_ot;
+            std::fill_n(ov, n_ot, 0);
+            const float input_scale = (1.0f / safe_scale[t * B + b]) / reduction;
+            const int64_t start = (rid[b] * T + t) * N;
+            if (w_noise) philox::philox_fill_normal(w_seed, start, N, nw.data(), 1);
+            if (out_noise) philox::philox_fill_normal(o_seed, start, N, no.data(), 1);
+            const float* z = zap + (t * na * M + j) * N;
+            const float* weighted = ir ? zap + (t * na * M + M + j) * N : nullptr;
+            const float* current = ir ? zbp + (t * nb * M + j) * N : nullptr;
+            const float* var = pcm_read ? zbp + (t * nb * M + (ir ? M : 0) + j) * N : nullptr;
+            const float std_add = (w_noise && !pcm_read) ? io.w_noise * norm[t * M + j] : 0.0f;
+            // One pass per step over the row (each a simple loop GCC vectorises), in the reference's order.
+            float* v = row.data();
+            std::copy_n(z, N, v);
+            if (ir) {
+              const float ratio = ir_size_ratio[t];
+              for (int64_t c = 0; c < N; ++c) {
+                const float a = current[c] * ratio;
+                const float cc = a * (a * (0.05f * a - 0.2f) + 0.5f);
+                v[c] = v[c] - cc * io.ir_drop * weighted[c];
+              }
+            }
+            if (pcm_read) {
+              for (int64_t c = 0; c < N; ++c) v[c] = v[c] + (io.w_noise * std::sqrt(var[c])) * nw[c];
+            } else if (w_noise) {
+              for (int64_t c = 0; c < N; ++c) v[c] = v[c] + std_add * nw[c];
+            }
+            if (out_noise) {
+              for (int64_t c = 0; c < N; ++c) v[c] = v[c] + io.out_noise * no[c];
+            }
+            quantize_inplace(v, N, io.out_step);
+            float* dst = pp + (t * B + b) * N;
+            int64_t c0 = 0;
+            for (int64_t o = 0; o < n_ot; c0 += out_sizes[o], ++o) {
+              const int64_t c1 = c0 + out_sizes[o];
+              if (!pend[o]) continue;
+              if (clip) {
+                const float bound = io.out_bound;
+                int hit = 0;
+                if (io.bm_test_negative) {
+                  for (int64_t c = c0; c < c1; ++c) hit |= static_cast<int>(v[c] > bound) | static_cast<int>(v[c] < -bound);
+                } else {
+                  for (int64_t c = c0; c < c1; ++c) hit |= static_cast<int>(v[c] > bound);
+                }
+                ov[o] = static_cast<uint8_t>(hit != 0);
+                for (int64_t c = c0; c < c1; ++c) v[c] = std::min(std::max(v[c], -bound), bound);
+              }
+              for (int64_t c = c0; c < c1; ++c) dst[c] = v[c] / input_scale;
+            }
+          }
+        }
+      }
+
+      if (!io.iterative) break;
+      const double red = std::ldexp(1.0, round);
+      if (red > io.max_bm_factor || (io.inp_step_exact > 0.0 && red > io.max_bm_res / io.inp_step_exact)) break;
+      bool any = false;
+      for (size_t i = 0; i < pending.size(); ++i) {
+        pending[i] = pending[i] && over[i];
+        any |= pending[i] != 0;
+      }
+      if (!any) break;
+    }
+  }
+
+  // ---- digital part: out_scale, sum over input tiles, bias; NaN rows --------------------------------
+  float* pp = partial.data_ptr<float>();
+  const bool any_bad = std::any_of(bad.begin(), bad.end(), [](uint8_t v) { return v != 0; });
+  if (return_partial) {
+    if (any_bad) {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t b = 0; b < B; ++b)
+          if (bad[b]) std::fill_n(pp + (t * B + b) * N, N, std::numeric_limits<float>::quiet_NaN());
+    }
+    return partial;
+  }
+  at::Tensor y = at::empty({B, N}, f32);
+  float* yp = y.data_ptr<float>();
+  const float* sp = out_scale->data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    float* yr = yp + b * N;
+    if (bad[b]) {
+      std::fill_n(yr, N, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    const float* p0 = pp + b * N;
+    for (int64_t c = 0; c < N; ++c) yr[c] = p0[c] * sp[c];
+    for (int64_t t = 1; t < T; ++t) {
+      const float* pt = pp + (t * B + b) * N;
+      const float* st = sp + t * N;
+      for (int64_t c = 0; c < N; ++c) yr[c] = yr[c] + pt[c] * st[c];
+    }
+    if (bp != nullptr) {
+      for (int64_t c = 0; c < N; ++c) yr[c] = yr[c] + bp[c];
+    }
+  }
+  return y;
+}
+
+}  // namespace mvm
+}  // namespace romer

@@ -1,0 +1,155 @@
+"""Backend selection for the analog MVM: ``auto | cpp | triton | reference``.
+
+Every backend computes :func:`romer_kernels.kernels.reference.analog_linear` with the same random streams:
+
+* ``reference``: the pure-PyTorch reference (float32, CPU); slow, always available.
+* ``cpp``: the fused C++ CPU kernel (``romer_kernels._C``, csrc/kernels/analog_mvm.cpp); needs the
+  compiled extension and CPU tensors. Bit-identical to the reference on this machine (same float32
+  operations; only the GEMM summation order and <= a few ulp of the normals may differ elsewhere).
+* ``triton``: the fused Triton kernel (romer_kernels/kernels/triton); needs triton and CUDA tensors, or
+  ``TRITON_INTERPRET=1`` for CPU tensors (the interpreter: for tests only, very slow).
+* ``auto``: ``triton`` for CUDA tensors when triton is importable, else ``cpp`` when built, else
+  ``reference``.
+
+The default is ``auto``; change it with :func:`set_backend`, the ``use_backend`` context manager, or the
+``ROMER_BACKEND`` environment variable; a layer can also pin its own (``AnalogMatrix.backend``).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Iterator
+
+import torch
+
+from romer_kernels.config.analog import IOConfig
+from romer_kernels.config.tiling import TileGrid
+from romer_kernels.kernels import cpp, reference
+from romer_kernels.rng import MvmStreams
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown MVM backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+_default = _check_name(os.environ.get("ROMER_BACKEND", "auto"))
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The concrete backends that can run on ``device``, fastest first."""
+    device = torch.device(device)
+    names = []
+    if triton_available() and (device.type == "cuda" or triton_interpreter()):
+        names.append("triton")
+    if device.type == "cpu" and cpp.is_available():
+        names.append("cpp")
+    if device.type == "cpu":
+        names.append("reference")
+    if device.type == "cpu" and "triton" in names:  # the interpreter is the slowest of all on a CPU
+        names.remove("triton")
+        names.append("triton")
+    return names
+
+
+def get_backend() -> str:
+    """The process-wide default backend name (possibly ``auto``)."""
+    return _default
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (``auto | cpp | triton | reference``)."""
+    global _default
+    _default = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with use_backend("reference"): ...`` runs the block with another default backend."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def resolve_backend(name: str | None = None, device: torch.device | str = "cpu") -> str:
+    """The concrete backend for ``name`` (None = the default) on ``device``; a clear error if it cannot run."""
+    name = _check_name(get_backend() if name is None else name)
+    device = torch.device(device)
+    available = available_backends(device)
+    if name == "auto":
+        if device.type == "cuda" and "triton" in available:
+            return "triton"
+        for candidate in ("cpp", "reference"):
+            if candidate in available:
+                return candidate
+        raise RuntimeError(f"no MVM backend can run on {device}: the CUDA path needs triton (pip install triton)")
+    if name in available:
+        return name
+    if name == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"the 'cpp' backend runs on CPU tensors only, got {device}; use 'triton' or 'auto'")
+        raise RuntimeError("the 'cpp' backend needs the compiled extension romer_kernels._C with the analog MVM "
+                           "kernel: build it with `make build` (pip install --no-build-isolation -e .)")
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("the 'triton' backend needs triton (pip install triton==3.9.0)")
+        raise RuntimeError(f"the 'triton' backend needs CUDA tensors, got {device}; set TRITON_INTERPRET=1 before "
+                           "importing triton to run it in the (slow) interpreter on CPU tensors")
+    raise RuntimeError(f"the 'reference' backend runs on CPU tensors only, got {device}")
+
+
+def analog_linear(
+    x: torch.Tensor,
+    split_w: torch.Tensor,
+    out_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    grid: TileGrid,
+    io: IOConfig,
+    streams: MvmStreams | None,
+    abs_split_w: torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The analog forward ``x [B, in] -> [B, out]`` on the chosen backend (see the reference for the
+    arguments); every backend gives the reference's result for the same streams."""
+    name = resolve_backend(backend, x.device)
+    if name == "cpp":
+        return cpp.analog_linear_cpp(x, split_w, out_scale, bias, grid, io, streams, abs_split_w, row_ids)
+    if name == "triton":
+        from romer_kernels.kernels.triton import analog_linear_triton  # noqa: PLC0415  (needs triton)
+        return analog_linear_triton(x, split_w, out_scale, bias, grid, io, streams, abs_split_w, row_ids)
+    return reference.analog_linear(x, split_w, out_scale, bias, grid, io, streams, abs_split_w, row_ids)
+
+
+def tiled_mvm(
+    x: torch.Tensor,
+    split_w: torch.Tensor,
+    grid: TileGrid,
+    io: IOConfig,
+    streams: MvmStreams | None,
+    abs_split_w: torch.Tensor | None = None,
+    probes: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-input-tile outputs [T, B, out] of ``x [B, in]`` before the digital scale (the reference's
+    ``tiled_mvm`` of ``split_input(x)``). ``probes``: see :func:`romer_kernels.kernels.cpp.tiled_mvm_cpp`."""
+    name = resolve_backend(backend, x.device)
+    if name == "cpp" and not (probes and io.inp_noise > 0 and streams is not None):
+        return cpp.tiled_mvm_cpp(x, split_w, grid, io, streams, abs_split_w, probes=probes)
+    return reference.tiled_mvm(reference.split_input(x, grid), split_w, grid.in_sizes, grid.out_sizes, io, streams,
+                               abs_split_w)
