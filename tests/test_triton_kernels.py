@@ -15,12 +15,20 @@ import torch
 pytest.importorskip("triton")
 
 from romer_kernels.config import presets  # noqa: E402
-from romer_kernels.config.analog import AnalogConfig, DriftCompensationConfig, IOConfig, TileConfig  # noqa: E402
+from romer_kernels.config.analog import (  # noqa: E402
+    AnalogConfig,
+    DriftCompensationConfig,
+    IOConfig,
+    MappingConfig,
+    TileConfig,
+)
+from romer_kernels.config.device_noise import GaussianNoiseConfig, HermesNoiseConfig  # noqa: E402
 from romer_kernels.kernels.reference import analog_linear  # noqa: E402
 from romer_kernels.kernels.triton import (  # noqa: E402
     Blocks,
     align_block_size,
     analog_experts_arguments,
+    analog_linear_programmed_triton,
     analog_linear_triton,
     bm_rounds,
     moe_experts_triton,
@@ -208,3 +216,54 @@ def test_moe_experts_match_analog_experts(case):
         quiet = moe_experts_triton(hidden, index, weights, **{**analog_experts_arguments(module, 4),
                                                               "seeds_gate_up": None, "seeds_down": None}, blocks=BLOCKS)
         assert not torch.allclose(quiet[~torch.isnan(quiet[:, 0])], out[~torch.isnan(out[:, 0])])
+
+
+# ------------------------------------------------------------------------------------------------------
+# on-the-fly programming
+# ------------------------------------------------------------------------------------------------------
+PROGRAM_CASES = {
+    "gaussian-perfect": (presets.gaussian_chip(0.05, 0.03), {}),
+    "gaussian-iterative-omega": (
+        dataclasses.replace(presets.aihwkit_default(), noise=GaussianNoiseConfig(0.04, 0.02),
+                            mapping=MappingConfig(weight_scaling_omega=1.0)), dict(out_bound=0.5)),
+    "pcm-rasch2023": (presets.rasch2023(), {}),
+    "pcm-aihwkit-default": (presets.aihwkit_default(), {}),
+    "no-noise-lightning": (dataclasses.replace(presets.lightning_8bit(), noise=None), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(PROGRAM_CASES))
+def test_on_the_fly_programming_matches_programmed_chip(case):
+    base, changes = PROGRAM_CASES[case]
+    max_out = 0 if case == "pcm-rasch2023" else 16
+    config = dataclasses.replace(base, tile=TileConfig(32, max_out), io=dataclasses.replace(base.io, **changes),
+                                 drift_compensation=DriftCompensationConfig("none"))
+    torch.manual_seed(20 + list(PROGRAM_CASES).index(case))
+    matrix, weight = programmed_matrix(config, seed=11, layer="otf")
+    x = inputs(seed=7)
+    bias = torch.randn(OUT)
+    row_ids = torch.arange(BATCH) * 3 + 1
+    seeds = matrix.chip.mvm_stream(1)
+    ref = analog_linear(x, matrix._split, matrix._out_scale, bias, matrix.chip.grid, config.io, seeds,
+                        matrix._abs_split, row_ids)
+    out = analog_linear_programmed_triton(x, weight, bias, config, 11, "otf", seeds, row_ids, blocks=BLOCKS)
+    # programming normals come from another backend (C++) than the kernel's (Triton): a few ulp apart
+    assert_matches(out, ref, adc_tolerance(x, config.io, matrix._out_scale, 3), rtol=1e-4, atol=1e-4)
+    if config.noise is not None:   # the programming noise is really there
+        digital = analog_linear(x, _split_digital(weight, matrix), matrix._out_scale, bias,
+                                matrix.chip.grid, config.io, seeds, None, row_ids)
+        assert not torch.allclose(digital, out, rtol=1e-3, atol=1e-3)
+
+
+def _split_digital(weight, matrix):
+    from romer_kernels.kernels.reference import split_weight
+    scales = matrix._out_scale / matrix.config.io.out_scale
+    tile_units = torch.cat([weight[:, cols] / scales[i][:, None] for i, cols in enumerate(matrix.chip.grid.in_slices())],
+                           dim=1)
+    return split_weight(tile_units, matrix.chip.grid)
+
+
+def test_on_the_fly_programming_rejects_other_device_models():
+    config = dataclasses.replace(small_config("aihwkit-default"), noise=HermesNoiseConfig())
+    with pytest.raises(NotImplementedError, match="hermes"):
+        analog_linear_programmed_triton(torch.randn(2, IN), torch.randn(OUT, IN), None, config, 0, "x", None)
