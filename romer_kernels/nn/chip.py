@@ -14,8 +14,8 @@ from romer_kernels.config.tiling import TileGrid
 from romer_kernels.kernels.backends import tiled_mvm
 from romer_kernels.kernels.reference import split_weight
 from romer_kernels.noise import build_noise_model
-from romer_kernels.noise.base import ProgrammedWeights
-from romer_kernels.rng import MvmStreams, Purpose, chip_key, normal_like, stream_seed
+from romer_kernels.noise.base import ProgrammedWeights, StreamDraw
+from romer_kernels.rng import MvmStreams, Purpose, chip_key, stream_seed
 
 READ_SLOTS = 16  # READ stream counter = device slot + READ_SLOTS * drift call index
 
@@ -49,11 +49,12 @@ class LayerChip:
         self._key: tuple[int, int] | None = None     # (seed, chip_key) of the per-MVM streams
 
     # -- random streams -------------------------------------------------------------------------
-    def _draw(self, shape: torch.Size, drift_index: int | None = None):
-        def draw(purpose: Purpose, slot: int) -> torch.Tensor:
+    def _draw(self, shape: torch.Size, drift_index: int | None = None) -> StreamDraw:
+        """``draw(purpose, slot)`` gives the normals, ``draw.seed(purpose, slot)`` the stream key (fused kernels)."""
+        def seed(purpose: Purpose, slot: int) -> int:
             counter = slot if drift_index is None else slot + READ_SLOTS * drift_index
-            return normal_like(stream_seed(self.seed, self.layer_id, purpose, counter), shape)
-        return draw
+            return stream_seed(self.seed, self.layer_id, purpose, counter)
+        return StreamDraw(seed, shape)
 
     def mvm_stream(self, call_index: int, readout: bool = False) -> MvmStreams:
         """The per-MVM streams of one forward call (or one drift-compensation readout)."""

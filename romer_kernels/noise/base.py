@@ -7,6 +7,12 @@ abs-max onto ``g_max`` as aihwkit does. All its randomness comes from ``draw(pur
 returns standard normals of ``w``'s shape from the Philox stream owned by (chip seed, layer, purpose,
 slot); slot numbers a device of the pair (0 = G+, 1 = G-) or a part of the model.
 
+A draw may also tell the stream's Philox key: ``draw.seed(purpose, slot) -> int`` such that
+``draw(purpose, slot) == normal_like(draw.seed(purpose, slot), shape)`` (element ``(i, j)`` is stream
+element ``i * in + j``). :class:`StreamDraw` (what ``LayerChip`` passes) does; the models then run their
+fused C++ kernels, which generate the normals inline (:mod:`romer_kernels.noise.fused`). A plain callable
+without ``seed`` still works and takes the torch path.
+
 Two steps, as on a chip and as aihwkit's ``program_analog_weights`` / ``drift_analog_weights``:
 ``program`` fixes the programming noise and the drift exponents once per chip; ``read`` gives the
 weights at ``t_inference`` seconds after programming, with freshly drawn read noise each call.
@@ -15,14 +21,40 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from romer_kernels.config.tiling import TileGrid
-from romer_kernels.rng import Purpose
+from romer_kernels.rng import Purpose, normal_like
 
-Draw = Callable[[Purpose, int], torch.Tensor]
+Draw = Callable[[Purpose, int], torch.Tensor]   # a StreamDraw, or any callable giving the normals
+
+
+class StreamDraw:
+    """``draw(purpose, slot)``: the normals of stream ``seed_of(purpose, slot)`` for an array of ``shape``;
+    ``draw.seed(purpose, slot)``: that stream's Philox key, for kernels that generate the normals inline."""
+
+    def __init__(self, seed_of: Callable[[Purpose, int], int], shape: Sequence[int]):
+        self._seed_of = seed_of
+        self.shape = tuple(int(size) for size in shape)
+
+    def seed(self, purpose: Purpose, slot: int) -> int:
+        return self._seed_of(purpose, slot)
+
+    def __call__(self, purpose: Purpose, slot: int) -> torch.Tensor:
+        return normal_like(self.seed(purpose, slot), self.shape)
+
+
+def draw_seed(draw: Draw, shape: Sequence[int]) -> Callable[[Purpose, int], int] | None:
+    """``draw.seed`` if ``draw`` can name its streams for an array of ``shape``, else None (torch path)."""
+    seed = getattr(draw, "seed", None)
+    if not callable(seed):
+        return None
+    draw_shape = getattr(draw, "shape", None)
+    if draw_shape is not None and tuple(draw_shape) != tuple(int(size) for size in shape):
+        return None
+    return seed
 
 
 @dataclass

@@ -7,6 +7,9 @@ w_max, no drift. There is no aihwkit counterpart (the closest is a weight modifi
 * ``read(t)``: ``W = W_P + read_sigma * w_max(W_P) * xi_3`` with xi_3 from (READ, 0), fresh at every
   read (a new drift call index gives a new READ stream), w_max now the column abs-max of the programmed
   weights; ``t_inference`` is ignored. With ``read_sigma = 0`` the programmed tensor itself is returned.
+
+When ``draw`` gives stream seeds, ``program`` and ``read`` run as fused C++ kernels with the same
+operations (romer_kernels/noise/fused.py); the torch code below is the reference.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from romer_kernels.config.device_noise import GaussianNoiseConfig
 from romer_kernels.config.tiling import TileGrid
 from romer_kernels.noise.base import DeviceNoiseModel, Draw, ProgrammedWeights
+from romer_kernels.noise.fused import fused
 from romer_kernels.noise.pcm import check_time, elementwise, standard_normal
 from romer_kernels.rng import Purpose
 
@@ -35,6 +39,14 @@ class GaussianNoiseModel(DeviceNoiseModel):
 
     def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw) -> ProgrammedWeights:
         w = w_target.detach().to(torch.float32).contiguous()
+        path = fused(w, draw)
+        if path is not None:
+            ops, seed = path
+            out = ops.noise_gaussian_program(
+                w, grid.in_sizes, self.sigma, self.multiplicative_sigma,
+                seed(Purpose.PROGRAM, 0) if self.sigma > 0.0 else None,
+                seed(Purpose.MULTIPLICATIVE, 0) if self.multiplicative_sigma > 0.0 else None)
+            return ProgrammedWeights(out, None)
         w_max = grid.column_absmax(w) if self.sigma > 0.0 else None
         xi_add = standard_normal(draw, Purpose.PROGRAM, 0, w) if self.sigma > 0.0 else None
         xi_mul = standard_normal(draw, Purpose.MULTIPLICATIVE, 0, w) if self.multiplicative_sigma > 0.0 else None
@@ -56,6 +68,10 @@ class GaussianNoiseModel(DeviceNoiseModel):
         if self.read_sigma == 0.0:
             return w_prog
         w_prog = w_prog.detach().to(torch.float32).contiguous()
+        path = fused(w_prog, draw)
+        if path is not None:
+            ops, seed = path
+            return ops.noise_gaussian_read(w_prog, grid.in_sizes, self.read_sigma, seed(Purpose.READ, 0))
         w_max = grid.column_absmax(w_prog)
         xi = standard_normal(draw, Purpose.READ, 0, w_prog)
 

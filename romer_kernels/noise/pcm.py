@@ -31,6 +31,12 @@ How it is computed (the same values as a literal two-device transcription, about
 The operations and their order follow aihwkit's code (including torch's ``c / tensor`` =
 ``tensor.reciprocal() * c``), so with the same normals the results agree to float32 rounding.
 Formulas: docs/device-noise.md.
+
+Fused C++ path: when ``draw`` can name its streams (``draw.seed``) and the extension is built, ``program``
+and ``read`` run as one C++ kernel each (romer_kernels/noise/fused.py, csrc/kernels/device_noise.cpp)
+with the same operations in the same order, generating the normals inline; the code below is the torch
+reference it is tested against (tests/test_noise_kernels.py). The fitted functions are given to the
+kernel as data: ``NU_MU`` / ``NU_SIGMA`` (:data:`PieceFit` tuples) and ``READ_Q``.
 """
 from __future__ import annotations
 
@@ -42,10 +48,19 @@ import torch
 from romer_kernels.config.device_noise import PCMNoiseConfig
 from romer_kernels.config.tiling import TileGrid
 from romer_kernels.noise.base import DeviceNoiseModel, Draw, ProgrammedWeights
+from romer_kernels.noise.fused import fused, pair_seeds
 from romer_kernels.rng import Purpose
 
 ZERO_CLIP = 1e-7        # aihwkit's _ZERO_CLIP: smallest tile abs-max and smallest relative conductance
 CPU_CHUNK = 1 << 17     # elements per chunk of the element-wise CPU passes (512 KiB per float32 temporary)
+
+# A fitted function of x >= 0 as the fused kernel takes it, (thr, a, b, lo, hi, p2, p1, p0):
+#   x < thr ? clip(ln(x) * a + b, lo, hi) : (x^2 p2 + x p1) + p0        (thr = inf: the log branch only)
+PieceFit = tuple[float, float, float, float, float, float, float, float]
+PCM_NU_MU: PieceFit = (math.inf, -0.0155, 0.0244, 0.049, 0.1, 0.0, 0.0, 0.0)
+PCM_NU_SIGMA: PieceFit = (math.inf, -0.0125, -0.0059, 0.008, 0.045, 0.0, 0.0, 0.0)
+# Q_s = min((1 / max(x^exponent, floor)) * numerator, cap), x = |g| / g_max
+PCM_READ_Q = ("pow", (0.65, 1e-3, 0.0088, 0.2))
 
 
 # -- single-pair conductance conversion (aihwkit SinglePairConductanceConverter, g_min = 0) --------------
@@ -155,6 +170,10 @@ class PCMNoiseModel(DeviceNoiseModel):
     """aihwkit ``PCMLikeNoiseModel`` with the single-pair converter. ``HermesNoiseModel`` reuses it and
     replaces the fitted functions (sigma_prog coefficients, nu statistics, Q_s)."""
 
+    NU_MU: PieceFit = PCM_NU_MU
+    NU_SIGMA: PieceFit = PCM_NU_SIGMA
+    READ_Q: tuple = PCM_READ_Q
+
     def __init__(self, config: PCMNoiseConfig):
         if not isinstance(config, PCMNoiseConfig):
             raise ValueError(f"PCMNoiseModel needs a PCMNoiseConfig, got {type(config).__name__}")
@@ -188,13 +207,44 @@ class PCMNoiseModel(DeviceNoiseModel):
     def drift_statistics(self, g_relative: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the drift exponent at ``g_relative = max(|g_T| / g_max, 1e-7)``."""
         log_g = torch.log(g_relative)
-        mu = (log_g * -0.0155).add_(0.0244).clamp_(0.049, 0.1)
-        sigma = log_g.mul_(-0.0125).sub_(0.0059).clamp_(0.008, 0.045)
+        _, a, b, lo, hi = self.NU_MU[:5]
+        mu = (log_g * a).add_(b).clamp_(lo, hi)                 # (ln g * -0.0155 + 0.0244) clipped
+        _, a, b, lo, hi = self.NU_SIGMA[:5]
+        sigma = log_g.mul_(a).add_(b).clamp_(lo, hi)            # (ln g * -0.0125 - 0.0059) clipped
         return mu, sigma
 
     def read_noise_q(self, g_prog: torch.Tensor) -> torch.Tensor:
         """Q_s of the 1/f read noise: ``min(0.0088 / max((|g| / g_max)^0.65, 1e-3), 0.2)``."""
-        return (g_prog.abs() / self.g_max).pow_(0.65).clamp_min_(1e-3).reciprocal_().mul_(0.0088).clamp_max_(0.2)
+        exponent, floor, numerator, cap = self.READ_Q[1]
+        return (g_prog.abs() / self.g_max).pow_(exponent).clamp_min_(floor).reciprocal_().mul_(numerator).clamp_max_(cap)
+
+    # -- fused C++ kernels ----------------------------------------------------------------------
+    def fused_params(self) -> dict | None:
+        """The model as data for the fused kernels (``None``: a subclass changed a fitted function the
+        kernels do not know, so the torch path is used)."""
+        if (type(self).drift_statistics is not PCMNoiseModel.drift_statistics
+                or type(self).read_noise_q is not PCMNoiseModel.read_noise_q):
+            return None
+        return self._kernel_params()
+
+    def _kernel_params(self) -> dict | None:
+        if (type(self).programming_sigma_at is not PCMNoiseModel.programming_sigma_at
+                or type(self).programming_sigma is not PCMNoiseModel.programming_sigma
+                or type(self).relative is not PCMNoiseModel.relative):
+            return None
+        cached = self.__dict__.get("_fused_params")
+        if cached is None:
+            mu_off, sigma_nu_off = self.zero_target_drift_statistics()
+            cached = {
+                "g_max": self.g_max, "prog_coeff": list(self.prog_coeff),
+                "reference_ratio": self.g_max / self.prog_coeff_g_max_reference,
+                "prog_noise_scale": self.prog_noise_scale, "sigma_off": at_zero(self.programming_sigma),
+                "drift_scale": self.drift_scale, "mu_off": mu_off, "sigma_nu_off": sigma_nu_off,
+                "nu_mu": list(self.NU_MU), "nu_sigma": list(self.NU_SIGMA),
+                "q_family": self.READ_Q[0], "q": list(self.READ_Q[1]),
+            }
+            self._fused_params = cached
+        return cached
 
     def relative(self, g_target: torch.Tensor) -> torch.Tensor:
         """``max(|g_T / g_max|, 1e-7)``, the argument of the drift statistics."""
@@ -211,6 +261,15 @@ class PCMNoiseModel(DeviceNoiseModel):
         (PROGRAM, slot), and ``nu = |mu_nu(g_T) + sigma_nu(g_T) * xi'| * drift_scale``, xi' from
         (DRIFT_NU, slot); ``W_P = (G+_P - G-_P) / s``."""
         w = w_target.detach().to(torch.float32).contiguous()
+        path = fused(w, draw)
+        params = None if path is None else self.fused_params()
+        if params is not None:
+            ops, seed = path
+            weights, drift_nu = ops.noise_pcm_program(
+                w, grid.out_sizes, grid.in_sizes, params,
+                pair_seeds(seed, Purpose.PROGRAM, self.prog_noise_scale != 0.0),
+                pair_seeds(seed, Purpose.DRIFT_NU, self.drift_scale != 0.0))
+            return ProgrammedWeights(weights, drift_nu)
         scale = conductance_scale(w, grid, self.g_max)
         xi_prog = pair_normals(draw, Purpose.PROGRAM, w, self.prog_noise_scale != 0.0)
         drifts = self.drift_scale != 0.0
@@ -248,13 +307,20 @@ class PCMNoiseModel(DeviceNoiseModel):
         (READ, slot); ``W = (G+ - G-) / s'``."""
         t = check_time(t_inference) + self.t_0
         w_prog = programmed.weights.detach().to(torch.float32).contiguous()
-        scale = conductance_scale(w_prog, grid, self.g_max)
-        nu = [None, None]
+        time_factor = math.sqrt(math.log((t + self.t_read) / (2.0 * self.t_read)))
+        nu_pair = None
         if t > self.t_0 and programmed.drift_nu is not None:
             nu_pair = programmed.drift_nu.detach().to(device=w_prog.device, dtype=torch.float32).contiguous()
-            nu = [nu_pair[0], nu_pair[1]]
+        path = fused(w_prog, draw)
+        params = None if path is None else self.fused_params()
+        if params is not None:
+            ops, seed = path
+            return ops.noise_pcm_read(w_prog, nu_pair, grid.out_sizes, grid.in_sizes, params, t / self.t_0,
+                                      time_factor, self.read_noise_scale,
+                                      pair_seeds(seed, Purpose.READ, self.read_noise_scale != 0.0))
+        scale = conductance_scale(w_prog, grid, self.g_max)
+        nu = [None, None] if nu_pair is None else [nu_pair[0], nu_pair[1]]
         xi = pair_normals(draw, Purpose.READ, w_prog, self.read_noise_scale != 0.0)
-        time_factor = math.sqrt(math.log((t + self.t_read) / (2.0 * self.t_read)))
         out = torch.empty_like(w_prog)
 
         def chunk(w, s, nu_plus, nu_minus, xi_plus, xi_minus, result):
