@@ -1,0 +1,174 @@
+"""The fused C++ CPU analog MVM against the pure-PyTorch reference, noise included, and backend selection."""
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from romer_kernels import AnalogLinear
+from romer_kernels.config import preset
+from romer_kernels.kernels import backends, cpp, reference
+from romer_kernels.nn.analog_matrix import AnalogMatrix
+
+pytestmark = pytest.mark.skipif(not cpp.is_available(), reason="C++ extension not built")
+
+IO_VARIANTS = {
+    "aihwkit-default": {},
+    "bound-management": dict(out_bound=2.0),
+    "bm-positive-only": dict(out_bound=2.0, bm_test_negative_bound=False),
+    "input-noise": dict(inp_noise=0.05, out_bound=3.0),
+    "nm-none": dict(noise_management="none"),
+    "nm-constant": dict(noise_management="constant", nm_thres=2.0),
+    "nm-capped": dict(nm_thres=0.5),
+    "additive-w-noise": dict(w_noise=0.03, w_noise_type="additive_constant"),
+    "pcm-read-ir-drop-bm": dict(w_noise=0.03, w_noise_type="pcm_read", ir_drop=1.0, out_bound=3.0),
+    "perfect": dict(is_perfect=True),
+    "no-quantization": dict(inp_res=0, out_res=0),
+}
+
+
+def _matrix(config, out_features, in_features, tile_in, tile_out, seed=3):
+    config = config.replace(tile=dataclasses.replace(config.tile, max_input_size=tile_in, max_output_size=tile_out))
+    matrix = AnalogMatrix(config, out_features, in_features, "test.layer", seed=seed)
+    matrix.program(torch.randn(out_features, in_features))
+    return matrix
+
+
+def _both(matrix, x, bias=None, row_ids=None, call_index=5, noise=True):
+    streams = matrix.chip.mvm_stream(call_index) if noise else None
+    args = (x, matrix._split, matrix._out_scale, bias, matrix.chip.grid, matrix.config.io, streams, matrix._abs_split,
+            row_ids)
+    return reference.analog_linear(*args), cpp.analog_linear_cpp(*args)
+
+
+def _assert_matches(expected, actual):
+    """Same NaN rows; elements equal to float rounding, except for rare ADC codes flipped by a GEMM sum that
+    differs by an ulp (none on this machine, where the products are the same MKL calls)."""
+    assert torch.equal(expected.isnan(), actual.isnan())
+    e, a = expected.nan_to_num(), actual.nan_to_num()
+    close = torch.isclose(a, e, rtol=1e-5, atol=1e-6)
+    assert float(close.float().mean()) >= 0.99, float((a - e).abs().max())
+
+
+@pytest.mark.parametrize("variant", sorted(IO_VARIANTS))
+def test_cpp_matches_reference_on_every_io_variant(variant):
+    torch.manual_seed(hash(variant) % 1000)
+    base = preset("aihwkit-default")
+    config = base.replace(io=dataclasses.replace(base.io, **IO_VARIANTS[variant]))
+    matrix = _matrix(config, 40, 70, 32, 16)
+    x = torch.randn(9, 70) * 2
+    x[3] = 0.0            # dead row under abs-max noise management
+    x[5, 40:] = 0.0       # dead on the last input tile only
+    x[6, 2] = float("nan")
+    rows = torch.randperm(50)[:9]
+    bias = torch.randn(40)
+    expected, actual = _both(matrix, x, bias, rows)
+    _assert_matches(expected, actual)
+    assert actual[6].isnan().all() and not actual[[0, 1, 2, 3, 4, 5, 7, 8]].isnan().any()
+    if not config.io.is_perfect:
+        quiet = _both(matrix, x, bias, rows, noise=False)
+        _assert_matches(*quiet)
+        assert not torch.equal(quiet[1].nan_to_num(), actual.nan_to_num()), "the per-MVM noise is missing"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 9),
+    in_features=st.integers(1, 90),
+    out_features=st.integers(1, 40),
+    tile_in=st.sampled_from([0, 7, 16, 33]),
+    tile_out=st.sampled_from([0, 5, 16]),
+    preset_name=st.sampled_from(["aihwkit-default", "rasch2023", "lightning-8bit", "gaussian-chip"]),
+    scale=st.sampled_from([0.1, 1.0, 10.0]),
+    seed=st.integers(0, 2**31),
+    call_index=st.integers(0, 1000),
+)
+def test_cpp_matches_reference_on_random_shapes(batch, in_features, out_features, tile_in, tile_out, preset_name,
+                                                scale, seed, call_index):
+    torch.manual_seed(seed)
+    matrix = _matrix(preset(preset_name), out_features, in_features, tile_in, tile_out, seed=seed % 97)
+    x = torch.randn(batch, in_features) * scale
+    rows = torch.randint(0, 10_000, (batch,))
+    _assert_matches(*_both(matrix, x, torch.randn(out_features), rows, call_index))
+
+
+def test_noise_is_keyed_by_row_id_and_call_not_by_batch():
+    matrix = _matrix(preset("rasch2023"), 24, 50, 16, 0)
+    x = torch.randn(6, 50)
+    rows = torch.tensor([11, 3, 7, 40, 2, 9])
+    whole = cpp.analog_linear_cpp(x, matrix._split, matrix._out_scale, None, matrix.chip.grid, matrix.config.io,
+                                  matrix.chip.mvm_stream(2), matrix._abs_split, rows)
+    part = cpp.analog_linear_cpp(x[2:4], matrix._split, matrix._out_scale, None, matrix.chip.grid, matrix.config.io,
+                                 matrix.chip.mvm_stream(2), matrix._abs_split, rows[2:4])
+    other_call = cpp.analog_linear_cpp(x, matrix._split, matrix._out_scale, None, matrix.chip.grid, matrix.config.io,
+                                       matrix.chip.mvm_stream(3), matrix._abs_split, rows)
+    assert torch.equal(whole[2:4], part)
+    assert not torch.equal(whole, other_call)
+
+
+@pytest.mark.parametrize("name", ["aihwkit-default", "rasch2023"])
+def test_probe_readout_matches_reference_tiled_mvm(name):
+    matrix = _matrix(preset(name), 40, 70, 32, 0)
+    grid = matrix.chip.grid
+    n_max = max(grid.in_sizes)
+    probes = torch.zeros(n_max, 70)
+    tiles = torch.zeros(len(grid.in_sizes), n_max, n_max)
+    for t, cols in enumerate(grid.in_slices()):
+        size = cols.stop - cols.start
+        probes[torch.arange(size), cols.start + torch.arange(size)] = 1.0
+        tiles[t, :size, :size] = torch.eye(size)
+    streams = matrix.chip.mvm_stream(1, readout=True)
+    expected = reference.tiled_mvm(tiles, matrix._split, grid.in_sizes, grid.out_sizes, matrix.config.io, streams)
+    fast = cpp.tiled_mvm_cpp(probes, matrix._split, grid, matrix.config.io, streams, probes=True)
+    general = cpp.tiled_mvm_cpp(probes, matrix._split, grid, matrix.config.io, streams, probes=False)
+    torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(general, expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="one-hot"):
+        cpp.tiled_mvm_cpp(probes + 0.1, matrix._split, grid, matrix.config.io, streams, probes=True)
+
+
+def test_bad_arguments_are_named():
+    matrix = _matrix(preset("aihwkit-default"), 8, 20, 0, 0)
+    io, grid = matrix.config.io, matrix.chip.grid
+    with pytest.raises(ValueError, match="inputs"):
+        cpp.analog_linear_cpp(torch.randn(2, 19), matrix._split, matrix._out_scale, None, grid, io, None)
+    with pytest.raises(ValueError, match="float32"):
+        cpp.analog_linear_cpp(torch.randn(2, 20, dtype=torch.float64), matrix._split, matrix._out_scale, None, grid,
+                              io, None)
+    with pytest.raises(ValueError, match="row_ids"):
+        cpp.analog_linear_cpp(torch.randn(2, 20), matrix._split, matrix._out_scale, None, grid, io, None,
+                              row_ids=torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="MvmStreams"):
+        cpp.analog_linear_cpp(torch.randn(2, 20), matrix._split, matrix._out_scale, None, grid, io,
+                              lambda purpose, bm_round: 1)
+
+
+def test_backend_selection(monkeypatch):
+    assert backends.resolve_backend("auto", "cpu") == "cpp"
+    assert backends.resolve_backend("reference", "cpu") == "reference"
+    with pytest.raises(ValueError, match="unknown MVM backend"):
+        backends.resolve_backend("cuda-magic")
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        backends.resolve_backend("cpp", "cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if backends.triton_available():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            backends.resolve_backend("triton", "cpu")
+    monkeypatch.setattr(cpp, "extension", lambda: None)
+    assert backends.resolve_backend("auto", "cpu") == "reference"
+    with pytest.raises(RuntimeError, match="make build"):
+        backends.resolve_backend("cpp", "cpu")
+
+
+def test_analog_linear_layer_gives_the_same_output_on_every_cpu_backend():
+    torch.manual_seed(0)
+    layer = AnalogLinear.from_linear(torch.nn.Linear(70, 30), "rasch2023", seed=4)
+    x = torch.randn(5, 70)
+    outputs = {}
+    for name in ("reference", "cpp"):
+        layer.analog.forward_calls = 0
+        with backends.use_backend(name):
+            outputs[name] = layer(x)
+    assert backends.get_backend() == "auto"
+    torch.testing.assert_close(outputs["cpp"], outputs["reference"], rtol=1e-5, atol=1e-6)
