@@ -1,6 +1,8 @@
 """Triton backend of :func:`romer_kernels.kernels.reference.analog_linear` (same signature, same semantics)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from romer_kernels.config.analog import IOConfig
@@ -15,6 +17,16 @@ NOISE_PURPOSES = (Purpose.INP_NOISE, Purpose.W_NOISE, Purpose.OUT_NOISE)  # colu
 def round_seeds(stream_seed: StreamSeed, bm_round: int) -> list[int]:
     """The three per-MVM Philox keys (INP_NOISE, W_NOISE, OUT_NOISE) of one bound-management round."""
     return [int(stream_seed(purpose, bm_round)) for purpose in NOISE_PURPOSES]
+
+
+def round_seed_fn(stream_seed: StreamSeed | None, device) -> Callable[[int], torch.Tensor] | None:
+    """bm_round -> int64 [1, 3] keys on ``device`` for the kernel (None: no per-MVM noise)."""
+    if stream_seed is None:
+        return None
+
+    def seeds(bm_round: int) -> torch.Tensor:
+        return torch.tensor([round_seeds(stream_seed, bm_round)], dtype=torch.int64, device=device)
+    return seeds
 
 
 def stream_seed_table(stream_seeds: list[StreamSeed], io: IOConfig) -> torch.Tensor:
@@ -69,8 +81,5 @@ def analog_linear_triton(
     w = split_w.detach().to(device=device, dtype=torch.float32).contiguous()[None]
     scale = out_scale.detach().to(device=device, dtype=torch.float32).contiguous()[None]
     b = None if bias is None else bias.detach().to(device=device, dtype=torch.float32).contiguous()
-    seeds = None
-    if stream_seed is not None:
-        def seeds(bm_round: int) -> torch.Tensor:
-            return torch.tensor([round_seeds(stream_seed, bm_round)], dtype=torch.int64, device=device)
-    return run(x, w, scale, grid, io, seeds, rows.contiguous(), bias=b, blocks=blocks or Blocks())
+    return run(x, w, scale, grid, io, round_seed_fn(stream_seed, device), rows.contiguous(), bias=b,
+               blocks=blocks or Blocks())

@@ -26,7 +26,7 @@ from romer_kernels.config.device_noise import GaussianNoiseConfig, PCMNoiseConfi
 from romer_kernels.config.tiling import TileGrid
 from romer_kernels.kernels.reference import StreamSeed
 from romer_kernels.kernels.triton._kernel import Blocks, Program, run
-from romer_kernels.kernels.triton.mvm import round_seeds
+from romer_kernels.kernels.triton.mvm import round_seed_fn
 from romer_kernels.nn.chip import per_input_tile, weight_scales
 from romer_kernels.noise.pcm import PCMNoiseModel, at_zero, conductance_scale
 from romer_kernels.rng import Purpose
@@ -103,10 +103,7 @@ def analog_linear_programmed_triton(
     if rows.shape != (batch,):
         raise ValueError(f"row_ids must have one id per input vector ({batch}), got shape {tuple(rows.shape)}")
     b = None if bias is None else bias.detach().to(device=device, dtype=torch.float32).contiguous()
-    seeds = None
-    if stream_seed is not None:
-        def seeds(bm_round: int) -> torch.Tensor:
-            return torch.tensor([round_seeds(stream_seed, bm_round)], dtype=torch.int64, device=device)
+    seeds = round_seed_fn(stream_seed, device)
     placeholder = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=device)
     return run(x, placeholder, out_scale[None], grid, config.io, seeds, rows.contiguous(), bias=b,
                program=plan, blocks=blocks or Blocks())
