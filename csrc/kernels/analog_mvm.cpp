@@ -29,6 +29,8 @@ constexpr int kOutNoise = 4;  // romer_kernels.rng.Purpose codes
 constexpr int kWNoise = 5;
 constexpr int kInpNoise = 6;
 constexpr uint64_t kSeedMask = (uint64_t{1} << 63) - 1;
+// Rounds with at most this many rows per tile use few_rows_products instead of MKL (measured crossover).
+constexpr int64_t kFewRows = 4;
 
 inline uint64_t splitmix64(uint64_t v) {
   v += 0x9E3779B97F4A7C15ull;
@@ -72,6 +74,60 @@ void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
 
 int threads() { return std::max(1, at::get_num_threads()); }
 
+// sum_k w[k] * x[k] (abs_w: |w[k]| * x[k]) over n elements: 4 x 8 lanes of fma, then the lanes.
+template <bool kAbsW>
+inline float dot(const float* w, const float* x, int64_t n) {
+  int64_t k = 0;
+  float sum = 0.0f;
+#if defined(__AVX2__)
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (; k + 32 <= n; k += 32) {
+    for (int u = 0; u < 4; ++u) {
+      __m256 wv = _mm256_loadu_ps(w + k + 8 * u);
+      if constexpr (kAbsW) wv = _mm256_andnot_ps(sign, wv);
+      acc[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k + 8 * u), acc[u]);
+    }
+  }
+  for (; k + 8 <= n; k += 8) {
+    __m256 wv = _mm256_loadu_ps(w + k);
+    if constexpr (kAbsW) wv = _mm256_andnot_ps(sign, wv);
+    acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), acc[0]);
+  }
+  const __m256 total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, total);
+  for (float lane : lanes) sum += lane;
+#endif
+  for (; k < n; ++k) sum += (kAbsW ? std::fabs(w[k]) : w[k]) * x[k];
+  return sum;
+}
+
+// The products of a round with few rows per tile: every weight row is read once (from memory) and
+// multiplied with all rows of the round while it is in L1, instead of one GEMM pass per weight operand.
+void few_rows_products(const float* wp, int64_t T, int64_t N, int64_t nmax, const std::vector<int64_t>& in_sizes,
+                       const float* xap, int na, const float* xbp, int nb, int64_t M,
+                       const std::vector<std::vector<int64_t>>& rows, float* zap, float* zbp, int nt) {
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < N; ++c) {
+      const float* w = wp + (t * N + c) * nmax;
+      const int64_t size = in_sizes[t];
+      const int64_t used = static_cast<int64_t>(rows[t].size());
+      for (int64_t j = 0; j < used; ++j) {
+        for (int a = 0; a < na; ++a) {
+          const int64_t r = t * na * M + a * M + j;
+          zap[r * N + c] = dot<false>(w, xap + r * nmax, size);
+        }
+        for (int a = 0; a < nb; ++a) {
+          const int64_t r = t * nb * M + a * M + j;
+          zbp[r * N + c] = dot<true>(w, xbp + r * nmax, size);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 uint64_t stream_seed(uint64_t chip_key, int purpose, uint64_t counter) {
@@ -111,7 +167,6 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
   }
   check(total_out == N, "out_sizes sum to " + std::to_string(total_out) + " but split_w has " +
                             std::to_string(N) + " outputs");
-  const bool need_abs = !io.is_perfect && (io.ir_drop > 0.0f || (io.w_noise_pcm && io.w_noise > 0.0f && noise.enabled));
   if (abs_split_w.has_value()) {
     check_tensor(*abs_split_w, "abs_split_w", 3);
     check(abs_split_w->sizes() == split_w.sizes(), "abs_split_w must have split_w's shape");
@@ -215,11 +270,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
       }
     }
     at::Tensor abs_w;
-    if (need_abs && nb > 0) {
-      abs_w = abs_split_w.has_value() ? *abs_split_w : split_w.abs();
-    } else if (need_abs && probes) {
-      abs_w = abs_split_w.has_value() ? *abs_split_w : split_w.abs();
-    }
+    if (nb > 0) abs_w = abs_split_w.has_value() ? *abs_split_w : split_w.abs();  // |W| for IR drop / PCM read
     const float* wp = split_w.data_ptr<float>();
     const float* awp = abs_w.defined() ? abs_w.data_ptr<float>() : nullptr;
 
@@ -303,7 +354,12 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
 
       // ---- products -------------------------------------------------------------------------------
       at::Tensor za, zb;
-      if (!probes) {
+      if (!probes && M <= kFewRows) {
+        za = at::empty({T, na * M, N}, f32);
+        if (nb > 0) zb = at::empty({T, nb * M, N}, f32);
+        few_rows_products(wp, T, N, nmax, in_sizes, xap, na, xbp, nb, M, rows, za.data_ptr<float>(),
+                          nb > 0 ? zb.data_ptr<float>() : nullptr, nt);
+      } else if (!probes) {
         za = at::bmm(xa, w_t);
         if (nb > 0) zb = at::bmm(xb, abs_w.transpose(1, 2));
       } else {
