@@ -172,3 +172,29 @@ def test_analog_linear_layer_gives_the_same_output_on_every_cpu_backend():
             outputs[name] = layer(x)
     assert backends.get_backend() == "auto"
     torch.testing.assert_close(outputs["cpp"], outputs["reference"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["aihwkit-default", "rasch2023"])
+def test_analog_experts_give_the_same_output_on_every_backend(name):
+    """The Python expert loop on the reference and C++ kernels, and the grouped Triton kernels (interpreter)."""
+    torch.manual_seed(1)
+    num_experts, hidden, inter, tokens, top_k = 4, 40, 24, 10, 2
+    gate_up = torch.nn.Parameter(torch.randn(num_experts, 2 * inter, hidden) * 0.2)
+    down = torch.nn.Parameter(torch.randn(num_experts, hidden, inter) * 0.2)
+    config = preset(name)
+    config = config.replace(tile=dataclasses.replace(config.tile, max_input_size=16, max_output_size=0))
+    from romer_kernels.nn.analog_experts import AnalogExperts  # noqa: PLC0415
+
+    experts = AnalogExperts(gate_up, down, torch.nn.SiLU(), config, seed=2).program_()
+    x = torch.randn(tokens, hidden)
+    index = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)])
+    index[:, 0] = torch.where(index[:, 0] == 3, 2, index[:, 0])  # keep expert 3 rare
+    weights = torch.rand(tokens, top_k)
+    names = ["reference", "cpp"] + (["triton"] if backends.triton_available() else [])
+    outputs = {}
+    for backend in names:
+        experts.reset_noise_counter()
+        with backends.use_backend(backend):
+            outputs[backend] = experts(x, index, weights)
+    for backend in names[1:]:
+        torch.testing.assert_close(outputs[backend], outputs["reference"], rtol=1e-5, atol=1e-5)

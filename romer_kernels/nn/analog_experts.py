@@ -30,6 +30,7 @@ from torch import nn
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.presets import resolve_config
+from romer_kernels.kernels.backends import resolve_backend
 from romer_kernels.nn.analog_matrix import AnalogMatrix, check_seed
 from romer_kernels.nn.base import AnalogModule
 
@@ -79,6 +80,8 @@ class AnalogExperts(AnalogModule):
         self.forward_calls = 0
         self.dispatch = None
         self.extra_experts = None
+        self.backend: str | None = None  # MVM backend; None = the process default (see kernels.backends)
+        self._stacked: tuple | None = None  # (splits they were made from, device, stacked tensors) for Triton
 
     @classmethod
     def from_experts(cls, experts: nn.Module, config: AnalogConfig | str | None = None, *, name: str = "experts",
@@ -131,17 +134,53 @@ class AnalogExperts(AnalogModule):
                 self.down[expert].effective_weight(self.down_proj[expert]))
 
     # -- forward --------------------------------------------------------------------------------
-    def expert_forward(self, expert: int, x: torch.Tensor, token_ids: torch.Tensor, call_index: int) -> torch.Tensor:
+    def expert_forward(self, expert: int, x: torch.Tensor, token_ids: torch.Tensor, call_index: int,
+                       backend: str | None = None) -> torch.Tensor:
         """One expert's MLP on its tokens ``x [n, H]`` (``token_ids``: their rows in this call), float32."""
         if expert in self.digital_experts:
             hidden = nn.functional.linear(x.float(), self.gate_up_proj[expert].float())
         else:
-            hidden = self.gate_up[expert].matmul(x, self.gate_up_proj[expert], row_ids=token_ids, call_index=call_index)
+            hidden = self.gate_up[expert].matmul(x, self.gate_up_proj[expert], row_ids=token_ids,
+                                                 call_index=call_index, backend=backend or self.backend)
         gate, up = hidden.chunk(2, dim=-1)
         hidden = self.act_fn(gate) * up
         if expert in self.digital_experts:
             return nn.functional.linear(hidden, self.down_proj[expert].float())
-        return self.down[expert].matmul(hidden, self.down_proj[expert], row_ids=token_ids, call_index=call_index)
+        return self.down[expert].matmul(hidden, self.down_proj[expert], row_ids=token_ids, call_index=call_index,
+                                        backend=backend or self.backend)
+
+    def _forward_triton(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                        call_index: int) -> torch.Tensor:
+        """All experts in two grouped Triton launches (vLLM-style dispatch, analog epilogues)."""
+        from romer_kernels.kernels.triton import moe_experts_triton, stream_seed_table  # noqa: PLC0415
+
+        for e in range(self.num_experts):
+            self.gate_up[e].ensure_programmed(self.gate_up_proj[e])
+            self.down[e].ensure_programmed(self.down_proj[e])
+        device = hidden_states.device
+        splits = [m._split for m in self.gate_up + self.down]
+        cached = self._stacked
+        if cached is None or cached[1] != device or any(a is not b for a, b in zip(cached[0], splits)):
+            stacked = dict(
+                gate_up=torch.stack([m._split for m in self.gate_up]).to(device),
+                gate_up_scale=torch.stack([m._out_scale for m in self.gate_up]).to(device),
+                down=torch.stack([m._split for m in self.down]).to(device),
+                down_scale=torch.stack([m._out_scale for m in self.down]).to(device),
+            )
+            self._stacked = cached = (splits, device, stacked)
+        io = self.config.io
+        noisy = self.gate_up[0].mvm_noise
+        seeds = {
+            "seeds_gate_up": stream_seed_table([m.chip.mvm_stream(call_index) for m in self.gate_up], io).to(device)
+            if noisy else None,
+            "seeds_down": stream_seed_table([m.chip.mvm_stream(call_index) for m in self.down], io).to(device)
+            if noisy else None,
+        }
+        with torch.no_grad():
+            out = moe_experts_triton(hidden_states.detach().float(), top_k_index, top_k_weights.detach().float(),
+                                     **cached[2], grid_gate_up=self.gate_up[0].chip.grid,
+                                     grid_down=self.down[0].chip.grid, io=io, act=self.act_fn, **seeds)
+        return out.to(dtype=hidden_states.dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if hidden_states.dim() != 2 or hidden_states.shape[-1] != self.hidden_dim:
@@ -153,6 +192,9 @@ class AnalogExperts(AnalogModule):
             top_k_index, top_k_weights = self.dispatch(top_k_index, top_k_weights)
         call_index = self.forward_calls
         self.forward_calls += 1
+        backend = resolve_backend(self.backend, hidden_states.device)
+        if backend == "triton" and not self.digital_experts and self.extra_experts is None:
+            return self._forward_triton(hidden_states, top_k_index, top_k_weights, call_index)
         out = torch.zeros(hidden_states.shape, dtype=torch.float32)
         flat_experts = top_k_index.reshape(-1).cpu()
         slots = self.num_experts + (self.extra_experts.num_experts if self.extra_experts is not None else 0)
@@ -177,7 +219,7 @@ class AnalogExperts(AnalogModule):
             start += count
             tokens = rows // k
             if expert < self.num_experts:
-                y = self.expert_forward(expert, x_cpu[tokens], tokens, call_index)
+                y = self.expert_forward(expert, x_cpu[tokens], tokens, call_index, backend)
             else:
                 y = self.extra_experts.forward(expert - self.num_experts, x_cpu[tokens], tokens, call_index)
             out.index_add_(0, tokens, y * weights[rows, None])

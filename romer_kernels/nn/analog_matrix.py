@@ -49,6 +49,7 @@ class AnalogMatrix:
         self._abs_split: torch.Tensor | None = None          # |tile weights|, for PCM-read noise / IR drop
         self._pending_restore: tuple[bool, float | None, int] | None = None
         self.backend: str | None = None  # MVM backend of this matrix; None = the process default (see kernels.backends)
+        self._device_cache: tuple | None = None  # (split it was made from, device, tensors on that device)
 
     # -- life cycle -----------------------------------------------------------------------------
     @staticmethod
@@ -103,9 +104,12 @@ class AnalogMatrix:
 
     # -- compute --------------------------------------------------------------------------------
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               row_ids: torch.Tensor | None = None, call_index: int | None = None) -> torch.Tensor:
-        """``x [B, in] -> [B, out]`` through the chip, in float32 on the CPU (backends ``cpp``/``reference``).
+               row_ids: torch.Tensor | None = None, call_index: int | None = None,
+               backend: str | None = None) -> torch.Tensor:
+        """``x [B, in] -> [B, out]`` through the chip, in float32.
 
+        The backend (``backend``, else ``self.backend``, else the process default) decides where: ``cpp`` and ``reference`` run
+        on the CPU (a CUDA ``x`` is brought over and the result sent back), ``triton`` on ``x``'s device.
         One call is one forward of the layer: it uses and advances the per-MVM noise counter, unless the
         caller numbers its forwards itself (``call_index``, e.g. one counter for all experts of a layer).
         """
@@ -114,12 +118,25 @@ class AnalogMatrix:
             call_index = self.forward_calls
             self.forward_calls += 1
         streams = self.chip.mvm_stream(call_index) if self.mvm_noise else None
-        backend = resolve_backend(self.backend, "cpu")
+        backend = resolve_backend(backend or self.backend, x.device)
+        device = x.device if backend == "triton" else torch.device("cpu")
+        split, out_scale, abs_split = self.device_tensors(device)
         with torch.no_grad():
-            bias32 = None if bias is None else bias.detach().to(device="cpu", dtype=torch.float32)
-            return analog_linear(x.detach().to(device="cpu", dtype=torch.float32), self._split, self._out_scale,
-                                 bias32, self.chip.grid, self.config.io, streams, self._abs_split, row_ids,
-                                 backend=backend)
+            bias32 = None if bias is None else bias.detach().to(device=device, dtype=torch.float32)
+            y = analog_linear(x.detach().to(device=device, dtype=torch.float32), split, out_scale, bias32,
+                              self.chip.grid, self.config.io, streams, abs_split, row_ids, backend=backend)
+        return y.to(x.device)
+
+    def device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(split tile weights, out scales, |split| or None) on ``device``; copies to an accelerator are kept
+        until the chip changes."""
+        if device.type == "cpu":
+            return self._split, self._out_scale, self._abs_split
+        cached = self._device_cache
+        if cached is None or cached[0] is not self._split or cached[1] != device:
+            moved = (self._split.to(device), self._out_scale.to(device), None)
+            self._device_cache = cached = (self._split, device, moved)
+        return cached[2]
 
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """[out, in] weights the chip realises in digital units (tile weights x weight scaling x drift
