@@ -16,6 +16,8 @@
 #include <omp.h>
 #endif
 
+#include <type_traits>
+
 namespace romer {
 namespace noise {
 namespace {
@@ -226,13 +228,21 @@ void fill_tile_values(float* buf, int64_t r0, int64_t r1, int64_t cols, const st
   }
 }
 
-inline float sel(bool c, float x, float y) { return c ? x : y; }
+// c ? x : y as bit operations. Under the default -ftrapping-math GCC turns a float ternary whose sides
+// are only needed on one branch into control flow and then cannot vectorise the loop; the mask form
+// stays branch-free. The comparisons are quiet ones (no FP exception on NaN) for the same reason.
+inline float sel(bool c, float x, float y) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return philox::fmath::from_bits((philox::fmath::to_bits(x) & m) | (philox::fmath::to_bits(y) & ~m));
+}
+inline bool ge0(float w) { return __builtin_isgreaterequal(w, 0.0f); }   // w >= 0 (true for -0.0)
+inline bool lt(float x, float y) { return __builtin_isless(x, y); }
 inline float clampf(float v, float lo, float hi) { return std::min(std::max(v, lo), hi); }
 
 inline float piece(const PieceFit& f, float x, float log_x) {
   const float low = clampf(log_x * f.a + f.b, f.lo, f.hi);
   const float high = (x * x * f.p2 + x * f.p1) + f.p0;
-  return sel(x < f.thr, low, high);
+  return sel(lt(x, f.thr), low, high);
 }
 
 void normals(Stream s, int64_t start, int64_t n, float* out) {
@@ -320,10 +330,10 @@ void pcm_program(const float* w, int64_t rows, int64_t cols, const TileSizes& gr
 
   for_items(rows, cols, num_threads, 9, [&](Scratch& ws, int64_t r0, int64_t r1) {
     const int64_t e0 = r0 * cols, n = (r1 - r0) * cols;
-    const float* wv = w + e0;
-    float* sb = ws[0];
-    float *xp = ws[1], *xm = ws[2], *np = ws[3], *nm = ws[4];
-    float *xb = ws[5], *sig = ws[6], *pw = ws[7], *lg = ws[8];
+    const float* __restrict wv = w + e0;
+    float* __restrict sb = ws[0];
+    float *__restrict xp = ws[1], *__restrict xm = ws[2], *__restrict np = ws[3], *__restrict nm = ws[4];
+    float *__restrict xb = ws[5], *__restrict sig = ws[6], *__restrict pw = ws[7], *__restrict lg = ws[8];
     fill_tile_values(sb, r0, r1, cols, rtile, cb, scales);
     normals(prog_plus, e0, n, xp);
     normals(prog_minus, e0, n, xm);
@@ -333,7 +343,7 @@ void pcm_program(const float* w, int64_t rows, int64_t cols, const TileSizes& gr
     }
     // a = min(|w s|, g_max) on the device that holds w (G+ where w >= 0), x = a / g_max
     for (int64_t j = 0; j < n; ++j) xb[j] = std::min(std::fabs(wv[j] * sb[j]), g_max) / g_max;
-    float* out_w = weights + e0;
+    float* __restrict out_w = weights + e0;
     if (prog) {
       // sigma_prog(x) * reference_ratio * prog_noise_scale (polynomial with a running power, as pcm.polynomial)
       if (nc == 1) {
@@ -354,7 +364,7 @@ void pcm_program(const float* w, int64_t rows, int64_t cols, const TileSizes& gr
       const float ratio = p.reference_ratio, scale = p.prog_noise_scale, sigma_off = p.sigma_off;
       for (int64_t j = 0; j < n; ++j) {
         const float s = sb[j];
-        const bool plus = wv[j] >= 0.0f;
+        const bool plus = ge0(wv[j]);
         const float a = std::min(std::fabs(wv[j] * s), g_max);
         const float xi_on = sel(plus, xp[j], xm[j]);
         const float xi_off = sel(plus, xm[j], xp[j]);
@@ -365,7 +375,7 @@ void pcm_program(const float* w, int64_t rows, int64_t cols, const TileSizes& gr
     } else {
       for (int64_t j = 0; j < n; ++j) {
         const float s = sb[j];
-        const bool plus = wv[j] >= 0.0f;
+        const bool plus = ge0(wv[j]);
         const float a = std::min(std::fabs(wv[j] * s), g_max);
         out_w[j] = (sel(plus, a, 0.0f) - sel(plus, 0.0f, a)) / s;
       }
@@ -374,12 +384,36 @@ void pcm_program(const float* w, int64_t rows, int64_t cols, const TileSizes& gr
       for (int64_t j = 0; j < n; ++j) xb[j] = std::max(xb[j], 1e-7f);  // g_rel = max(x, 1e-7)
       log_f32(xb, lg, n);
       const float ds = p.drift_scale, mu_off = p.mu_off, sg_off = p.sigma_nu_off;
-      float* out_p = drift_nu + e0;
-      float* out_m = drift_nu + total + e0;
+      const PieceFit mu_fit = p.nu_mu, sigma_fit = p.nu_sigma;
+      float* __restrict out_p = drift_nu + e0;
+      float* __restrict out_m = drift_nu + total + e0;
+      float *__restrict mub = sig, *__restrict sgb = pw;
       for (int64_t j = 0; j < n; ++j) {
-        const bool plus = wv[j] >= 0.0f;
-        const float mu = piece(p.nu_mu, xb[j], lg[j]);
-        const float sg = piece(p.nu_sigma, xb[j], lg[j]);
+        mub[j] = piece(mu_fit, xb[j], lg[j]);
+        sgb[j] = piece(sigma_fit, xb[j], lg[j]);
+      }
+      int64_t j0 = 0;
+#if ROMER_PHILOX_HAVE_AVX2
+      {  // the loop below by hand (GCC does not vectorise it): same operations, blends for the selects
+        const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+        const __m256 vds = _mm256_set1_ps(ds), vmu_off = _mm256_set1_ps(mu_off), vsg_off = _mm256_set1_ps(sg_off);
+        for (; j0 + 8 <= n; j0 += 8) {
+          const __m256 plus = _mm256_cmp_ps(_mm256_loadu_ps(wv + j0), zero, _CMP_GE_OQ);
+          const __m256 a = _mm256_loadu_ps(np + j0), b = _mm256_loadu_ps(nm + j0);
+          const __m256 xi_on = _mm256_blendv_ps(b, a, plus), xi_off = _mm256_blendv_ps(a, b, plus);
+          const __m256 on = _mm256_mul_ps(
+              _mm256_andnot_ps(sign, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(sgb + j0), xi_on),
+                                                   _mm256_loadu_ps(mub + j0))), vds);
+          const __m256 off = _mm256_mul_ps(
+              _mm256_andnot_ps(sign, _mm256_add_ps(_mm256_mul_ps(xi_off, vsg_off), vmu_off)), vds);
+          _mm256_storeu_ps(out_p + j0, _mm256_blendv_ps(off, on, plus));
+          _mm256_storeu_ps(out_m + j0, _mm256_blendv_ps(on, off, plus));
+        }
+      }
+#endif
+      for (int64_t j = j0; j < n; ++j) {
+        const bool plus = ge0(wv[j]);
+        const float mu = mub[j], sg = sgb[j];
         const float nu_on = std::fabs(sg * sel(plus, np[j], nm[j]) + mu) * ds;
         const float nu_off = std::fabs(sel(plus, nm[j], np[j]) * sg_off + mu_off) * ds;
         out_p[j] = sel(plus, nu_on, nu_off);
@@ -401,12 +435,13 @@ void pcm_read(const float* w_prog, const float* drift_nu, int64_t rows, int64_t 
   const float g_max = p.g_max;
   const double ln_base = std::log(static_cast<double>(static_cast<float>(t_ratio)));  // torch: float(t / t_0)
   const float tf = static_cast<float>(time_factor);
-  const ReadQ& q = p.q;
+  const ReadQ q = p.q;
 
   for_items(rows, cols, num_threads, 7, [&](Scratch& ws, int64_t r0, int64_t r1) {
     const int64_t e0 = r0 * cols, n = (r1 - r0) * cols;
-    const float* wv = w_prog + e0;
-    float *sb = ws[0], *xp = ws[1], *xm = ws[2], *xq = ws[3], *nub = ws[4], *df = ws[5], *qb = ws[6];
+    const float* __restrict wv = w_prog + e0;
+    float *__restrict sb = ws[0], *__restrict xp = ws[1], *__restrict xm = ws[2], *__restrict xq = ws[3];
+    float *__restrict nub = ws[4], *__restrict df = ws[5], *__restrict qb = ws[6];
     fill_tile_values(sb, r0, r1, cols, rtile, cb, scales);
     if (read) {
       normals(read_plus, e0, n, xp);
@@ -421,26 +456,37 @@ void pcm_read(const float* w_prog, const float* drift_nu, int64_t rows, int64_t 
           const float x = xq[j], x2 = x * x;
           const float low = clampf(qb[j] * q.a + q.b, q.lo, q.hi);
           const float high = (((x2 * x) * q.p3 + x2 * q.p2) + x * q.p1) + q.p0;
-          qb[j] = sel(x < q.thr, low, high);
+          qb[j] = sel(lt(x, q.thr), low, high);
         }
       }
     }
     if (drift) {
-      const float* nu_p = drift_nu + e0;
-      const float* nu_m = drift_nu + total + e0;
-      for (int64_t j = 0; j < n; ++j) nub[j] = sel(wv[j] >= 0.0f, nu_p[j], nu_m[j]);
+      const float* __restrict nu_p = drift_nu + e0;
+      const float* __restrict nu_m = drift_nu + total + e0;
+      for (int64_t j = 0; j < n; ++j) nub[j] = sel(ge0(wv[j]), nu_p[j], nu_m[j]);
       neg_pow_base(nub, ln_base, df, n);
     }
-    float* res = out + e0;
-    for (int64_t j = 0; j < n; ++j) {
-      const float s = sb[j];
-      const bool plus = wv[j] >= 0.0f;
-      const float g = std::min(std::fabs(wv[j] * s), g_max);
-      float gd = drift ? df[j] * g : g;
-      if (read) gd = ((std::fabs(gd) * read_noise_scale) * (qb[j] * tf)) * sel(plus, xp[j], xm[j]) + gd;
-      const float quotient = std::max(gd, 0.0f) / s;
-      res[j] = sel(plus, quotient, -quotient);
-    }
+    float* __restrict res = out + e0;
+    auto finish = [&](auto with_drift, auto with_read) {
+      for (int64_t j = 0; j < n; ++j) {
+        const float s = sb[j];
+        const bool plus = ge0(wv[j]);
+        const float g = std::min(std::fabs(wv[j] * s), g_max);
+        float gd = g;
+        if constexpr (decltype(with_drift)::value) gd = df[j] * g;
+        if constexpr (decltype(with_read)::value) {
+          gd = ((std::fabs(gd) * read_noise_scale) * (qb[j] * tf)) * sel(plus, xp[j], xm[j]) + gd;
+        }
+        const float quotient = std::max(gd, 0.0f) / s;
+        res[j] = sel(plus, quotient, -quotient);
+      }
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (drift && read) finish(yes{}, yes{});
+    else if (drift) finish(yes{}, no{});
+    else if (read) finish(no{}, yes{});
+    else finish(no{}, no{});
   });
 }
 

@@ -1,0 +1,98 @@
+"""Chip programming and drift of a 2048x2048 layer: device noise maths on the torch path vs the fused C++
+kernels, and the whole ``AnalogMatrix.program`` / ``.drift`` (which add the weight scaling and the
+drift-compensation readout).
+
+    python -m benchmarks.bench_program [--quick] [--size N]
+
+Prints markdown tables. Times are best-of-N wall-clock milliseconds with torch.set_num_threads(2); the
+torch and C++ variants run interleaved in the same run (benchmarks/_timing.py), so their ratio is
+meaningful even on a loaded machine. ``drift`` is ``drift(3600 s)``: re-conversion, drift, read noise.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+from torch import nn
+
+from benchmarks._timing import best_of
+from romer_kernels import preset
+from romer_kernels.nn.analog_matrix import AnalogMatrix
+from romer_kernels.nn.chip import LayerChip, weight_scales
+from romer_kernels.noise.fused import using_noise_backend
+from romer_kernels.rng import rng_backend
+
+PRESETS = ["aihwkit-default", "rasch2023", "gaussian-chip"]
+T_INFERENCE = 3600.0
+
+
+def with_backend(name, fn):
+    def run():
+        with using_noise_backend(name):
+            return fn()
+    return run
+
+
+def noise_model_ms(name: str, weight: torch.Tensor, repeats: int) -> dict[str, float]:
+    """The noise model's program / read alone, on the target the chip would give it."""
+    config = preset(name)
+    out_features, in_features = weight.shape
+    chip = LayerChip(config, out_features, in_features, layer_id=0)
+    chip.seed = 0
+    target = weight / weight_scales(weight, chip.grid, config.mapping)
+    model, grid = chip.noise_model, chip.grid
+    draw = chip._draw(target.shape)
+    read_draw = chip._draw(target.shape, drift_index=0)
+    with using_noise_backend("torch"):
+        programmed = model.program(target, grid, draw)
+    fns = {}
+    for backend in ("torch", "cpp"):
+        fns[f"program {backend}"] = with_backend(backend, lambda: model.program(target, grid, draw))
+        fns[f"read {backend}"] = with_backend(backend, lambda: model.read(programmed, T_INFERENCE, grid, read_draw))
+    return best_of(fns, repeats=repeats, min_seconds=0.0)
+
+
+def matrix_ms(name: str, weight: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Whole AnalogMatrix.program(seed) and .drift(3600 s), with each noise backend."""
+    fns = {}
+    for backend in ("torch", "auto"):
+        matrix = AnalogMatrix(preset(name), *weight.shape, layer_id=0)
+        with using_noise_backend(backend):
+            matrix.program(weight, seed=0)
+        seeds = iter(range(1, 1 << 30))
+        fns[f"program {backend}"] = with_backend(backend, lambda m=matrix: m.program(weight, seed=next(seeds)))
+        fns[f"drift {backend}"] = with_backend(backend, lambda m=matrix: m.drift(weight, T_INFERENCE))
+    return best_of(fns, repeats=repeats, min_seconds=0.0)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (CI smoke run)")
+    parser.add_argument("--size", type=int, default=2048, help="layer size N (N x N), default 2048")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    repeats = 2 if args.quick else 5
+    torch.manual_seed(0)
+    weight = nn.Linear(args.size, args.size).weight.detach().clone()
+    print(f"# Chip programming and drift, {args.size}x{args.size} ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, rng backend {rng_backend()})\n")
+    print("Noise model alone (ms):\n")
+    print("| preset | program torch | program C++ | speed-up | read(1 h) torch | read(1 h) C++ | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for name in PRESETS:
+        t = noise_model_ms(name, weight, repeats)
+        print(f"| {name} | {t['program torch']:.1f} | {t['program cpp']:.1f} | "
+              f"{t['program torch'] / t['program cpp']:.1f}x | {t['read torch']:.1f} | {t['read cpp']:.1f} | "
+              f"{t['read torch'] / t['read cpp']:.1f}x |")
+    print("\nWhole AnalogMatrix (ms; noise backend torch vs auto = fused C++):\n")
+    print("| preset | program torch | program auto | drift(1 h) torch | drift(1 h) auto | program+drift auto |")
+    print("|---|---|---|---|---|---|")
+    for name in PRESETS:
+        t = matrix_ms(name, weight, repeats)
+        print(f"| {name} | {t['program torch']:.1f} | {t['program auto']:.1f} | {t['drift torch']:.1f} | "
+              f"{t['drift auto']:.1f} | {t['program auto'] + t['drift auto']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
