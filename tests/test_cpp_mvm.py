@@ -174,8 +174,8 @@ def test_analog_linear_layer_gives_the_same_output_on_every_cpu_backend():
     torch.testing.assert_close(outputs["cpp"], outputs["reference"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["aihwkit-default", "rasch2023"])
-def test_analog_experts_give_the_same_output_on_every_backend(name):
+@pytest.mark.parametrize("name, parallel_below", [("aihwkit-default", 96), ("rasch2023", 96), ("rasch2023", 0)])
+def test_analog_experts_give_the_same_output_on_every_backend(name, parallel_below, monkeypatch):
     """The Python expert loop on the reference and C++ kernels, and the grouped Triton kernels (interpreter)."""
     torch.manual_seed(1)
     num_experts, hidden, inter, tokens, top_k = 4, 40, 24, 10, 2
@@ -183,9 +183,10 @@ def test_analog_experts_give_the_same_output_on_every_backend(name):
     down = torch.nn.Parameter(torch.randn(num_experts, hidden, inter) * 0.2)
     config = preset(name)
     config = config.replace(tile=dataclasses.replace(config.tile, max_input_size=16, max_output_size=0))
-    from romer_kernels.nn.analog_experts import AnalogExperts  # noqa: PLC0415
+    from romer_kernels.nn import analog_experts  # noqa: PLC0415
 
-    experts = AnalogExperts(gate_up, down, torch.nn.SiLU(), config, seed=2).program_()
+    monkeypatch.setattr(analog_experts, "PARALLEL_EXPERTS_BELOW", parallel_below)  # experts side by side or not
+    experts = analog_experts.AnalogExperts(gate_up, down, torch.nn.SiLU(), config, seed=2).program_()
     x = torch.randn(tokens, hidden)
     index = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)])
     index[:, 0] = torch.where(index[:, 0] == 3, 2, index[:, 0])  # keep expert 3 rare
@@ -198,3 +199,5 @@ def test_analog_experts_give_the_same_output_on_every_backend(name):
             outputs[backend] = experts(x, index, weights)
     for backend in names[1:]:
         torch.testing.assert_close(outputs[backend], outputs["reference"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="expert ids"), backends.use_backend("cpp"):
+        experts(x, torch.full_like(index, num_experts), weights)

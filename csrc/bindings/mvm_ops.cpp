@@ -5,10 +5,14 @@
 //   analog_mvm(x, split_w, abs_split_w, out_scale, bias, row_ids, in_sizes, out_sizes, io,
 //              chip_key, call_index, readout, probes, return_partial) -> Tensor
 //     chip_key None: no per-MVM noise. Runs without the GIL on at::get_num_threads() threads.
+//   analog_experts(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_in_sizes, gate_up_out_sizes,
+//                  down_in_sizes, down_out_sizes, io, call_index, parallel_below) -> Tensor
+//     gate_up / down: one (split_w, abs_split_w | None, out_scale, chip_key | None) tuple per expert.
 #include <torch/extension.h>
 
 #include <optional>
 
+#include "kernels/analog_experts.h"
 #include "kernels/analog_mvm.h"
 
 namespace py = pybind11;
@@ -77,4 +81,29 @@ void register_mvm_ops(py::module_& m) {
       py::arg("x"), py::arg("split_w"), py::arg("abs_split_w"), py::arg("out_scale"), py::arg("bias"),
       py::arg("row_ids"), py::arg("in_sizes"), py::arg("out_sizes"), py::arg("io"), py::arg("chip_key"),
       py::arg("call_index"), py::arg("readout"), py::arg("probes"), py::arg("return_partial"));
+
+  m.def(
+      "analog_experts",
+      [](const at::Tensor& hidden, const at::Tensor& top_k_index, const at::Tensor& top_k_weights,
+         const std::vector<std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<uint64_t>>>& gate_up,
+         const std::vector<std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<uint64_t>>>& down,
+         const std::vector<int64_t>& gate_up_in_sizes, const std::vector<int64_t>& gate_up_out_sizes,
+         const std::vector<int64_t>& down_in_sizes, const std::vector<int64_t>& down_out_sizes, const IOParams& io,
+         int64_t call_index, int64_t parallel_below) {
+        if (call_index < 0) throw py::value_error("analog_experts: call_index must be non-negative");
+        const auto convert = [](const auto& list) {
+          std::vector<romer::mvm::ExpertMatrix> out;
+          out.reserve(list.size());
+          for (const auto& [split_w, abs_split_w, out_scale, key] : list) out.push_back({split_w, abs_split_w, out_scale, key});
+          return out;
+        };
+        const auto gu = convert(gate_up);
+        const auto dn = convert(down);
+        py::gil_scoped_release release;
+        return romer::mvm::analog_experts(hidden, top_k_index, top_k_weights, gu, dn, gate_up_in_sizes, gate_up_out_sizes,
+                                          down_in_sizes, down_out_sizes, io, call_index, parallel_below);
+      },
+      py::arg("hidden"), py::arg("top_k_index"), py::arg("top_k_weights"), py::arg("gate_up"), py::arg("down"),
+      py::arg("gate_up_in_sizes"), py::arg("gate_up_out_sizes"), py::arg("down_in_sizes"), py::arg("down_out_sizes"),
+      py::arg("io"), py::arg("call_index"), py::arg("parallel_below"));
 }

@@ -35,6 +35,16 @@ from romer_kernels.nn.analog_matrix import AnalogMatrix, check_seed
 from romer_kernels.nn.base import AnalogModule
 
 
+# The C++ expert loop runs experts side by side (one thread each) when they average fewer (token, k)
+# assignments than this; with more, the threads work inside each expert's GEMMs instead.
+PARALLEL_EXPERTS_BELOW = 96
+
+
+def _is_silu(act_fn: nn.Module) -> bool:
+    """The activations the C++ expert loop computes itself (ATen's silu): nn.SiLU and transformers' SiLU."""
+    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
+
+
 def _check_fused_experts(experts: nn.Module) -> None:
     name = type(experts).__name__
     for attr in ("gate_up_proj", "down_proj", "act_fn"):
@@ -149,6 +159,29 @@ class AnalogExperts(AnalogModule):
         return self.down[expert].matmul(hidden, self.down_proj[expert], row_ids=token_ids, call_index=call_index,
                                         backend=backend or self.backend)
 
+    def _forward_cpp(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                     call_index: int) -> torch.Tensor:
+        """The whole expert loop in C++ (csrc/kernels/analog_experts.cpp): same results as the Python loop."""
+        from romer_kernels.kernels import cpp  # noqa: PLC0415
+
+        def entries(matrices, weights):
+            rows = []
+            for matrix, weight in zip(matrices, weights):
+                matrix.ensure_programmed(weight)
+                key = matrix.chip.mvm_stream(call_index).key if matrix.mvm_noise else None
+                rows.append((matrix._split, matrix._abs_split, matrix._out_scale, key))
+            return rows
+
+        gate_up = entries(self.gate_up, self.gate_up_proj)
+        down = entries(self.down, self.down_proj)
+        grid_gate_up, grid_down = self.gate_up[0].chip.grid, self.down[0].chip.grid
+        out = cpp.extension().analog_experts(
+            hidden_states.detach().to(device="cpu", dtype=torch.float32).contiguous(), top_k_index.cpu(),
+            top_k_weights.detach().to(device="cpu", dtype=torch.float32), gate_up, down, grid_gate_up.in_sizes,
+            grid_gate_up.out_sizes, grid_down.in_sizes, grid_down.out_sizes, cpp.mvm_io(self.config.io), call_index,
+            PARALLEL_EXPERTS_BELOW)
+        return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
+
     def _forward_triton(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                         call_index: int) -> torch.Tensor:
         """All experts in two grouped Triton launches (vLLM-style dispatch, analog epilogues)."""
@@ -193,8 +226,11 @@ class AnalogExperts(AnalogModule):
         call_index = self.forward_calls
         self.forward_calls += 1
         backend = resolve_backend(self.backend, hidden_states.device)
-        if backend == "triton" and not self.digital_experts and self.extra_experts is None:
+        all_analog = not self.digital_experts and self.extra_experts is None
+        if backend == "triton" and all_analog:
             return self._forward_triton(hidden_states, top_k_index, top_k_weights, call_index)
+        if backend == "cpp" and all_analog and self.dispatch is None and _is_silu(self.act_fn):
+            return self._forward_cpp(hidden_states, top_k_index, top_k_weights, call_index)
         out = torch.zeros(hidden_states.shape, dtype=torch.float32)
         flat_experts = top_k_index.reshape(-1).cpu()
         slots = self.num_experts + (self.extra_experts.num_experts if self.extra_experts is not None else 0)
