@@ -220,15 +220,20 @@ def test_subclass_with_other_fit_uses_torch_path():
 
 
 def test_log_and_pow_are_rounded_double():
+    """The kernels' ln and x^e: double evaluation (about 1e-11 relative) rounded once to float32, so
+    correctly rounded except for a few values next to a rounding boundary (then 1 ulp off)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.cat([torch.rand(200_000, generator=gen), torch.rand(1000, generator=gen) * 1e-38,
                    torch.tensor([0.0, 1e-45, 1e-7, 1.0, 0.5, 2.0, 1e30])])
     x64 = x.double()
-    with torch.no_grad():
-        want_log = torch.log(x64).float()
-        want_pow = torch.pow(x64, float(torch.tensor(0.65).item())).float()
-    assert torch.equal(_C.noise_log(x), want_log)
-    assert torch.equal(_C.noise_pow(x, 0.65), want_pow)
+    want_log = torch.log(x64).float()
+    want_pow = torch.pow(x64, float(torch.tensor(0.65).item())).float()
+    for got, want in ((_C.noise_log(x), want_log), (_C.noise_pow(x, 0.65), want_pow)):
+        assert torch.equal(got.isinf(), want.isinf())
+        finite = want.isfinite()
+        ulp = torch.nextafter(want[finite].abs(), torch.tensor(math.inf)) - want[finite].abs()
+        assert ((got[finite] - want[finite]).abs() <= ulp).all()
+        assert (got != want).float().mean() < 1e-4
 
 
 def test_tile_absmax():
