@@ -1,4 +1,4 @@
-"""AnalogLinear per preset against nn.Linear, and chip programming + drift time, as ratios of one run.
+"""AnalogLinear per preset and backend against nn.Linear, and chip programming + drift, as ratios of one run.
 
     python -m benchmarks.bench_linear [--quick]
 
@@ -16,13 +16,14 @@ from torch import nn
 
 from benchmarks._timing import best_of
 from romer_kernels import AnalogLinear, preset
+from romer_kernels.kernels.backends import available_backends, use_backend
 from romer_kernels.rng import rng_backend
 
 PRESETS = ["ideal", "aihwkit-default", "rasch2023", "lightning-8bit", "gaussian-chip"]
 
 
 @torch.no_grad()
-def forward_table(shapes, batches, repeats):
+def forward_table(shapes, batches, repeats, backends):
     rows = []
     for in_features, out_features in shapes:
         torch.manual_seed(0)
@@ -31,7 +32,12 @@ def forward_table(shapes, batches, repeats):
         for batch in batches:
             x = torch.randn(batch, in_features)
             fns = {"nn.Linear": lambda: linear(x)}
-            fns.update({name: (lambda layer=layer: layer(x)) for name, layer in layers.items()})
+            for name, layer in layers.items():
+                for backend in backends:
+                    def forward(layer=layer, backend=backend):
+                        with use_backend(backend):
+                            return layer(x)
+                    fns[f"{name} [{backend}]"] = forward
             times = best_of(fns, repeats=repeats)
             rows.append((f"{in_features}x{out_features}", batch, times))
     return rows
@@ -63,11 +69,13 @@ def main(argv=None):
     repeats = 2 if args.quick else 7
     print(f"# AnalogLinear vs nn.Linear ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, rng backend {rng_backend()})\n")
-    print("| layer | batch | nn.Linear ms | " + " | ".join(PRESETS) + " |")
-    print("|---|---|---|" + "---|" * len(PRESETS))
-    for shape, batch, times in forward_table([(1024, 1024), (2048, 1408)], [1, 16, 256], repeats):
+    backends = [b for b in ("cpp", "reference") if b in available_backends("cpu")]
+    columns = [f"{name} [{backend}]" for name in PRESETS for backend in backends]
+    print("| layer | batch | nn.Linear ms | " + " | ".join(columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
+    for shape, batch, times in forward_table([(1024, 1024), (2048, 1408)], [1, 16, 256], repeats, backends):
         base = times["nn.Linear"]
-        cells = " | ".join(f"{times[name] / base:.1f}x" for name in PRESETS)
+        cells = " | ".join(f"{times[column] / base:.2f}x" for column in columns)
         print(f"| {shape} | {batch} | {base:.3f} | {cells} |")
     print("\n| 2048x2048 chip | program ms | drift(1 h) ms |")
     print("|---|---|---|")

@@ -124,6 +124,10 @@ def test_probe_readout_matches_reference_tiled_mvm(name):
     general = cpp.tiled_mvm_cpp(probes, matrix._split, grid, matrix.config.io, streams, probes=False)
     torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(general, expected, rtol=1e-6, atol=1e-7)
+    valid = (torch.arange(n_max)[None, :] < torch.tensor(grid.in_sizes)[:, None]).float()
+    expected_mean = (expected.abs() * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(cpp.probe_mean_cpp(probes, matrix._split, grid, matrix.config.io, streams),
+                               expected_mean, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="one-hot"):
         cpp.tiled_mvm_cpp(probes + 0.1, matrix._split, grid, matrix.config.io, streams, probes=True)
 

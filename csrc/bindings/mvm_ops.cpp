@@ -3,7 +3,8 @@
 //   MvmIO(...)                      the IOConfig numbers, as the kernel takes them (built once per config)
 //   mvm_stream_seed(chip_key, purpose, counter) -> int   the last two splitmix64 steps of stream_seed
 //   analog_mvm(x, split_w, abs_split_w, out_scale, bias, row_ids, in_sizes, out_sizes, io,
-//              chip_key, call_index, readout, probes, return_partial) -> Tensor
+//              chip_key, call_index, readout, probes, output) -> Tensor
+//     output 0: y [B, out]; 1: per-tile partial [T, B, out]; 2: probe means [T, out] (see analog_mvm.h)
 //     chip_key None: no per-MVM noise. Runs without the GIL on at::get_num_threads() threads.
 //   analog_experts(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_in_sizes, gate_up_out_sizes,
 //                  down_in_sizes, down_out_sizes, io, call_index, parallel_below) -> Tensor
@@ -67,7 +68,7 @@ void register_mvm_ops(py::module_& m) {
          const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& bias,
          const std::optional<at::Tensor>& row_ids, const std::vector<int64_t>& in_sizes,
          const std::vector<int64_t>& out_sizes, const IOParams& io, std::optional<uint64_t> chip_key,
-         int64_t call_index, bool readout, bool probes, bool return_partial) {
+         int64_t call_index, bool readout, bool probes, int output) {
         if (call_index < 0) throw py::value_error("analog_mvm: call_index must be non-negative");
         romer::mvm::NoiseKey key;
         key.enabled = chip_key.has_value();
@@ -76,11 +77,11 @@ void register_mvm_ops(py::module_& m) {
         key.readout = readout;
         py::gil_scoped_release release;
         return romer::mvm::analog_mvm(x, split_w, abs_split_w, out_scale, bias, row_ids, in_sizes, out_sizes, io, key,
-                                      probes, return_partial);
+                                      probes, output);
       },
       py::arg("x"), py::arg("split_w"), py::arg("abs_split_w"), py::arg("out_scale"), py::arg("bias"),
       py::arg("row_ids"), py::arg("in_sizes"), py::arg("out_sizes"), py::arg("io"), py::arg("chip_key"),
-      py::arg("call_index"), py::arg("readout"), py::arg("probes"), py::arg("return_partial"));
+      py::arg("call_index"), py::arg("readout"), py::arg("probes"), py::arg("output"));
 
   m.def(
       "analog_experts",

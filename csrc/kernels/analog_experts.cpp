@@ -61,10 +61,10 @@ at::Tensor analog_experts(const at::Tensor& hidden, const at::Tensor& top_k_inde
     const at::Tensor tok = at::div(rows, k, "floor");
     const at::Tensor h = analog_mvm(x.index_select(0, tok), gate_up[e].split_w, gate_up[e].abs_split_w,
                                     gate_up[e].out_scale, std::nullopt, tok, gate_up_in_sizes, gate_up_out_sizes, io,
-                                    key_of(gate_up[e], call_index), false, false);
+                                    key_of(gate_up[e], call_index), false, kOutputLayer);
     const at::Tensor act = (at::silu(h.narrow(1, 0, inter)) * h.narrow(1, inter, inter)).contiguous();
     const at::Tensor y = analog_mvm(act, down[e].split_w, down[e].abs_split_w, down[e].out_scale, std::nullopt, tok,
-                                    down_in_sizes, down_out_sizes, io, key_of(down[e], call_index), false, false);
+                                    down_in_sizes, down_out_sizes, io, key_of(down[e], call_index), false, kOutputLayer);
     results[e] = y * weights.index_select(0, rows).unsqueeze(1);
     tokens[e] = tok;
   };

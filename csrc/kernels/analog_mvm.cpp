@@ -16,7 +16,9 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "core/philox.h"
 
@@ -128,6 +130,21 @@ void few_rows_products(const float* wp, int64_t T, int64_t N, int64_t nmax, cons
   }
 }
 
+// Per-thread scratch buffers, kept between calls: a fresh multi-MB tensor costs a page fault per 4 KiB
+// page on every call (as much as the epilogue itself for the drift-compensation readout).
+struct Workspace {
+  std::vector<float> xa, xb, za, zb, partial;
+};
+thread_local Workspace workspace;
+
+at::Tensor scratch(std::vector<float>& storage, std::initializer_list<int64_t> shape, bool zero) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  if (static_cast<int64_t>(storage.size()) < n) storage.resize(static_cast<size_t>(n));
+  if (zero) std::fill_n(storage.data(), n, 0.0f);
+  return at::from_blob(storage.data(), at::IntArrayRef(shape), at::TensorOptions().dtype(at::kFloat));
+}
+
 }  // namespace
 
 uint64_t stream_seed(uint64_t chip_key, int purpose, uint64_t counter) {
@@ -140,7 +157,8 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
                       const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& row_ids, const std::vector<int64_t>& in_sizes,
                       const std::vector<int64_t>& out_sizes, const IOParams& io, const NoiseKey& noise, bool probes,
-                      bool return_partial) {
+                      int output) {
+  const bool return_partial = output == kOutputPartial;
   // ---- shapes and arguments -----------------------------------------------------------------
   check_tensor(x, "x", 2);
   check_tensor(split_w, "split_w", 3);
@@ -171,8 +189,10 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
     check_tensor(*abs_split_w, "abs_split_w", 3);
     check(abs_split_w->sizes() == split_w.sizes(), "abs_split_w must have split_w's shape");
   }
-  if (!return_partial) {
-    check(out_scale.has_value(), "out_scale is required unless return_partial");
+  check(output >= kOutputLayer && output <= kOutputProbeMean, "output must be 0 (layer), 1 (partial) or 2 (probe mean)");
+  check(output != kOutputProbeMean || B >= nmax, "probe-mean output needs one probe row per tile input");
+  if (output == kOutputLayer) {
+    check(out_scale.has_value(), "out_scale is required for the layer output");
   }
   if (out_scale.has_value()) {
     check_tensor(*out_scale, "out_scale", 2);
@@ -274,7 +294,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
     const float* wp = split_w.data_ptr<float>();
     const float* awp = abs_w.defined() ? abs_w.data_ptr<float>() : nullptr;
 
-    partial = at::zeros({T, B, N}, f32);
+    partial = return_partial ? at::zeros({T, B, N}, f32) : scratch(workspace.partial, {T, B, N}, true);
     float* pp = partial.data_ptr<float>();
     std::vector<uint8_t> over(T * B * n_ot, 0);
     std::vector<std::vector<int64_t>> rows(T);
@@ -295,8 +315,8 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
       const uint64_t counter = mvm_counter(noise.call_index, round, noise.readout);
 
       // ---- prologue: DAC (+ input noise) and the extra operands ---------------------------------
-      at::Tensor xa = at::zeros({T, na * M, nmax}, f32);
-      at::Tensor xb = nb > 0 ? at::zeros({T, nb * M, nmax}, f32) : at::Tensor();
+      at::Tensor xa = scratch(workspace.xa, {T, na * M, nmax}, true);
+      at::Tensor xb = nb > 0 ? scratch(workspace.xb, {T, nb * M, nmax}, true) : at::Tensor();
       std::vector<float> norm(T * M, 0.0f);
       float* xap = xa.data_ptr<float>();
       float* xbp = nb > 0 ? xb.data_ptr<float>() : nullptr;
@@ -355,36 +375,46 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
       // ---- products -------------------------------------------------------------------------------
       at::Tensor za, zb;
       if (!probes && M <= kFewRows) {
-        za = at::empty({T, na * M, N}, f32);
-        if (nb > 0) zb = at::empty({T, nb * M, N}, f32);
+        za = scratch(workspace.za, {T, na * M, N}, false);
+        if (nb > 0) zb = scratch(workspace.zb, {T, nb * M, N}, false);
         few_rows_products(wp, T, N, nmax, in_sizes, xap, na, xbp, nb, M, rows, za.data_ptr<float>(),
                           nb > 0 ? zb.data_ptr<float>() : nullptr, nt);
       } else if (!probes) {
-        za = at::bmm(xa, w_t);
-        if (nb > 0) zb = at::bmm(xb, abs_w.transpose(1, 2));
+        za = scratch(workspace.za, {T, na * M, N}, false);
+        at::bmm_out(za, xa, w_t);
+        if (nb > 0) {
+          zb = scratch(workspace.zb, {T, nb * M, N}, false);
+          at::bmm_out(zb, xb, abs_w.transpose(1, 2));
+        }
       } else {
         // Row j of tile t is v e_b: every product is v times one weight column, exactly as in the GEMM.
-        za = at::zeros({T, na * M, N}, f32);
-        if (nb > 0) zb = at::zeros({T, nb * M, N}, f32);
+        // The columns are read in blocks of kProbeBlock weight rows so each cache line serves 16 probes.
+        constexpr int64_t kProbeBlock = 64;
+        za = scratch(workspace.za, {T, na * M, N}, false);
+        if (nb > 0) zb = scratch(workspace.zb, {T, nb * M, N}, false);
         float* zap = za.data_ptr<float>();
         float* zbp = nb > 0 ? zb.data_ptr<float>() : nullptr;
+        const int64_t n_blocks = (N + kProbeBlock - 1) / kProbeBlock;
 #pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
         for (int64_t t = 0; t < T; ++t) {
-          for (int64_t j = 0; j < M; ++j) {
-            if (j >= static_cast<int64_t>(rows[t].size())) continue;
-            const int64_t b = rows[t][j];
-            if (b >= in_sizes[t]) continue;
-            for (int a = 0; a < na; ++a) {
-              const float v = xap[(t * na * M + a * M + j) * nmax + b];
-              float* out = zap + (t * na * M + a * M + j) * N;
-              const float* col = wp + t * N * nmax + b;
-              for (int64_t c = 0; c < N; ++c) out[c] = v * col[c * nmax];
-            }
-            for (int a = 0; a < nb; ++a) {
-              const float v = xbp[(t * nb * M + a * M + j) * nmax + b];
-              float* out = zbp + (t * nb * M + a * M + j) * N;
-              const float* col = awp + t * N * nmax + b;
-              for (int64_t c = 0; c < N; ++c) out[c] = v * col[c * nmax];
+          for (int64_t blk = 0; blk < n_blocks; ++blk) {
+            const int64_t c0 = blk * kProbeBlock, c1 = std::min(N, c0 + kProbeBlock);
+            const int64_t used = static_cast<int64_t>(rows[t].size());
+            for (int64_t j = 0; j < M; ++j) {
+              const int64_t b = j < used ? rows[t][j] : -1;
+              const bool live = b >= 0 && b < in_sizes[t];
+              for (int a = 0; a < na + nb; ++a) {
+                const bool is_a = a < na;
+                const int64_t r = is_a ? t * na * M + a * M + j : t * nb * M + (a - na) * M + j;
+                float* out = (is_a ? zap : zbp) + r * N;
+                if (!live) {
+                  std::fill(out + c0, out + c1, 0.0f);
+                  continue;
+                }
+                const float v = (is_a ? xap : xbp)[r * nmax + b];
+                const float* col = (is_a ? wp : awp) + t * N * nmax + b;
+                for (int64_t c = c0; c < c1; ++c) out[c] = v * col[c * nmax];
+              }
             }
           }
         }
@@ -474,6 +504,27 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
   // ---- digital part: out_scale, sum over input tiles, bias; NaN rows --------------------------------
   float* pp = partial.data_ptr<float>();
   const bool any_bad = std::any_of(bad.begin(), bad.end(), [](uint8_t v) { return v != 0; });
+  if (output == kOutputProbeMean) {
+    // Mean over each tile's probes b < in_sizes[t] of |partial[t, b, c]|, summed in order of b.
+    at::Tensor means = at::zeros({T, N}, f32);
+    float* mp = means.data_ptr<float>();
+    constexpr int64_t kBlock = 256;
+    const int64_t blocks = (N + kBlock - 1) / kBlock;
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t c0 = blk * kBlock, c1 = std::min(N, c0 + kBlock);
+        float* acc = mp + t * N;
+        for (int64_t b = 0; b < in_sizes[t]; ++b) {
+          const float* row = pp + (t * B + b) * N;
+          for (int64_t c = c0; c < c1; ++c) acc[c] = acc[c] + std::fabs(row[c]);
+        }
+        const float count = static_cast<float>(in_sizes[t]);
+        for (int64_t c = c0; c < c1; ++c) acc[c] = acc[c] / count;
+      }
+    }
+    return means;
+  }
   if (return_partial) {
     if (any_bad) {
       for (int64_t t = 0; t < T; ++t)

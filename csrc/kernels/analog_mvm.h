@@ -59,7 +59,12 @@ struct NoiseKey {
 
 uint64_t stream_seed(uint64_t chip_key, int purpose, uint64_t counter);
 
-// y [B, out] (or the per-tile partial z * scale * r [T, B, out] when return_partial), float32 CPU.
+// What analog_mvm returns (float32 CPU):
+inline constexpr int kOutputLayer = 0;      // y [B, out]: digital scales, sum over input tiles, bias
+inline constexpr int kOutputPartial = 1;    // per-tile partial z * scale * r [T, B, out]
+inline constexpr int kOutputProbeMean = 2;  // [T, out]: mean over b < in_sizes[t] of |partial[t, b, :]|
+                                            // (the drift-compensation readout, with probes)
+
 // probes: the caller promises that row j of every input tile's slice is zero except at position j (the
 // one-hot readout of drift compensation); the products are then computed element-wise, exactly as the
 // GEMM would, instead of by a GEMM.
@@ -67,7 +72,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
                       const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& row_ids, const std::vector<int64_t>& in_sizes,
                       const std::vector<int64_t>& out_sizes, const IOParams& io, const NoiseKey& noise, bool probes,
-                      bool return_partial);
+                      int output);
 
 }  // namespace mvm
 }  // namespace romer

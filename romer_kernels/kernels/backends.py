@@ -153,3 +153,24 @@ def tiled_mvm(
         return cpp.tiled_mvm_cpp(x, split_w, grid, io, streams, abs_split_w, probes=probes)
     return reference.tiled_mvm(reference.split_input(x, grid), split_w, grid.in_sizes, grid.out_sizes, io, streams,
                                abs_split_w)
+
+
+def readout_column_mean(
+    split_w: torch.Tensor,
+    grid: TileGrid,
+    io: IOConfig,
+    streams: MvmStreams | None,
+    probes: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Drift-compensation readout [T, out]: the mean over each input tile's one-hot probes of |tile output|.
+
+    ``probes`` [n_max, in]: row j holds a 1 at column j of every input tile that has one (the one-hot
+    vectors of all tiles at once, as layer inputs)."""
+    name = resolve_backend(backend, probes.device)
+    if name == "cpp" and not (io.inp_noise > 0 and streams is not None):
+        return cpp.probe_mean_cpp(probes, split_w, grid, io, streams)
+    sizes = grid.in_sizes
+    y = tiled_mvm(probes, split_w, grid, io, streams, backend=name if name != "triton" else "reference").abs()
+    valid = (torch.arange(y.shape[1])[None, :] < torch.tensor(sizes)[:, None]).to(y.dtype)  # [T, n_max]
+    return (y * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)

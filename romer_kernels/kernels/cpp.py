@@ -15,6 +15,7 @@ from romer_kernels.config.tiling import TileGrid
 from romer_kernels.rng import MvmStreams
 
 _NOISE_MANAGEMENT = {"abs_max": 0, "constant": 1, "none": 2}
+OUTPUT_LAYER, OUTPUT_PARTIAL, OUTPUT_PROBE_MEAN = 0, 1, 2  # what the kernel returns (csrc/kernels/analog_mvm.h)
 
 
 def extension():
@@ -80,7 +81,7 @@ def analog_linear_cpp(
     key, call_index, readout = _streams_args(streams)
     return extension().analog_mvm(
         x.contiguous(), split_w, abs_split_w, out_scale.contiguous(), None if bias is None else bias.contiguous(),
-        row_ids, grid.in_sizes, grid.out_sizes, mvm_io(io), key, call_index, readout, False, False)
+        row_ids, grid.in_sizes, grid.out_sizes, mvm_io(io), key, call_index, readout, False, OUTPUT_LAYER)
 
 
 def tiled_mvm_cpp(
@@ -99,4 +100,14 @@ def tiled_mvm_cpp(
     key, call_index, readout = _streams_args(streams)
     return extension().analog_mvm(
         x.contiguous(), split_w, abs_split_w, None, None, row_ids, grid.in_sizes, grid.out_sizes, mvm_io(io), key,
-        call_index, readout, probes, True)
+        call_index, readout, probes, OUTPUT_PARTIAL)
+
+
+def probe_mean_cpp(probes: torch.Tensor, split_w: torch.Tensor, grid: TileGrid, io: IOConfig,
+                   streams: MvmStreams | None, abs_split_w: torch.Tensor | None = None) -> torch.Tensor:
+    """The drift-compensation readout [T, out]: mean over tile t's one-hot probes (rows j < in_sizes[t] of
+    ``probes``) of |tile output|, without materialising the per-probe outputs."""
+    key, call_index, readout = _streams_args(streams)
+    return extension().analog_mvm(
+        probes.contiguous(), split_w, abs_split_w, None, None, None, grid.in_sizes, grid.out_sizes, mvm_io(io), key,
+        call_index, readout, True, OUTPUT_PROBE_MEAN)

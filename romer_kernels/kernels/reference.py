@@ -40,9 +40,12 @@ def split_columns(t: torch.Tensor, grid: TileGrid) -> torch.Tensor:
     Used for inputs ([B, in]) and weights ([out, in]); zero padding contributes nothing to any tile sum.
     """
     sizes = grid.in_sizes
-    out = t.new_zeros(len(sizes), t.shape[0], max(sizes))
+    n_max = max(sizes)
+    out = t.new_empty(len(sizes), t.shape[0], n_max)
     for i, cols in enumerate(grid.in_slices()):
-        out[i, :, : sizes[i]] = t[:, cols]
+        out[i, :, : sizes[i]].copy_(t[:, cols])
+        if sizes[i] < n_max:
+            out[i, :, sizes[i]:].zero_()  # only the padding is zero-filled
     return out
 
 

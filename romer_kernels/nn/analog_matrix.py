@@ -17,7 +17,6 @@ import torch
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.kernels.backends import analog_linear, resolve_backend
-from romer_kernels.kernels.reference import split_weight
 from romer_kernels.nn.chip import LayerChip
 
 
@@ -90,10 +89,10 @@ class AnalogMatrix:
     def last_drift_index(self) -> int:
         return max(self.chip.drift_calls - 1, 0)
 
-    def _set(self, tile_weight: torch.Tensor, out_scale: torch.Tensor) -> None:
+    def _set(self, split: torch.Tensor, out_scale: torch.Tensor) -> None:
         io = self.config.io
         self._out_scale = out_scale
-        self._split = split_weight(tile_weight, self.chip.grid)
+        self._split = split
         needs_abs = not io.is_perfect and (io.w_noise_type == "pcm_read" or io.ir_drop > 0)
         self._abs_split = self._split.abs() if needs_abs else None
 

@@ -11,7 +11,7 @@ import torch
 
 from romer_kernels.config.analog import AnalogConfig, MappingConfig
 from romer_kernels.config.tiling import TileGrid
-from romer_kernels.kernels.backends import tiled_mvm
+from romer_kernels.kernels.backends import readout_column_mean
 from romer_kernels.kernels.reference import split_weight
 from romer_kernels.noise import build_noise_model
 from romer_kernels.noise.base import ProgrammedWeights, StreamDraw
@@ -47,6 +47,7 @@ class LayerChip:
         self.baseline: torch.Tensor | None = None    # [n_in_tiles, out] drift-compensation readout at t=0
         self.drift_calls = 0
         self._key: tuple[int, int] | None = None     # (seed, chip_key) of the per-MVM streams
+        self._probes: torch.Tensor | None = None     # one-hot readout inputs [n_max, in]
 
     # -- random streams -------------------------------------------------------------------------
     def _draw(self, shape: torch.Size, drift_index: int | None = None) -> StreamDraw:
@@ -64,21 +65,27 @@ class LayerChip:
 
     # -- programming and drift ------------------------------------------------------------------
     def program(self, weight: torch.Tensor, seed: int, mvm_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Program the digital ``weight`` with chip ``seed``; returns (tile weights, out scales)."""
+        """Program the digital ``weight`` with chip ``seed``; returns (tile weights split per input tile
+        [n_in_tiles, out, n_max], out scales [n_in_tiles, out])."""
         self.seed = seed
         self.drift_calls = 0
         w = weight.detach().to(torch.float32)
-        scales = weight_scales(w, self.grid, self.config.mapping)
-        target = w / scales
+        if self.config.mapping.weight_scaling_omega > 0:
+            scales = weight_scales(w, self.grid, self.config.mapping)
+            target = w / scales
+            self.scales = per_input_tile(scales, self.grid)
+        else:  # no weight scaling: s = 1 (skips two passes over the weight)
+            target = w
+            self.scales = torch.ones(len(self.grid.in_sizes), self.grid.out_features)
         if self.noise_model is None:
-            self.programmed = ProgrammedWeights(target)
+            self.programmed = ProgrammedWeights(target.clone())  # never alias the digital weight
         else:
             self.programmed = self.noise_model.program(target, self.grid, self._draw(target.shape))
-        self.scales = per_input_tile(scales, self.grid)
         self.baseline = None
+        split = split_weight(self.programmed.weights, self.grid)
         if self.config.drift_compensation.kind != "none":
-            self.baseline = self.readout(self.programmed.weights, mvm_noise)
-        return self.programmed.weights, self._out_scale(self.programmed.weights, mvm_noise)
+            self.baseline = self.readout(split, mvm_noise)
+        return split, self._out_scale(split, mvm_noise)
 
     def drift(self, t_inference: float, mvm_noise: bool, drift_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights ``t_inference`` seconds after programming, with fresh read noise; returns as program()."""
@@ -93,28 +100,25 @@ class LayerChip:
         else:
             weights = self.noise_model.read(self.programmed, float(t_inference), self.grid,
                                             self._draw(self.programmed.weights.shape, drift_index=index))
-        return weights, self._out_scale(weights, mvm_noise, readout_index=index + 1)
+        split = split_weight(weights, self.grid)
+        return split, self._out_scale(split, mvm_noise, readout_index=index + 1)
 
     # -- drift compensation ---------------------------------------------------------------------
-    def readout(self, tile_weight: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
+    def readout(self, split_w: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
         """aihwkit's compensation readout: mean |output| of one-hot inputs through each tile's periphery.
 
         Returns [n_in_tiles, out]: per tile (global) or per crossbar column (per_column), clamped at 1e-4.
         """
         grid = self.grid
-        sizes = grid.in_sizes
-        n_max = max(sizes)
-        # Probe j of every input tile is the one-hot vector e_j of that tile: as one input row of the layer,
-        # row j holds a 1 at column j of each tile that has one.
-        probes = torch.zeros(n_max, grid.in_features)
-        for cols in grid.in_slices():
-            size = cols.stop - cols.start
-            probes[torch.arange(size), cols.start + torch.arange(size)] = 1.0
-        wt = split_weight(tile_weight, grid)
+        if self._probes is None:
+            # Probe j of every input tile is the one-hot vector e_j of that tile: as one input row of the
+            # layer, row j holds a 1 at column j of each tile that has one.
+            self._probes = torch.zeros(max(grid.in_sizes), grid.in_features)
+            for cols in grid.in_slices():
+                size = cols.stop - cols.start
+                self._probes[torch.arange(size), cols.start + torch.arange(size)] = 1.0
         seeds = self.mvm_stream(readout_index, readout=True) if mvm_noise else None
-        y = tiled_mvm(probes, wt, grid, self.config.io, seeds, probes=True).abs()  # [T, n_max, out]
-        valid = (torch.arange(n_max)[None, :] < torch.tensor(sizes)[:, None]).to(y.dtype)  # [T, n_max]
-        column_mean = (y * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)  # [T, out]
+        column_mean = readout_column_mean(split_w, grid, self.config.io, seeds, self._probes)  # [T, out]
         if self.config.drift_compensation.kind == "per_column":
             return column_mean.clamp_min(1e-4)
         tile_mean = torch.empty_like(column_mean)
@@ -122,8 +126,8 @@ class LayerChip:
             tile_mean[:, rows] = column_mean[:, rows].mean(dim=1, keepdim=True)
         return tile_mean.clamp_min(1e-4)
 
-    def _out_scale(self, tile_weight: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
+    def _out_scale(self, split_w: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
         scale = self.scales * self.config.io.out_scale
         if self.baseline is not None and readout_index > 0:
-            scale = scale * (self.baseline / self.readout(tile_weight, mvm_noise, readout_index))
+            scale = scale * (self.baseline / self.readout(split_w, mvm_noise, readout_index))
         return scale
