@@ -17,6 +17,7 @@ The default is ``auto``; change it with :func:`set_backend`, the ``use_backend``
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from typing import Iterator
@@ -40,6 +41,7 @@ def _check_name(name: str) -> str:
 _default = _check_name(os.environ.get("ROMER_BACKEND", "auto"))
 
 
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -90,6 +92,8 @@ def resolve_backend(name: str | None = None, device: torch.device | str = "cpu")
     """The concrete backend for ``name`` (None = the default) on ``device``; a clear error if it cannot run."""
     name = _check_name(get_backend() if name is None else name)
     device = torch.device(device)
+    if device.type == "cpu" and (name == "reference" or (name in ("auto", "cpp") and cpp.is_available())):
+        return "cpp" if name == "auto" else name  # the per-call fast path (every forward resolves its backend)
     available = available_backends(device)
     if name == "auto":
         if device.type == "cuda" and "triton" in available:

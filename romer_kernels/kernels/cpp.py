@@ -18,13 +18,18 @@ _NOISE_MANAGEMENT = {"abs_max": 0, "constant": 1, "none": 2}
 OUTPUT_LAYER, OUTPUT_PARTIAL, OUTPUT_PROBE_MEAN = 0, 1, 2  # what the kernel returns (csrc/kernels/analog_mvm.h)
 
 
-def extension():
-    """The compiled module if it has the MVM kernel, else None."""
+@functools.lru_cache(maxsize=1)
+def _load():
     try:
         from romer_kernels import _C  # noqa: PLC0415  (optional compiled extension)
     except ImportError:
         return None
     return _C if hasattr(_C, "analog_mvm") else None
+
+
+def extension():
+    """The compiled module if it has the MVM kernel, else None."""
+    return _load()
 
 
 def is_available() -> bool:
