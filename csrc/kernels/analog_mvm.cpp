@@ -74,7 +74,11 @@ void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
   check(t.is_contiguous(), std::string(name) + " must be contiguous");
 }
 
-int threads() { return std::max(1, at::get_num_threads()); }
+// Threads for a call that touches about `work` elements: small calls stay on one thread. Besides the
+// fork/join cost, a parallel region waits for every thread of the team, and on a machine where another
+// process holds a core that wait can last a scheduler time slice (milliseconds) per region.
+constexpr int64_t kParallelGrain = 1 << 15;
+int threads(int64_t work) { return work < kParallelGrain ? 1 : std::max(1, at::get_num_threads()); }
 
 // sum_k w[k] * x[k] (abs_w: |w[k]| * x[k]) over n elements: 4 x 8 lanes of fma, then the lanes.
 template <bool kAbsW>
@@ -214,7 +218,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
   } else {
     for (int64_t b = 0; b < B; ++b) rid[b] = b;
   }
-  const int nt = threads();
+  const int nt = threads(B * std::max(K, T * N));
   const float* xp = x.data_ptr<float>();
   const at::TensorOptions f32 = x.options();
 
@@ -378,7 +382,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
         za = scratch(workspace.za, {T, na * M, N}, false);
         if (nb > 0) zb = scratch(workspace.zb, {T, nb * M, N}, false);
         few_rows_products(wp, T, N, nmax, in_sizes, xap, na, xbp, nb, M, rows, za.data_ptr<float>(),
-                          nb > 0 ? zb.data_ptr<float>() : nullptr, nt);
+                          nb > 0 ? zb.data_ptr<float>() : nullptr, threads(T * N * nmax * M / 32));  // ~32 flops per element
       } else if (!probes) {
         za = scratch(workspace.za, {T, na * M, N}, false);
         at::bmm_out(za, xa, w_t);

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from romer_kernels.kernels.backends import BACKENDS, resolve_backend, set_backend
 from romer_kernels.config.presets import PRESETS, preset
 
 # wide enough for module names when the output is a file or a CI log, not a terminal
@@ -227,6 +228,8 @@ def _train_tiny(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="romer", description="Analog in-memory-computing simulation for MoE LLMs")
+    parser.add_argument("--backend", default=None, choices=list(BACKENDS),
+                        help="analog MVM backend (default: $ROMER_BACKEND or auto = C++ on CPU, Triton on CUDA)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="the main job: bundled MoE model, clean vs analog at several noise scales")
@@ -283,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         return tiny.main([a for a in argv[1:] if a != "--"]) or 0
     args = build_parser().parse_args(argv)
     try:
+        if args.backend is not None:
+            resolve_backend(args.backend)  # fail now, with the reason, if it cannot run here
+            set_backend(args.backend)
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, NotImplementedError, TypeError) as error:
+    except (ValueError, FileNotFoundError, ImportError, NotImplementedError, TypeError, RuntimeError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
 
