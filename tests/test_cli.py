@@ -21,6 +21,17 @@ def test_presets_and_errors(capsys):
     assert main(["eval", "--model", "/nonexistent/folder"]) == 2
 
 
+def test_backend_option_selects_or_explains(capsys, monkeypatch):
+    from romer_kernels.kernels import backends  # noqa: PLC0415
+
+    monkeypatch.setattr(backends, "_default", "auto")
+    assert main(["--backend", "reference", "presets"]) == 0
+    assert backends.get_backend() == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert main(["--backend", "triton", "presets"]) == 2
+    assert "triton" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not bundled_models(), reason="no bundled model in this checkout")
 def test_demo_writes_table_plot_and_resumable_results(tmp_path, capsys):
     run_dir = tmp_path / "demo"
