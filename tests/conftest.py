@@ -1,5 +1,8 @@
 import os
 
-# The Triton tests run in the interpreter on CPU; triton reads this when @triton.jit runs, so it must be
-# set before anything imports triton.
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+# Without a GPU the Triton tests run in the interpreter on CPU tensors; triton reads this when @triton.jit
+# runs, so it must be set before anything imports triton. With a GPU they run compiled, on CUDA tensors.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"

@@ -1,4 +1,5 @@
-"""Triton kernels (run in the interpreter, TRITON_INTERPRET=1 from conftest.py) against the reference.
+"""Triton kernels against the reference: on a GPU when there is one, else in the interpreter
+(TRITON_INTERPRET=1 from conftest.py). Inputs are built on the CPU and moved to DEVICE for the kernel.
 
 Every kernel is compared with ``reference.analog_linear`` on fresh random inputs with several ragged input
 tiles and output tiles. The ADC may flip a code where the float sums of kernel and reference differ by an
@@ -36,6 +37,14 @@ from romer_kernels.kernels.triton import (  # noqa: E402
 from romer_kernels.nn.analog_matrix import AnalogMatrix  # noqa: E402
 
 BLOCKS = Blocks(m=16, n=32, k=32, prepass_m=16, prepass_k=32)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on_device(fn, *args, **kwargs):
+    """``fn`` with every tensor argument moved to DEVICE (int tables included); the result back on the CPU."""
+    move = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    out = fn(*(move(a) for a in args), **{k: move(v) for k, v in kwargs.items()})
+    return out.cpu()
 OUT, IN, BATCH = 40, 70, 12
 
 
@@ -83,7 +92,7 @@ def run_both(matrix: AnalogMatrix, x: torch.Tensor, io: IOConfig | None = None, 
     io = matrix.config.io if io is None else io
     seeds = matrix.chip.mvm_stream(call_index) if noise else None
     args = (x, matrix._split, matrix._out_scale, bias, matrix.chip.grid, io, seeds, matrix._abs_split, row_ids)
-    return analog_linear_triton(*args, blocks=blocks), analog_linear(*args)
+    return _on_device(analog_linear_triton, *args, blocks=blocks), analog_linear(*args)
 
 
 def check_linear(matrix, x, io=None, **kwargs):
@@ -207,13 +216,14 @@ def test_moe_experts_match_analog_experts(case):
     weights = torch.rand(tokens, top_k, generator=gen)
     module.forward_calls = 4
     ref = module(hidden, index, weights)
-    out = moe_experts_triton(hidden, index, weights, **analog_experts_arguments(module, call_index=4), blocks=BLOCKS)
+    out = _on_device(moe_experts_triton, hidden, index, weights, **analog_experts_arguments(module, call_index=4),
+                     blocks=BLOCKS)
     n_tiles = 3 + 1
     step = adc_tolerance(hidden, config.io, torch.ones(1), n_tiles) * 4  # two layers: a flip in GEMM1 propagates
     assert_matches(out, ref, step, rtol=1e-4, atol=1e-4)
     assert torch.isnan(out[6]).all() and not torch.isnan(out[[0, 1, 2, 3, 4, 5, 7, 8, 9]]).any()
     if not config.io.is_perfect:
-        quiet = moe_experts_triton(hidden, index, weights, **{**analog_experts_arguments(module, 4),
+        quiet = _on_device(moe_experts_triton, hidden, index, weights, **{**analog_experts_arguments(module, 4),
                                                               "seeds_gate_up": None, "seeds_down": None}, blocks=BLOCKS)
         assert not torch.allclose(quiet[~torch.isnan(quiet[:, 0])], out[~torch.isnan(out[:, 0])])
 
@@ -246,7 +256,7 @@ def test_on_the_fly_programming_matches_programmed_chip(case):
     seeds = matrix.chip.mvm_stream(1)
     ref = analog_linear(x, matrix._split, matrix._out_scale, bias, matrix.chip.grid, config.io, seeds,
                         matrix._abs_split, row_ids)
-    out = analog_linear_programmed_triton(x, weight, bias, config, 11, "otf", seeds, row_ids, blocks=BLOCKS)
+    out = _on_device(analog_linear_programmed_triton, x, weight, bias, config, 11, "otf", seeds, row_ids, blocks=BLOCKS)
     # programming normals come from another backend (C++) than the kernel's (Triton): a few ulp apart
     assert_matches(out, ref, adc_tolerance(x, config.io, matrix._out_scale, 3), rtol=1e-4, atol=1e-4)
     if config.noise is not None:   # the programming noise is really there
