@@ -37,7 +37,7 @@ test-py: build
 test: test-cpp test-py
 
 bench: build
-	$(PY) -m benchmarks.bench_linear
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf build *.egg-info romer_kernels/_C*.so
