@@ -2,7 +2,7 @@
 
 Both paths get the same streams (a ``StreamDraw``); the torch path draws its normals with the default
 RNG backend, the C++ Philox, so the normals are bit-identical and the only differences left are log /
-pow (the kernels evaluate them in double and round once, torch's float32 vector maths is within 1 ulp).
+pow (the kernels use float32 polynomials within about 2 ulp, torch's float32 vector maths is within 1 ulp).
 Programmed weights have no log or pow and must match bit for bit; drift exponents and read weights must
 agree to a few ulp (relative 1e-5, plus an absolute 1e-6 of the layer's abs-max for values that land
 near a clamp at 0).
@@ -258,3 +258,65 @@ def test_layer_chip_uses_fused_path():
     got, want = both_paths(lambda: chip.noise_model.program(weight, chip.grid, draw))
     assert torch.equal(got.weights, want.weights)
     assert math.isfinite(got.drift_nu.sum().item())
+
+
+def test_float32_log_exp_pow_of_the_kernels():
+    """The kernels' float32 ln / exp / x^e (noise_*_f32) against double maths: ln and exp within 1 ulp
+    (tested: 2), x^e = exp(e ln x) within 2 ulp plus 2 ulp per unit of |e ln x| (the rounding of ln x)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.rand(200_000, generator=gen), torch.exp(-16 * torch.rand(100_000, generator=gen)),
+                   torch.rand(1000, generator=gen) * 1e-38, torch.tensor([0.0, 1e-45, 1e-7, 1.0, 0.5, 2.0, 1e30])])
+    y = torch.cat([(torch.rand(200_000, generator=gen) - 0.5) * 40, (torch.rand(1000, generator=gen) - 0.5) * 200,
+                   torch.tensor([0.0, -87.0, -103.0, -104.0, -110.0, 88.0, 88.7, 89.0, -1e-8])])
+    e = float(torch.tensor(0.65).item())
+
+    def ulps(got, want):
+        assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got.isnan(), want.isnan())
+        finite = want.isfinite()
+        ulp = torch.nextafter(want[finite].abs(), torch.tensor(math.inf)) - want[finite].abs()
+        return (got[finite] - want[finite]).abs() / ulp, finite
+
+    err, _ = ulps(_C.noise_log_f32(x), torch.log(x.double()).float())
+    assert err.max() <= 2
+    err, _ = ulps(_C.noise_exp_f32(y), torch.exp(y.double()).float())
+    assert err.max() <= 2
+    err, finite = ulps(_C.noise_pow_f32(x, 0.65), torch.pow(x.double(), e).float())
+    assert (err <= 2 + 2 * (e * torch.log(x.double())[finite]).abs()).all()
+    assert _C.noise_log_f32(torch.tensor([math.nan])).isnan().all() and _C.noise_exp_f32(torch.tensor([math.nan])).isnan().all()
+
+
+def test_chip_reuses_dropped_results_only():
+    """Re-programming / re-drifting a chip writes into the results it dropped when nobody else holds them;
+    the values are those of a fresh chip, and results someone kept are never overwritten."""
+    from romer_kernels import preset
+    from romer_kernels.nn.analog_matrix import AnalogMatrix
+
+    weight = make_weight((70, 45), seed=7)
+    matrix = AnalogMatrix(preset("aihwkit-default"), 70, 45, layer_id="reuse")
+    matrix.program(weight, seed=1)
+    ptrs = (matrix.chip.programmed.weights.data_ptr(), matrix.chip.programmed.drift_nu.data_ptr())
+    matrix.program(weight, seed=2)
+    assert (matrix.chip.programmed.weights.data_ptr(), matrix.chip.programmed.drift_nu.data_ptr()) == ptrs
+
+    kept = matrix.chip.programmed                      # someone keeps the programmed state
+    kept_nu = matrix.chip.programmed.drift_nu          # ... or one of its tensors
+    copies = kept.weights.clone(), kept_nu.clone()
+    matrix.program(weight, seed=3)
+    assert torch.equal(kept.weights, copies[0]) and torch.equal(kept_nu, copies[1])
+    assert matrix.chip.programmed.weights.data_ptr() != kept.weights.data_ptr()
+    del kept, kept_nu
+
+    matrix.program(weight, seed=4)
+    matrix.drift(weight, HOUR)
+    buffer = matrix.chip._read_buffer
+    assert buffer is not None
+    ptr = buffer.data_ptr()
+    del buffer
+    matrix.drift(weight, DAY)
+    assert matrix.chip._read_buffer.data_ptr() == ptr
+
+    fresh = AnalogMatrix(preset("aihwkit-default"), 70, 45, layer_id="reuse")
+    fresh.program(weight, seed=4)
+    fresh.drift(weight, HOUR)
+    fresh.drift(weight, DAY)
+    assert torch.equal(matrix._split, fresh._split) and torch.equal(matrix._out_scale, fresh._out_scale)

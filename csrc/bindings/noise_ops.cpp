@@ -6,7 +6,9 @@
 //   noise_gaussian_program(w, in_sizes, sigma, multiplicative_sigma, add_seed, mul_seed) -> weights
 //   noise_gaussian_read(w_prog, in_sizes, read_sigma, read_seed) -> weights
 //   noise_tile_absmax(w, out_sizes, in_sizes) -> [n_out_tiles, n_in_tiles]
-//   noise_log(x), noise_pow(x, exponent) -> float32 (element-wise helpers, for tests)
+//   noise_log(x), noise_pow(x, exponent) -> float32 (double maths rounded once: references for tests)
+//   noise_log_f32(x), noise_pow_f32(x, exponent), noise_exp_f32(x) -> the kernels' float32 maths (tests)
+// noise_pcm_program / noise_pcm_read take optional output buffers (out_weights, out_nu / out).
 //
 // `params` is a dict of Python floats built by romer_kernels/noise/fused.py (float32 rounding happens
 // here, as torch rounds Python scalars). Seeds are Philox stream keys (`draw.seed(purpose, slot)`);
@@ -26,6 +28,22 @@ namespace py = pybind11;
 namespace rn = romer::noise;
 
 namespace {
+
+// `out` if it is a float32 CPU contiguous tensor of `sizes` that does not overlap `w`, else a new tensor.
+// Reusing the previous call's result avoids page-faulting fresh memory (16 MB per 2048x2048 matrix).
+torch::Tensor output(const std::optional<torch::Tensor>& out, at::IntArrayRef sizes, const torch::Tensor& w,
+                     const char* name) {
+  if (!out.has_value() || !out->defined()) return torch::empty(sizes, w.options());
+  const torch::Tensor& o = *out;
+  TORCH_CHECK(o.device().is_cpu() && o.scalar_type() == torch::kFloat32 && o.is_contiguous() && o.sizes() == sizes &&
+                  !o.requires_grad(),
+              name, " must be a contiguous float32 CPU tensor of shape ", sizes, " (no grad)");
+  const auto* a0 = static_cast<const char*>(o.data_ptr());
+  const auto* b0 = static_cast<const char*>(w.data_ptr());
+  const auto a1 = a0 + o.nbytes(), b1 = b0 + w.nbytes();
+  TORCH_CHECK(a1 <= b0 || b1 <= a0, name, " must not overlap the input");
+  return o;
+}
 
 torch::Tensor checked_matrix(const torch::Tensor& w, const char* name) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kFloat32 && w.dim() == 2, name,
@@ -125,7 +143,8 @@ rn::PcmParams pcm_params(const py::dict& d) {
 
 py::tuple pcm_program(const torch::Tensor& w_in, const std::vector<int64_t>& out_sizes,
                       const std::vector<int64_t>& in_sizes, const py::dict& params, const py::object& prog_seeds,
-                      const py::object& nu_seeds) {
+                      const py::object& nu_seeds, const std::optional<torch::Tensor>& out_weights,
+                      const std::optional<torch::Tensor>& out_nu) {
   const torch::Tensor w = checked_matrix(w_in, "w");
   const rn::TileSizes grid = tile_sizes(w, out_sizes, in_sizes);
   const rn::PcmParams p = pcm_params(params);
@@ -133,9 +152,12 @@ py::tuple pcm_program(const torch::Tensor& w_in, const std::vector<int64_t>& out
   const auto [np, nm] = pair_streams(nu_seeds);
   TORCH_CHECK(pp.has == pm.has && np.has == nm.has, "pair seeds need both slots");
   const int64_t rows = w.size(0), cols = w.size(1);
-  torch::Tensor weights = torch::empty({rows, cols}, w.options());
+  torch::Tensor weights = output(out_weights, {rows, cols}, w, "out_weights");
   torch::Tensor nu;
-  if (np.has) nu = torch::empty({2, rows, cols}, w.options());
+  if (np.has) {
+    nu = output(out_nu, {2, rows, cols}, w, "out_nu");
+    TORCH_CHECK(!nu.is_same(weights) && nu.data_ptr() != weights.data_ptr(), "out_nu must not be out_weights");
+  }
   {
     py::gil_scoped_release no_gil;
     rn::pcm_program(w.data_ptr<float>(), rows, cols, grid, p, pp, pm, np, nm, weights.data_ptr<float>(),
@@ -147,7 +169,7 @@ py::tuple pcm_program(const torch::Tensor& w_in, const std::vector<int64_t>& out
 torch::Tensor pcm_read(const torch::Tensor& w_in, const std::optional<torch::Tensor>& nu_in,
                        const std::vector<int64_t>& out_sizes, const std::vector<int64_t>& in_sizes,
                        const py::dict& params, double t_ratio, double time_factor, double read_noise_scale,
-                       const py::object& read_seeds) {
+                       const py::object& read_seeds, const std::optional<torch::Tensor>& out_in) {
   const torch::Tensor w = checked_matrix(w_in, "w_prog");
   const rn::TileSizes grid = tile_sizes(w, out_sizes, in_sizes);
   const rn::PcmParams p = pcm_params(params);
@@ -161,7 +183,8 @@ torch::Tensor pcm_read(const torch::Tensor& w_in, const std::optional<torch::Ten
                     nu.size(1) == rows && nu.size(2) == cols,
                 "drift_nu must be a float32 CPU tensor of shape [2, rows, cols]");
   }
-  torch::Tensor out = torch::empty({rows, cols}, w.options());
+  torch::Tensor out = output(out_in, {rows, cols}, w, "out");
+  if (nu.defined()) output(out, {rows, cols}, nu, "out");  // must not overlap drift_nu either
   {
     py::gil_scoped_release no_gil;
     rn::pcm_read(w.data_ptr<float>(), nu.defined() ? nu.data_ptr<float>() : nullptr, rows, cols, grid, p, t_ratio,
@@ -228,6 +251,15 @@ torch::Tensor log_op(const torch::Tensor& x_in) {
   return out;
 }
 
+torch::Tensor fast_op(const torch::Tensor& x_in, int which, double exponent) {
+  const torch::Tensor x = checked_vector(x_in);
+  torch::Tensor out = torch::empty_like(x);
+  if (which == 0) rn::log_fast_f32(x.data_ptr<float>(), out.data_ptr<float>(), x.numel());
+  else if (which == 1) rn::pow_fast_f32(x.data_ptr<float>(), static_cast<float>(exponent), out.data_ptr<float>(), x.numel());
+  else rn::exp_fast_f32(x.data_ptr<float>(), out.data_ptr<float>(), x.numel());
+  return out;
+}
+
 torch::Tensor pow_op(const torch::Tensor& x_in, double exponent) {
   const torch::Tensor x = checked_vector(x_in);
   torch::Tensor out = torch::empty_like(x);
@@ -239,12 +271,14 @@ torch::Tensor pow_op(const torch::Tensor& x_in, double exponent) {
 
 void register_noise_ops(py::module_& m) {
   m.def("noise_pcm_program", &pcm_program, py::arg("w"), py::arg("out_sizes"), py::arg("in_sizes"),
-        py::arg("params"), py::arg("prog_seeds"), py::arg("nu_seeds"),
-        "Fused PCM/HERMES programming: (weights [out, in], drift_nu [2, out, in] or None).");
+        py::arg("params"), py::arg("prog_seeds"), py::arg("nu_seeds"), py::arg("out_weights") = py::none(),
+        py::arg("out_nu") = py::none(),
+        "Fused PCM/HERMES programming: (weights [out, in], drift_nu [2, out, in] or None); out_weights / out_nu: "
+        "optional buffers to write them into (e.g. the previous programming's, to skip fresh memory).");
   m.def("noise_pcm_read", &pcm_read, py::arg("w_prog"), py::arg("drift_nu"), py::arg("out_sizes"),
         py::arg("in_sizes"), py::arg("params"), py::arg("t_ratio"), py::arg("time_factor"),
-        py::arg("read_noise_scale"), py::arg("read_seeds"),
-        "Fused PCM/HERMES read: re-conversion, drift (t/t_0)^-nu, 1/f read noise.");
+        py::arg("read_noise_scale"), py::arg("read_seeds"), py::arg("out") = py::none(),
+        "Fused PCM/HERMES read: re-conversion, drift (t/t_0)^-nu, 1/f read noise (into `out` if given).");
   m.def("noise_gaussian_program", &gaussian_program, py::arg("w"), py::arg("in_sizes"), py::arg("sigma"),
         py::arg("multiplicative_sigma"), py::arg("add_seed"), py::arg("mul_seed"),
         "Fused Gaussian chip programming noise.");
@@ -255,4 +289,10 @@ void register_noise_ops(py::module_& m) {
   m.def("noise_log", &log_op, py::arg("x"), "ln(x) of x >= 0 in double, rounded to float32 (0 -> -inf).");
   m.def("noise_pow", &pow_op, py::arg("x"), py::arg("exponent"),
         "x ** float32(exponent) for x >= 0, in double, rounded to float32.");
+  m.def("noise_log_f32", [](const torch::Tensor& x) { return fast_op(x, 0, 0.0); }, py::arg("x"),
+        "The kernels' float32 ln(x) of x >= 0 (0 -> -inf).");
+  m.def("noise_pow_f32", [](const torch::Tensor& x, double e) { return fast_op(x, 1, e); }, py::arg("x"),
+        py::arg("exponent"), "The kernels' float32 x ** float32(exponent) = exp(e ln x) for x >= 0.");
+  m.def("noise_exp_f32", [](const torch::Tensor& x) { return fast_op(x, 2, 0.0); }, py::arg("x"),
+        "The kernels' float32 exp(x).");
 }

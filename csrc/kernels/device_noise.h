@@ -10,9 +10,9 @@
 //
 // The element-wise arithmetic follows romer_kernels/noise/pcm.py and gaussian.py operation by operation
 // (float32, Python constants rounded to float32 as torch does). The only differences to the torch path
-// are the few-ulp difference of the normals and log / pow: here log and exp are evaluated in double
-// precision and rounded once to float32 (about 0.5 ulp), torch uses its own float32 vector math
-// (<= 1 ulp).
+// are the few-ulp difference of the normals and log / pow: here ln and exp are float32 polynomials
+// (log_fast_f32 / exp_fast_f32, within about 2 ulp), torch uses its own float32 vector math (<= 1 ulp).
+// Output buffers are the caller's (the bindings reuse the previous result's memory when told to).
 #pragma once
 
 #include <cstdint>
@@ -86,9 +86,15 @@ void gaussian_read(const float* w_prog, int64_t rows, int64_t cols, const std::v
 std::vector<float> tile_absmax(const float* w, int64_t rows, int64_t cols, const TileSizes& grid, int num_threads);
 
 // Element-wise helpers, exposed for the tests: ln(x) and x^e for x >= 0 (x = 0 gives -inf / 0),
-// evaluated in double and rounded to float32.
+// evaluated in double and rounded to float32 (the reference the float32 versions are tested against).
 void log_f32(const float* x, float* out, int64_t n);
 void pow_f32(const float* x, float exponent, float* out, int64_t n);
+
+// The float32 ln, x^e and exp the kernels use (AVX2; the double versions above where AVX2 is missing):
+// ln within 2 ulp, exp within 2 ulp, x^e = exp(e ln x) within 2 ulp + 2 ulp of |e ln x|.
+void log_fast_f32(const float* x, float* out, int64_t n);
+void pow_fast_f32(const float* x, float exponent, float* out, int64_t n);
+void exp_fast_f32(const float* y, float* out, int64_t n);
 
 }  // namespace noise
 }  // namespace romer

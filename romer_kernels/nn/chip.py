@@ -7,6 +7,9 @@ scale of every input tile's partial output.
 """
 from __future__ import annotations
 
+import inspect
+import sys
+
 import torch
 
 from romer_kernels.config.analog import AnalogConfig, MappingConfig
@@ -18,6 +21,64 @@ from romer_kernels.noise.base import ProgrammedWeights, StreamDraw
 from romer_kernels.rng import MvmStreams, Purpose, chip_key, stream_seed
 
 READ_SLOTS = 16  # READ stream counter = device slot + READ_SLOTS * drift call index
+
+
+# -- reuse of result memory -----------------------------------------------------------------------------
+# Re-programming a chip (Monte Carlo over seeds) or drifting it again makes new results of the same shape
+# as the ones it drops: a 2048x2048 PCM layer gets 48 MB of programmed weights and drift exponents per
+# program() and 16 MB per read, and faulting in fresh memory for them was about a sixth of the fused
+# kernels' time. So the chip hands the dropped results back to the noise model as output buffers (the
+# ``out`` keyword of PCMNoiseModel.program / .read; models without it get nothing). A tensor is handed
+# back only when provably nobody else can see it: the chip held the only Python reference to it (and to
+# its ProgrammedWeights), no other tensor (view) shares its memory, and nothing in C++ holds it -- all
+# compared against a fresh tensor held the same way, so the check does not depend on the Python version.
+# Whoever keeps ``chip.programmed`` (or its tensors) thus always keeps an untouched copy. The values never
+# depend on the buffers. Cost: a drifted chip keeps its last read result (one weight-sized tensor) for
+# the next drift.
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _holds(t: torch.Tensor) -> tuple:
+    """What refers to ``t`` as seen from here and to its memory (Python references, C++ references,
+    tensors on the storage)."""
+    return (sys.getrefcount(t), t._use_count(), _USE_COUNT(t.untyped_storage()._cdata))
+
+
+def _holds_via(t):
+    return _holds(t)
+
+
+def _fresh_holds() -> tuple:
+    fresh = torch.empty(1)          # one name, as the caller's tensor has
+    return _holds_via(fresh)
+
+
+def _unshared(t: torch.Tensor | None) -> bool:
+    """``t`` is referenced only by the caller's one name (or attribute), its memory by ``t`` alone."""
+    if _USE_COUNT is None or t is None or t.requires_grad or t._base is not None:
+        return False
+    return _holds(t) == _fresh_holds()
+
+
+def _refcount_via(x) -> int:
+    return sys.getrefcount(x)
+
+
+def _unshared_programmed(p: ProgrammedWeights | None) -> bool:
+    """The dropped ``p`` (held by one local name of the caller) and its tensors are nobody else's."""
+    if p is None or type(p) is not ProgrammedWeights:
+        return False
+    fresh = ProgrammedWeights(torch.empty(1), torch.empty(1))   # one name, as the caller's ``p`` has
+    if sys.getrefcount(p) != _refcount_via(fresh):
+        return False
+    return _unshared(p.weights) and (p.drift_nu is None or _unshared(p.drift_nu))
+
+
+def _takes_out(method) -> bool:
+    try:
+        return "out" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def weight_scales(w: torch.Tensor, grid: TileGrid, mapping: MappingConfig) -> torch.Tensor:
@@ -48,6 +109,10 @@ class LayerChip:
         self.drift_calls = 0
         self._key: tuple[int, int] | None = None     # (seed, chip_key) of the per-MVM streams
         self._probes: torch.Tensor | None = None     # one-hot readout inputs [n_max, in]
+        self._read_buffer: torch.Tensor | None = None  # the last read result, reused by the next read
+        model = self.noise_model
+        self._program_out = model is not None and _takes_out(model.program)
+        self._read_out = model is not None and _takes_out(model.read)
 
     # -- random streams -------------------------------------------------------------------------
     def _draw(self, shape: torch.Size, drift_index: int | None = None) -> StreamDraw:
@@ -77,10 +142,15 @@ class LayerChip:
         else:  # no weight scaling: s = 1 (skips two passes over the weight)
             target = w
             self.scales = torch.ones(len(self.grid.in_sizes), self.grid.out_features)
+        old, self.programmed = self.programmed, None
         if self.noise_model is None:
             self.programmed = ProgrammedWeights(target.clone())  # never alias the digital weight
+        elif self._program_out and _unshared_programmed(old):
+            self.programmed = self.noise_model.program(target, self.grid, self._draw(target.shape), out=old)
         else:
+            old = None
             self.programmed = self.noise_model.program(target, self.grid, self._draw(target.shape))
+        del old
         self.baseline = None
         split = split_weight(self.programmed.weights, self.grid)
         if self.config.drift_compensation.kind != "none":
@@ -95,13 +165,28 @@ class LayerChip:
             raise ValueError(f"t_inference must be a finite time in seconds >= 0, got {t_inference}")
         index = self.drift_calls if drift_index is None else drift_index
         self.drift_calls = index + 1
+        reusable = False
         if self.noise_model is None:
             weights = self.programmed.weights
         else:
-            weights = self.noise_model.read(self.programmed, float(t_inference), self.grid,
-                                            self._draw(self.programmed.weights.shape, drift_index=index))
+            draw = self._draw(self.programmed.weights.shape, drift_index=index)
+            buffer, self._read_buffer = self._read_buffer, None
+            if self._read_out and _unshared(buffer):
+                weights = self.noise_model.read(self.programmed, float(t_inference), self.grid, draw, out=buffer)
+            else:
+                weights = self.noise_model.read(self.programmed, float(t_inference), self.grid, draw)
+            del buffer
+            reusable = self._read_out and self._foreign(weights)
         split = split_weight(weights, self.grid)
+        if reusable and _unshared(weights):  # split_weight made a copy (no view of it survives)
+            self._read_buffer = weights
         return split, self._out_scale(split, mvm_noise, readout_index=index + 1)
+
+    def _foreign(self, t: torch.Tensor) -> bool:
+        """``t`` shares no memory with the programmed state (a read may return the programmed weights)."""
+        ptr = t.untyped_storage().data_ptr()
+        held = [self.programmed.weights, self.programmed.drift_nu]
+        return all(h is None or h.untyped_storage().data_ptr() != ptr for h in held)
 
     # -- drift compensation ---------------------------------------------------------------------
     def readout(self, split_w: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:

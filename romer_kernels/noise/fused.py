@@ -4,8 +4,9 @@ The fused kernels (``romer_kernels._C.noise_*``, csrc/kernels/device_noise.cpp) 
 ``program`` or ``read`` of the PCM, HERMES and Gaussian models in one parallel pass, generating the
 normals of every stream inline from its Philox key (``draw.seed(purpose, slot)``), without full-size
 normal tensors. They follow the torch code operation by operation; with the same normals the results
-differ only by log / pow rounding (the kernels evaluate them in double and round once; torch's float32
-vector maths is within 1 ulp), a few ulp of the weights. The normals themselves are the C++ Philox
+differ only by log / pow / exp rounding (the kernels' float32 polynomials are within about 2 ulp, torch's
+float32 vector maths within 1 ulp), a few ulp of the drift exponents and read weights. ``program`` and
+``read`` of the PCM family take an optional ``out`` (a dropped earlier result) to write into. The normals themselves are the C++ Philox
 stream's (:func:`romer_kernels.rng.normal`'s ``"cpp"`` backend).
 
 ``noise_backend()`` is ``"auto"`` by default: the C++ path when the extension is importable, the weights

@@ -114,6 +114,14 @@ def at_zero(function: Callable[[torch.Tensor], torch.Tensor]) -> float:
 
 
 # -- helpers shared by the models -------------------------------------------------------------------
+def _buffer(t: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor | None:
+    """``t`` if a fused kernel can write a result of ``shape`` into it, else None (a new tensor is made)."""
+    if (t is None or t.device.type != "cpu" or t.dtype != torch.float32 or t.requires_grad
+            or not t.is_contiguous() or tuple(t.shape) != tuple(shape)):
+        return None
+    return t
+
+
 def check_time(t_inference: float) -> float:
     t = float(t_inference)
     if not (t >= 0.0 and math.isfinite(t)):
@@ -256,19 +264,27 @@ class PCMNoiseModel(DeviceNoiseModel):
         return mu.item(), sigma.item()
 
     # -- programming ----------------------------------------------------------------------------
-    def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw) -> ProgrammedWeights:
+    def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw,
+                out: ProgrammedWeights | None = None) -> ProgrammedWeights:
         """Per device ``g_P = max(0, g_T + prog_noise_scale * sigma_prog(g_T) * xi)``, xi from
         (PROGRAM, slot), and ``nu = |mu_nu(g_T) + sigma_nu(g_T) * xi'| * drift_scale``, xi' from
-        (DRIFT_NU, slot); ``W_P = (G+_P - G-_P) / s``."""
+        (DRIFT_NU, slot); ``W_P = (G+_P - G-_P) / s``.
+
+        ``out``: an earlier result of the same shape that nobody uses any more; the fused path writes
+        into its tensors (no fresh memory to fault in), the torch path ignores it. Values never depend
+        on it."""
         w = w_target.detach().to(torch.float32).contiguous()
         path = fused(w, draw)
         params = None if path is None else self.fused_params()
         if params is not None:
             ops, seed = path
+            drifts = self.drift_scale != 0.0
             weights, drift_nu = ops.noise_pcm_program(
                 w, grid.out_sizes, grid.in_sizes, params,
                 pair_seeds(seed, Purpose.PROGRAM, self.prog_noise_scale != 0.0),
-                pair_seeds(seed, Purpose.DRIFT_NU, self.drift_scale != 0.0))
+                pair_seeds(seed, Purpose.DRIFT_NU, drifts),
+                None if out is None else _buffer(out.weights, w.shape),
+                None if out is None or not drifts else _buffer(out.drift_nu, (2, *w.shape)))
             return ProgrammedWeights(weights, drift_nu)
         scale = conductance_scale(w, grid, self.g_max)
         xi_prog = pair_normals(draw, Purpose.PROGRAM, w, self.prog_noise_scale != 0.0)
@@ -300,11 +316,15 @@ class PCMNoiseModel(DeviceNoiseModel):
         return ProgrammedWeights(weights, drift_nu)
 
     # -- drift and read noise -------------------------------------------------------------------
-    def read(self, programmed: ProgrammedWeights, t_inference: float, grid: TileGrid, draw: Draw) -> torch.Tensor:
+    def read(self, programmed: ProgrammedWeights, t_inference: float, grid: TileGrid, draw: Draw,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """Re-convert W_P to a pair with the scale s' of the programmed tile; per device
         ``g_D = g (t / t_0)^-nu`` if ``t = t_inference + t_0 > t_0`` (else ``g_D = g``), then
         ``max(0, g_D + |g_D| read_noise_scale Q_s(g) sqrt(ln((t + t_read) / (2 t_read))) xi)``, xi from
-        (READ, slot); ``W = (G+ - G-) / s'``."""
+        (READ, slot); ``W = (G+ - G-) / s'``.
+
+        ``out``: an earlier read result of the same shape that nobody uses any more (not ``programmed``'s
+        memory); the fused path writes into it, the torch path ignores it."""
         t = check_time(t_inference) + self.t_0
         w_prog = programmed.weights.detach().to(torch.float32).contiguous()
         time_factor = math.sqrt(math.log((t + self.t_read) / (2.0 * self.t_read)))
@@ -317,7 +337,8 @@ class PCMNoiseModel(DeviceNoiseModel):
             ops, seed = path
             return ops.noise_pcm_read(w_prog, nu_pair, grid.out_sizes, grid.in_sizes, params, t / self.t_0,
                                       time_factor, self.read_noise_scale,
-                                      pair_seeds(seed, Purpose.READ, self.read_noise_scale != 0.0))
+                                      pair_seeds(seed, Purpose.READ, self.read_noise_scale != 0.0),
+                                      _buffer(out, w_prog.shape))
         scale = conductance_scale(w_prog, grid, self.g_max)
         nu = [None, None] if nu_pair is None else [nu_pair[0], nu_pair[1]]
         xi = pair_normals(draw, Purpose.READ, w_prog, self.read_noise_scale != 0.0)
