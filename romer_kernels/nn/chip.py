@@ -81,12 +81,36 @@ def _takes_out(method) -> bool:
         return False
 
 
+def input_tile_scales(w: torch.Tensor, grid: TileGrid, mapping: MappingConfig) -> torch.Tensor:
+    """Digital scale s of every crossbar column, one value per (input tile, output): [n_in_tiles, out].
+
+    s = absmax / omega (1 where the absmax is 0) with the absmax over the crossbar column (columnwise) or
+    over the whole tile; one reduction pass over ``w`` and no weight-sized temporaries."""
+    if mapping.weight_scaling_omega <= 0:
+        return torch.ones(len(grid.in_sizes), w.shape[0], dtype=w.dtype, device=w.device)
+    absmax = torch.empty(len(grid.in_sizes), w.shape[0], dtype=w.dtype, device=w.device)
+    for i, cols in enumerate(grid.in_slices()):
+        low, high = torch.aminmax(w[:, cols], dim=1)
+        torch.maximum(high, low.neg_(), out=absmax[i])     # max |w| (NaN propagates, as abs().amax())
+    if not mapping.weight_scaling_columnwise:
+        for rows in grid.out_slices():
+            absmax[:, rows] = absmax[:, rows].amax(dim=1, keepdim=True)
+    return torch.where(absmax > 0, absmax / mapping.weight_scaling_omega, torch.ones_like(absmax))
+
+
 def weight_scales(w: torch.Tensor, grid: TileGrid, mapping: MappingConfig) -> torch.Tensor:
     """Digital scale s of every weight's crossbar column (broadcast to ``w``), so that the tile holds w/s."""
     if mapping.weight_scaling_omega <= 0:
         return torch.ones_like(w)
-    absmax = grid.column_absmax(w) if mapping.weight_scaling_columnwise else grid.tile_absmax(w)
-    return torch.where(absmax > 0, absmax / mapping.weight_scaling_omega, torch.ones_like(absmax))
+    return broadcast_columns(input_tile_scales(w, grid, mapping), grid)
+
+
+def broadcast_columns(values: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """[n_in_tiles, out] -> [out, in]: each value over its crossbar column."""
+    out = values.new_empty(values.shape[1], grid.in_features)
+    for i, cols in enumerate(grid.in_slices()):
+        out[:, cols] = values[i][:, None]
+    return out
 
 
 def per_input_tile(values: torch.Tensor, grid: TileGrid) -> torch.Tensor:
@@ -136,9 +160,12 @@ class LayerChip:
         self.drift_calls = 0
         w = weight.detach().to(torch.float32)
         if self.config.mapping.weight_scaling_omega > 0:
-            scales = weight_scales(w, self.grid, self.config.mapping)
-            target = w / scales
-            self.scales = per_input_tile(scales, self.grid)
+            # w / s per crossbar column straight from the [n_in_tiles, out] scales: the same float32
+            # divisions as ``w / weight_scales(w)``, without the weight-sized scale tensors.
+            self.scales = input_tile_scales(w, self.grid, self.config.mapping)
+            target = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+            for i, cols in enumerate(self.grid.in_slices()):
+                torch.div(w[:, cols], self.scales[i][:, None], out=target[:, cols])
         else:  # no weight scaling: s = 1 (skips two passes over the weight)
             target = w
             self.scales = torch.ones(len(self.grid.in_sizes), self.grid.out_features)
