@@ -26,7 +26,8 @@ namespace {
 constexpr int64_t kItemElements = 4096;
 
 // ------------------------------------------------------------------------------------------------
-// ln and exp in double precision, rounded once to float32 by the callers.
+// ln and exp in double precision, rounded once to float32: the reference helpers log_f32 / pow_f32 (tests).
+// The kernels use the float32 log8f / exp8f below (a quarter of the cost; a few ulp instead of 0.5 ulp).
 // ------------------------------------------------------------------------------------------------
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr double kLog2e = 1.4426950408889634074;
