@@ -115,8 +115,14 @@ inline __m256 log8f(__m256 x) {
   const __m256 ef = _mm256_cvtepi32_ps(
       _mm256_add_epi32(e, _mm256_and_si256(_mm256_castps_si256(sub), _mm256_set1_epi32(-23))));
   const __m256 z = _mm256_mul_ps(f, f);
-  __m256 p = _mm256_set1_ps(kLogP[0]);
-  for (int k = 1; k < 9; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kLogP[k]));
+  // P(f) = sum kLogP[k] f^(8-k) by Estrin's scheme (short dependency chains)
+  const __m256 z2 = _mm256_mul_ps(z, z), z4 = _mm256_mul_ps(z2, z2);
+  const __m256 a0 = _mm256_fmadd_ps(_mm256_set1_ps(kLogP[7]), f, _mm256_set1_ps(kLogP[8]));
+  const __m256 a1 = _mm256_fmadd_ps(_mm256_set1_ps(kLogP[5]), f, _mm256_set1_ps(kLogP[6]));
+  const __m256 a2 = _mm256_fmadd_ps(_mm256_set1_ps(kLogP[3]), f, _mm256_set1_ps(kLogP[4]));
+  const __m256 a3 = _mm256_fmadd_ps(_mm256_set1_ps(kLogP[1]), f, _mm256_set1_ps(kLogP[2]));
+  const __m256 b0 = _mm256_fmadd_ps(a1, z, a0), b1 = _mm256_fmadd_ps(a3, z, a2);
+  const __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kLogP[0]), z4, _mm256_fmadd_ps(b1, z2, b0));
   __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, f), z);
   y = _mm256_fmadd_ps(ef, _mm256_set1_ps(kLn2LoF), y);
   y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
