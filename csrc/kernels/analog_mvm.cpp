@@ -376,6 +376,94 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
       }
       check(!probe_violation, "probes mode: an input row is not one-hot at its own position");
 
+      // ---- drift-compensation readout, fused ---------------------------------------------------------
+      // Probe j of tile t is x' e_j, so its outputs are x' times weight column j: the kernel reads the
+      // column, runs the epilogue and adds |output| to the column means, block by block of outputs,
+      // without the [T, probes, out] products and partial outputs (64 MB of traffic for 2048x2048).
+      // Same operations as the general path below; it takes over if a probe clips under iterative
+      // bound management (another round would be needed).
+      if (round == 0 && probes && output == kOutputProbeMean) {
+        at::Tensor means = at::zeros({T, N}, f32);
+        float* mp = means.data_ptr<float>();
+        constexpr int64_t kBlock = 256;
+        const int64_t n_blocks = (N + kBlock - 1) / kBlock;
+        const uint64_t w_seed = w_noise ? stream_seed(noise.chip_key, kWNoise, counter) : 0;
+        const uint64_t o_seed = out_noise ? stream_seed(noise.chip_key, kOutNoise, counter) : 0;
+        int any_clip = 0;
+#pragma omp parallel num_threads(nt) reduction(| : any_clip)
+        {
+          std::vector<float> wt(kBlock * nmax), v(kBlock), nw(kBlock), no(kBlock);
+#pragma omp for collapse(2) schedule(static)
+          for (int64_t t = 0; t < T; ++t) {
+            for (int64_t blk = 0; blk < n_blocks; ++blk) {
+              const int64_t c0 = blk * kBlock, cb = std::min(N, c0 + kBlock) - c0;
+              float* acc = mp + t * N + c0;
+              // The block's weights transposed (column j contiguous), in 8 x 8 squares: the probes then read
+              // contiguous columns instead of one cache line per weight.
+              const int64_t size_t_ = in_sizes[t];
+              for (int64_t c8 = 0; c8 < cb; c8 += 8) {
+                for (int64_t j8 = 0; j8 < size_t_; j8 += 8) {
+                  const int64_t ce = std::min<int64_t>(c8 + 8, cb), je = std::min<int64_t>(j8 + 8, size_t_);
+                  for (int64_t c = c8; c < ce; ++c) {
+                    const float* src = wp + (t * N + c0 + c) * nmax;
+                    for (int64_t j = j8; j < je; ++j) wt[j * kBlock + c] = src[j];
+                  }
+                }
+              }
+              for (int64_t j = 0; j < in_sizes[t]; ++j) {
+                const int64_t b = j;  // round 0: compact row j is probe j
+                const uint8_t* pend = pending.data() + (t * B + b) * n_ot;
+                if (std::none_of(pend, pend + n_ot, [](uint8_t u) { return u != 0; })) continue;  // adds |0|
+                const float input_scale = (1.0f / safe_scale[t * B + b]) / reduction;
+                const float* col = wt.data() + b * kBlock;
+                const float x0 = xap[(t * na * M + j) * nmax + b];
+                for (int64_t c = 0; c < cb; ++c) v[c] = x0 * col[c];
+                if (ir) {
+                  const float xg = xap[(t * na * M + M + j) * nmax + b];
+                  const float xabs = xbp[(t * nb * M + j) * nmax + b];
+                  const float ratio = ir_size_ratio[t];
+                  for (int64_t c = 0; c < cb; ++c) {
+                    const float a = (xabs * std::fabs(col[c])) * ratio;
+                    const float cc = a * (a * (0.05f * a - 0.2f) + 0.5f);
+                    v[c] = v[c] - cc * io.ir_drop * (xg * col[c]);
+                  }
+                }
+                const int64_t start = (rid[b] * T + t) * N + c0;
+                if (pcm_read) {
+                  const float xsq = xbp[(t * nb * M + (ir ? M : 0) + j) * nmax + b];
+                  philox::philox_fill_normal(w_seed, start, cb, nw.data(), 1);
+                  for (int64_t c = 0; c < cb; ++c) {
+                    v[c] = v[c] + (io.w_noise * std::sqrt(xsq * std::fabs(col[c]))) * nw[c];
+                  }
+                } else if (w_noise) {
+                  philox::philox_fill_normal(w_seed, start, cb, nw.data(), 1);
+                  const float sd = io.w_noise * norm[t * M + j];
+                  for (int64_t c = 0; c < cb; ++c) v[c] = v[c] + sd * nw[c];
+                }
+                if (out_noise) {
+                  philox::philox_fill_normal(o_seed, start, cb, no.data(), 1);
+                  for (int64_t c = 0; c < cb; ++c) v[c] = v[c] + io.out_noise * no[c];
+                }
+                quantize_inplace(v.data(), cb, io.out_step);
+                if (io.out_bound > 0.0f) {
+                  const float bound = io.out_bound;
+                  int hit = 0;
+                  for (int64_t c = 0; c < cb; ++c) {
+                    hit |= static_cast<int>(v[c] > bound) | static_cast<int>(io.bm_test_negative && v[c] < -bound);
+                    v[c] = std::min(std::max(v[c], -bound), bound);
+                  }
+                  any_clip |= hit;
+                }
+                for (int64_t c = 0; c < cb; ++c) acc[c] = acc[c] + std::fabs(v[c] / input_scale);
+              }
+              const float count = static_cast<float>(in_sizes[t]);
+              for (int64_t c = 0; c < cb; ++c) acc[c] = acc[c] / count;
+            }
+          }
+        }
+        if (!(io.iterative && any_clip)) return means;
+      }
+
       // ---- products -------------------------------------------------------------------------------
       at::Tensor za, zb;
       if (!probes && M <= kFewRows) {
