@@ -18,6 +18,7 @@
 #include <stdexcept>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/philox.h"
@@ -80,40 +81,13 @@ void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
 constexpr int64_t kParallelGrain = 1 << 15;
 int threads(int64_t work) { return work < kParallelGrain ? 1 : std::max(1, at::get_num_threads()); }
 
-// sum_k w[k] * x[k] (abs_w: |w[k]| * x[k]) over n elements: 4 x 8 lanes of fma, then the lanes.
-template <bool kAbsW>
-inline float dot(const float* w, const float* x, int64_t n) {
-  int64_t k = 0;
-  float sum = 0.0f;
-#if defined(__AVX2__)
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (; k + 32 <= n; k += 32) {
-    for (int u = 0; u < 4; ++u) {
-      __m256 wv = _mm256_loadu_ps(w + k + 8 * u);
-      if constexpr (kAbsW) wv = _mm256_andnot_ps(sign, wv);
-      acc[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k + 8 * u), acc[u]);
-    }
-  }
-  for (; k + 8 <= n; k += 8) {
-    __m256 wv = _mm256_loadu_ps(w + k);
-    if constexpr (kAbsW) wv = _mm256_andnot_ps(sign, wv);
-    acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + k), acc[0]);
-  }
-  const __m256 total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, total);
-  for (float lane : lanes) sum += lane;
-#endif
-  for (; k < n; ++k) sum += (kAbsW ? std::fabs(w[k]) : w[k]) * x[k];
-  return sum;
-}
-
 // The products of a round with few rows per tile: every weight row is read once (from memory) and
 // multiplied with all rows of the round while it is in L1, instead of one GEMM pass per weight operand.
-void few_rows_products(const float* wp, int64_t T, int64_t N, int64_t nmax, const std::vector<int64_t>& in_sizes,
-                       const float* xap, int na, const float* xbp, int nb, int64_t M,
-                       const std::vector<std::vector<int64_t>>& rows, float* zap, float* zbp, int nt) {
+// For each row, the products against W (x', x'(1-p^2)) and |W| (|x'|, x'^2) share one pass over k.
+template <int NA, int NB>
+void few_rows_products_t(const float* wp, int64_t T, int64_t N, int64_t nmax, const std::vector<int64_t>& in_sizes,
+                         const float* xap, const float* xbp, int64_t M, const std::vector<std::vector<int64_t>>& rows,
+                         float* zap, float* zbp, int nt) {
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t c = 0; c < N; ++c) {
@@ -121,17 +95,63 @@ void few_rows_products(const float* wp, int64_t T, int64_t N, int64_t nmax, cons
       const int64_t size = in_sizes[t];
       const int64_t used = static_cast<int64_t>(rows[t].size());
       for (int64_t j = 0; j < used; ++j) {
-        for (int a = 0; a < na; ++a) {
-          const int64_t r = t * na * M + a * M + j;
-          zap[r * N + c] = dot<false>(w, xap + r * nmax, size);
+        const float* xa[NA > 0 ? NA : 1];
+        const float* xb[NB > 0 ? NB : 1];
+        for (int a = 0; a < NA; ++a) xa[a] = xap + (t * NA * M + a * M + j) * nmax;
+        for (int a = 0; a < NB; ++a) xb[a] = xbp + (t * NB * M + a * M + j) * nmax;
+        float sa[NA > 0 ? NA : 1] = {}, sb[NB > 0 ? NB : 1] = {};
+        int64_t k = 0;
+#if defined(__AVX2__)
+        __m256 acc_a[NA > 0 ? NA : 1][2], acc_b[NB > 0 ? NB : 1][2];
+        for (int a = 0; a < NA; ++a) acc_a[a][0] = acc_a[a][1] = _mm256_setzero_ps();
+        for (int a = 0; a < NB; ++a) acc_b[a][0] = acc_b[a][1] = _mm256_setzero_ps();
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (; k + 16 <= size; k += 16) {
+          for (int h = 0; h < 2; ++h) {
+            const __m256 wv = _mm256_loadu_ps(w + k + 8 * h);
+            for (int a = 0; a < NA; ++a) acc_a[a][h] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xa[a] + k + 8 * h), acc_a[a][h]);
+            if constexpr (NB > 0) {
+              const __m256 av = _mm256_andnot_ps(sign, wv);
+              for (int a = 0; a < NB; ++a) acc_b[a][h] = _mm256_fmadd_ps(av, _mm256_loadu_ps(xb[a] + k + 8 * h), acc_b[a][h]);
+            }
+          }
         }
-        for (int a = 0; a < nb; ++a) {
-          const int64_t r = t * nb * M + a * M + j;
-          zbp[r * N + c] = dot<true>(w, xbp + r * nmax, size);
+        alignas(32) float lanes[8];
+        for (int a = 0; a < NA; ++a) {
+          _mm256_store_ps(lanes, _mm256_add_ps(acc_a[a][0], acc_a[a][1]));
+          for (float lane : lanes) sa[a] += lane;
         }
+        for (int a = 0; a < NB; ++a) {
+          _mm256_store_ps(lanes, _mm256_add_ps(acc_b[a][0], acc_b[a][1]));
+          for (float lane : lanes) sb[a] += lane;
+        }
+#endif
+        for (; k < size; ++k) {
+          for (int a = 0; a < NA; ++a) sa[a] += w[k] * xa[a][k];
+          for (int a = 0; a < NB; ++a) sb[a] += std::fabs(w[k]) * xb[a][k];
+        }
+        for (int a = 0; a < NA; ++a) zap[(t * NA * M + a * M + j) * N + c] = sa[a];
+        for (int a = 0; a < NB; ++a) zbp[(t * NB * M + a * M + j) * N + c] = sb[a];
       }
     }
   }
+}
+
+void few_rows_products(const float* wp, int64_t T, int64_t N, int64_t nmax, const std::vector<int64_t>& in_sizes,
+                       const float* xap, int na, const float* xbp, int nb, int64_t M,
+                       const std::vector<std::vector<int64_t>>& rows, float* zap, float* zbp, int nt) {
+  const auto run = [&](auto na_c, auto nb_c) {
+    few_rows_products_t<decltype(na_c)::value, decltype(nb_c)::value>(wp, T, N, nmax, in_sizes, xap, xbp, M, rows,
+                                                                         zap, zbp, nt);
+  };
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I0 = std::integral_constant<int, 0>;
+  if (na == 1 && nb == 0) run(I1{}, I0{});
+  else if (na == 1 && nb == 1) run(I1{}, I1{});
+  else if (na == 2 && nb == 1) run(I2{}, I1{});
+  else if (na == 2 && nb == 2) run(I2{}, I2{});
+  else throw std::logic_error("few_rows_products: unexpected operand counts");
 }
 
 // Per-thread scratch buffers, kept between calls: a fresh multi-MB tensor costs a page fault per 4 KiB
