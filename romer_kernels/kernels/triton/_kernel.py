@@ -283,23 +283,13 @@ def _analog_mm_kernel(
             alive = insc > 0.0
             insc = tl.where(alive, insc, 1.0)
         osc = tl.load(osc_base + i * stride_ot + cols64, mask=cvalid, other=0.0)
-        if ROUNDS:
+        active = True  # static: every block computes its tile in the single-pass kernel
+        if ROUNDS:  # bound-management rounds: only blocks holding a pending (tile, row) pair
             pm = rvalid[:, None] & cvalid[None, :]
             row_base = (i * P + p) * NOT
             pend = tl.load(pend_ptr + row_base[:, None] + ot[None, :], mask=pm, other=0) != 0
-            if tl.sum(pend.to(tl.int32)) > 0:
-                z, over = _tile_output(
-                    x_ptr, stride_xm, xrow, rvalid, bad, insc, rid, i, off, size, ira,
-                    w_base, stride_wt, stride_wo, stride_wk, cols64, cvalid, s_inp, s_w, s_out, IN, OUT, T,
-                    inp_step, inp_bound, inp_noise, out_step, out_bound, w_noise, out_noise, ir_drop,
-                    wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1,
-                    g_sigma, g_msig, g_max, c0, c1, c2, c3, p_ratio, p_scale, sigma_off,
-                    BLOCK_M, BLOCK_N, BLOCK_K, PERFECT, INP_Q, OUT_Q, CLAMP, NEG_TEST, INP_NOISE, W_NOISE,
-                    OUT_NOISE, IR_DROP, PROGRAM, MAP_SCALE, G_ADD, G_MUL, N_COEFF, P_RATIO, P_SCALE, PROG_NOISE)
-                out_base = (i * P + p) * OUT
-                tl.store(part_ptr + out_base[:, None] + cols64[None, :], z * osc[None, :], mask=pend)
-                tl.atomic_max(flag_ptr + row_base[:, None] + ot[None, :], over.to(tl.int32), mask=pend & over)
-        else:
+            active = tl.sum(pend.to(tl.int32)) > 0
+        if active:
             z, over = _tile_output(
                 x_ptr, stride_xm, xrow, rvalid, bad, insc, rid, i, off, size, ira,
                 w_base, stride_wt, stride_wo, stride_wk, cols64, cvalid, s_inp, s_w, s_out, IN, OUT, T,
@@ -308,7 +298,12 @@ def _analog_mm_kernel(
                 g_sigma, g_msig, g_max, c0, c1, c2, c3, p_ratio, p_scale, sigma_off,
                 BLOCK_M, BLOCK_N, BLOCK_K, PERFECT, INP_Q, OUT_Q, CLAMP, NEG_TEST, INP_NOISE, W_NOISE,
                 OUT_NOISE, IR_DROP, PROGRAM, MAP_SCALE, G_ADD, G_MUL, N_COEFF, P_RATIO, P_SCALE, PROG_NOISE)
-            acc += tl.where(alive[:, None], z, 0.0) * osc[None, :]
+            if ROUNDS:
+                out_base = (i * P + p) * OUT
+                tl.store(part_ptr + out_base[:, None] + cols64[None, :], z * osc[None, :], mask=pend)
+                tl.atomic_max(flag_ptr + row_base[:, None] + ot[None, :], over.to(tl.int32), mask=pend & over)
+            else:
+                acc += tl.where(alive[:, None], z, 0.0) * osc[None, :]
     if not ROUNDS:
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + cols64, mask=cvalid, other=0.0)[None, :]
