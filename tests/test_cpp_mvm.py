@@ -205,3 +205,24 @@ def test_analog_experts_give_the_same_output_on_every_backend(name, parallel_bel
         torch.testing.assert_close(outputs[backend], outputs["reference"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="expert ids"), backends.use_backend("cpp"):
         experts(x, torch.full_like(index, num_experts), weights)
+
+
+@pytest.mark.parametrize("batch", [3, 64])
+def test_cpp_result_does_not_depend_on_the_thread_count(batch):
+    """The C++ prologue, epilogue and noise are per element; batch 3 takes the few-rows products (both large
+    enough to run on two threads)."""
+    matrix = _matrix(preset("rasch2023"), 600, 1400, 512, 0)
+    x = torch.randn(batch, 1400)
+    outputs = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs.append(cpp.analog_linear_cpp(x, matrix._split, matrix._out_scale, None, matrix.chip.grid,
+                                                 matrix.config.io, matrix.chip.mvm_stream(0), matrix._abs_split))
+    finally:
+        torch.set_num_threads(previous)
+    if batch <= 4:
+        assert torch.equal(outputs[0], outputs[1])
+    else:  # the GEMMs are MKL's, whose sums may depend on the thread count
+        _assert_matches(outputs[0], outputs[1])
