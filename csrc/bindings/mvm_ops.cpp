@@ -2,9 +2,10 @@
 //
 //   MvmIO(...)                      the IOConfig numbers, as the kernel takes them (built once per config)
 //   mvm_stream_seed(chip_key, purpose, counter) -> int   the last two splitmix64 steps of stream_seed
-//   analog_mvm(x, split_w, abs_split_w, out_scale, bias, row_ids, in_sizes, out_sizes, io,
+//   analog_mvm(x, w, abs_split_w, out_scale, bias, row_ids, in_sizes, out_sizes, io,
 //              chip_key, call_index, readout, probes, output) -> Tensor
 //     output 0: y [B, out]; 1: per-tile partial [T, B, out]; 2: probe means [T, out] (see analog_mvm.h)
+//     w: tile weights split per input tile [T, out, n_max], or the whole weight [out, in].
 //     chip_key None: no per-MVM noise. Runs without the GIL on at::get_num_threads() threads.
 //   analog_experts(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_in_sizes, gate_up_out_sizes,
 //                  down_in_sizes, down_out_sizes, io, call_index, parallel_below) -> Tensor
@@ -64,7 +65,7 @@ void register_mvm_ops(py::module_& m) {
 
   m.def(
       "analog_mvm",
-      [](const at::Tensor& x, const at::Tensor& split_w, const std::optional<at::Tensor>& abs_split_w,
+      [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& abs_split_w,
          const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& bias,
          const std::optional<at::Tensor>& row_ids, const std::vector<int64_t>& in_sizes,
          const std::vector<int64_t>& out_sizes, const IOParams& io, std::optional<uint64_t> chip_key,
@@ -76,10 +77,10 @@ void register_mvm_ops(py::module_& m) {
         key.call_index = call_index;
         key.readout = readout;
         py::gil_scoped_release release;
-        return romer::mvm::analog_mvm(x, split_w, abs_split_w, out_scale, bias, row_ids, in_sizes, out_sizes, io, key,
+        return romer::mvm::analog_mvm(x, w, abs_split_w, out_scale, bias, row_ids, in_sizes, out_sizes, io, key,
                                       probes, output);
       },
-      py::arg("x"), py::arg("split_w"), py::arg("abs_split_w"), py::arg("out_scale"), py::arg("bias"),
+      py::arg("x"), py::arg("w"), py::arg("abs_split_w"), py::arg("out_scale"), py::arg("bias"),
       py::arg("row_ids"), py::arg("in_sizes"), py::arg("out_sizes"), py::arg("io"), py::arg("chip_key"),
       py::arg("call_index"), py::arg("readout"), py::arg("probes"), py::arg("output"));
 

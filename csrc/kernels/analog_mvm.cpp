@@ -169,6 +169,49 @@ at::Tensor scratch(std::vector<float>& storage, std::initializer_list<int64_t> s
   return at::from_blob(storage.data(), at::IntArrayRef(shape), at::TensorOptions().dtype(at::kFloat));
 }
 
+// dst[j * ld_dst + c] = src[c * ld_src + j] for an 8 x 8 square (the readout's column-major copy of W).
+inline void transpose8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+#if defined(__AVX2__)
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src);
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm256_storeu_ps(dst + 0 * ld_dst, _mm256_permute2f128_ps(s0, s4, 0x20));
+  _mm256_storeu_ps(dst + 1 * ld_dst, _mm256_permute2f128_ps(s1, s5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ld_dst, _mm256_permute2f128_ps(s2, s6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ld_dst, _mm256_permute2f128_ps(s3, s7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ld_dst, _mm256_permute2f128_ps(s0, s4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ld_dst, _mm256_permute2f128_ps(s1, s5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ld_dst, _mm256_permute2f128_ps(s2, s6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ld_dst, _mm256_permute2f128_ps(s3, s7, 0x31));
+#else
+  for (int c = 0; c < 8; ++c)
+    for (int j = 0; j < 8; ++j) dst[j * ld_dst + c] = src[c * ld_src + j];
+#endif
+}
+
+// [out, in] -> [n_in_tiles, out, n_max]: the columns of each input tile, zero-padded (reference.split_columns).
+at::Tensor split_columns(const at::Tensor& w, const std::vector<int64_t>& in_sizes) {
+  const int64_t n_max = *std::max_element(in_sizes.begin(), in_sizes.end());
+  at::Tensor out = at::zeros({static_cast<int64_t>(in_sizes.size()), w.size(0), n_max}, w.options());
+  int64_t offset = 0;
+  for (size_t t = 0; t < in_sizes.size(); ++t) {
+    out[static_cast<int64_t>(t)].narrow(1, 0, in_sizes[t]).copy_(w.narrow(1, offset, in_sizes[t]));
+    offset += in_sizes[t];
+  }
+  return out;
+}
+
 }  // namespace
 
 uint64_t stream_seed(uint64_t chip_key, int purpose, uint64_t counter) {
@@ -177,7 +220,7 @@ uint64_t stream_seed(uint64_t chip_key, int purpose, uint64_t counter) {
   return h & kSeedMask;
 }
 
-at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std::optional<at::Tensor>& abs_split_w,
+at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& abs_split_w,
                       const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& row_ids, const std::vector<int64_t>& in_sizes,
                       const std::vector<int64_t>& out_sizes, const IOParams& io, const NoiseKey& noise, bool probes,
@@ -185,9 +228,26 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
   const bool return_partial = output == kOutputPartial;
   // ---- shapes and arguments -----------------------------------------------------------------
   check_tensor(x, "x", 2);
-  check_tensor(split_w, "split_w", 3);
+  // The weight comes split per input tile [T, out, n_max], or whole [out, in]: the fused readout reads the
+  // whole weight in place; every other path takes the split copy.
+  const bool whole = w.dim() == 2;
+  if (whole) {
+    check_tensor(w, "weight", 2);
+    check(!in_sizes.empty(), "in_sizes must list the input tiles");
+    check(w.size(1) == x.size(1), "the weight has " + std::to_string(w.size(1)) + " inputs but x has " +
+                                      std::to_string(x.size(1)));
+    if (!(probes && output == kOutputProbeMean && !io.is_perfect)) {
+      return analog_mvm(x, split_columns(w, in_sizes), std::nullopt, out_scale, bias, row_ids, in_sizes, out_sizes,
+                        io, noise, probes, output);
+    }
+  } else {
+    check_tensor(w, "split_w", 3);
+  }
+  const at::Tensor& split_w = w;  // [T, out, n_max] unless whole
   const int64_t B = x.size(0), K = x.size(1);
-  const int64_t T = split_w.size(0), N = split_w.size(1), nmax = split_w.size(2);
+  const int64_t T = whole ? static_cast<int64_t>(in_sizes.size()) : w.size(0);
+  const int64_t N = whole ? w.size(0) : w.size(1);
+  const int64_t nmax = whole ? *std::max_element(in_sizes.begin(), in_sizes.end()) : w.size(2);
   check(static_cast<int64_t>(in_sizes.size()) == T,
         "in_sizes has " + std::to_string(in_sizes.size()) + " tiles, split_w " + std::to_string(T));
   std::vector<int64_t> in_off(T);
@@ -210,6 +270,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
   check(total_out == N, "out_sizes sum to " + std::to_string(total_out) + " but split_w has " +
                             std::to_string(N) + " outputs");
   if (abs_split_w.has_value()) {
+    check(!whole, "abs_split_w goes with split weights");
     check_tensor(*abs_split_w, "abs_split_w", 3);
     check(abs_split_w->sizes() == split_w.sizes(), "abs_split_w must have split_w's shape");
   }
@@ -253,7 +314,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
   }
 
   at::Tensor partial;
-  const at::Tensor w_t = split_w.transpose(1, 2);
+  const at::Tensor w_t = whole ? at::Tensor() : split_w.transpose(1, 2);
   if (io.is_perfect) {
     at::Tensor xs = at::zeros({T, B, nmax}, f32);
     float* xsp = xs.data_ptr<float>();
@@ -314,7 +375,8 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
       }
     }
     at::Tensor abs_w;
-    if (nb > 0) abs_w = abs_split_w.has_value() ? *abs_split_w : split_w.abs();  // |W| for IR drop / PCM read
+    // |W| for IR drop / PCM read (the fused readout takes |w| as it reads w)
+    if (nb > 0 && !whole) abs_w = abs_split_w.has_value() ? *abs_split_w : split_w.abs();
     const float* wp = split_w.data_ptr<float>();
     const float* awp = abs_w.defined() ? abs_w.data_ptr<float>() : nullptr;
 
@@ -421,11 +483,17 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
               // The block's weights transposed (column j contiguous), in 8 x 8 squares: the probes then read
               // contiguous columns instead of one cache line per weight.
               const int64_t size_t_ = in_sizes[t];
+              const int64_t ld = whole ? K : nmax;
               for (int64_t c8 = 0; c8 < cb; c8 += 8) {
                 for (int64_t j8 = 0; j8 < size_t_; j8 += 8) {
                   const int64_t ce = std::min<int64_t>(c8 + 8, cb), je = std::min<int64_t>(j8 + 8, size_t_);
+                  if (ce - c8 == 8 && je - j8 == 8) {
+                    const float* src = whole ? wp + (c0 + c8) * K + in_off[t] + j8 : wp + (t * N + c0 + c8) * nmax + j8;
+                    transpose8x8(src, ld, wt.data() + j8 * kBlock + c8, kBlock);
+                    continue;
+                  }
                   for (int64_t c = c8; c < ce; ++c) {
-                    const float* src = wp + (t * N + c0 + c) * nmax;
+                    const float* src = whole ? wp + (c0 + c) * K + in_off[t] : wp + (t * N + c0 + c) * nmax;
                     for (int64_t j = j8; j < je; ++j) wt[j * kBlock + c] = src[j];
                   }
                 }
@@ -482,6 +550,10 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std:
           }
         }
         if (!(io.iterative && any_clip)) return means;
+        if (whole) {  // a probe clipped: bound management needs the general path, on split weights
+          return analog_mvm(x, split_columns(w, in_sizes), std::nullopt, out_scale, bias, row_ids, in_sizes, out_sizes,
+                            io, noise, probes, output);
+        }
       }
 
       // ---- products -------------------------------------------------------------------------------

@@ -65,10 +65,12 @@ inline constexpr int kOutputPartial = 1;    // per-tile partial z * scale * r [T
 inline constexpr int kOutputProbeMean = 2;  // [T, out]: mean over b < in_sizes[t] of |partial[t, b, :]|
                                             // (the drift-compensation readout, with probes)
 
+// w: tile weights split per input tile [T, out, n_max] (see reference.split_columns), or the whole [out, in]
+// weight (read in place by the fused readout, split internally for every other path).
 // probes: the caller promises that row j of every input tile's slice is zero except at position j (the
 // one-hot readout of drift compensation); the products are then computed element-wise, exactly as the
 // GEMM would, instead of by a GEMM.
-at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& split_w, const std::optional<at::Tensor>& abs_split_w,
+at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& abs_split_w,
                       const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& row_ids, const std::vector<int64_t>& in_sizes,
                       const std::vector<int64_t>& out_sizes, const IOParams& io, const NoiseKey& noise, bool probes,

@@ -160,7 +160,7 @@ def tiled_mvm(
 
 
 def readout_column_mean(
-    split_w: torch.Tensor,
+    tile_weight: torch.Tensor,
     grid: TileGrid,
     io: IOConfig,
     streams: MvmStreams | None,
@@ -169,12 +169,13 @@ def readout_column_mean(
 ) -> torch.Tensor:
     """Drift-compensation readout [T, out]: the mean over each input tile's one-hot probes of |tile output|.
 
-    ``probes`` [n_max, in]: row j holds a 1 at column j of every input tile that has one (the one-hot
-    vectors of all tiles at once, as layer inputs)."""
+    ``tile_weight`` [out, in] in tile units; ``probes`` [n_max, in]: row j holds a 1 at column j of every
+    input tile that has one (the one-hot vectors of all tiles at once, as layer inputs)."""
     name = resolve_backend(backend, probes.device)
     if name == "cpp" and not (io.inp_noise > 0 and streams is not None):
-        return cpp.probe_mean_cpp(probes, split_w, grid, io, streams)
+        return cpp.probe_mean_cpp(probes, tile_weight, grid, io, streams)
     sizes = grid.in_sizes
-    y = tiled_mvm(probes, split_w, grid, io, streams, backend=name if name != "triton" else "reference").abs()
+    split = reference.split_weight(tile_weight, grid)
+    y = tiled_mvm(probes, split, grid, io, streams, backend=name if name != "triton" else "reference").abs()
     valid = (torch.arange(y.shape[1])[None, :] < torch.tensor(sizes)[:, None]).to(y.dtype)  # [T, n_max]
     return (y * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)

@@ -108,11 +108,12 @@ def tiled_mvm_cpp(
         call_index, readout, probes, OUTPUT_PARTIAL)
 
 
-def probe_mean_cpp(probes: torch.Tensor, split_w: torch.Tensor, grid: TileGrid, io: IOConfig,
-                   streams: MvmStreams | None, abs_split_w: torch.Tensor | None = None) -> torch.Tensor:
+def probe_mean_cpp(probes: torch.Tensor, weight: torch.Tensor, grid: TileGrid, io: IOConfig,
+                   streams: MvmStreams | None) -> torch.Tensor:
     """The drift-compensation readout [T, out]: mean over tile t's one-hot probes (rows j < in_sizes[t] of
-    ``probes``) of |tile output|, without materialising the per-probe outputs."""
+    ``probes``) of |tile output|, without materialising the per-probe outputs. ``weight``: the whole tile
+    weight [out, in] (read in place) or its split [T, out, n_max]."""
     key, call_index, readout = _streams_args(streams)
     return extension().analog_mvm(
-        probes.contiguous(), split_w, abs_split_w, None, None, None, grid.in_sizes, grid.out_sizes, mvm_io(io), key,
-        call_index, readout, True, OUTPUT_PROBE_MEAN)
+        probes.contiguous(), weight.contiguous(), None, None, None, None, grid.in_sizes, grid.out_sizes, mvm_io(io),
+        key, call_index, readout, True, OUTPUT_PROBE_MEAN)

@@ -17,6 +17,7 @@ import torch
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.kernels.backends import analog_linear, resolve_backend
+from romer_kernels.kernels.reference import split_weight
 from romer_kernels.nn.chip import LayerChip
 
 
@@ -44,8 +45,9 @@ class AnalogMatrix:
         self.chip = LayerChip(config, out_features, in_features, layer_id)
         self._version: tuple[int, int] | None = None
         self._out_scale: torch.Tensor | None = None         # [n_in_tiles, out] digital factors
-        self._split: torch.Tensor | None = None              # tile weights split per input tile
-        self._abs_split: torch.Tensor | None = None          # |tile weights|, for PCM-read noise / IR drop
+        self._tile_weight: torch.Tensor | None = None        # [out, in] tile units: the chip's state, read only
+        self._split_cache: torch.Tensor | None = None        # tile weights split per input tile (lazy)
+        self._abs_cache: torch.Tensor | None = None          # |split|, for PCM-read noise / IR drop (lazy)
         self._pending_restore: tuple[bool, float | None, int] | None = None
         self.backend: str | None = None  # MVM backend of this matrix; None = the process default (see kernels.backends)
         self._device_cache: tuple | None = None  # (split it was made from, device, tensors on that device)
@@ -63,6 +65,7 @@ class AnalogMatrix:
         if seed is not None:
             self.seed = check_seed(seed)
         self._check_shape(weight)
+        self._release()
         self._set(*self.chip.program(weight, self.seed, self.mvm_noise))
         self.t_inference = None
         self._version = self._weight_version(weight)
@@ -72,6 +75,7 @@ class AnalogMatrix:
         drift call ``drift_index``), and the drift-compensation factors of the simulated readout."""
         if not self.is_programmed(weight):
             self.program(weight)
+        self._release()
         self._set(*self.chip.drift(t_inference, self.mvm_noise, drift_index=drift_index))
         self.t_inference = float(t_inference)
 
@@ -89,12 +93,33 @@ class AnalogMatrix:
     def last_drift_index(self) -> int:
         return max(self.chip.drift_calls - 1, 0)
 
-    def _set(self, split: torch.Tensor, out_scale: torch.Tensor) -> None:
-        io = self.config.io
+    def _set(self, tile_weight: torch.Tensor, out_scale: torch.Tensor) -> None:
         self._out_scale = out_scale
-        self._split = split
-        needs_abs = not io.is_perfect and (io.w_noise_type == "pcm_read" or io.ir_drop > 0)
-        self._abs_split = self._split.abs() if needs_abs else None
+        self._tile_weight = tile_weight
+
+    def _release(self) -> None:
+        """Drop every tensor derived from the chip's weights before the chip changes them: the chip reuses
+        its old state as output buffers only when nobody else holds it."""
+        self._tile_weight = self._split_cache = self._abs_cache = None
+        self._device_cache = None
+
+    @property
+    def _split(self) -> torch.Tensor | None:
+        """The tile weights split per input tile [n_in_tiles, out, n_max], made at first use after each
+        program/drift (the chip's own readout does not need them)."""
+        if self._split_cache is None and self._tile_weight is not None:
+            self._split_cache = split_weight(self._tile_weight, self.chip.grid)
+        return self._split_cache
+
+    @property
+    def _abs_split(self) -> torch.Tensor | None:
+        """|split| when the IO needs it (PCM-read weight noise, IR drop), else None."""
+        io = self.config.io
+        if io.is_perfect or not (io.w_noise_type == "pcm_read" or io.ir_drop > 0):
+            return None
+        if self._abs_cache is None and self._split is not None:
+            self._abs_cache = self._split.abs()
+        return self._abs_cache
 
     def _check_shape(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != (self.out_features, self.in_features):
@@ -141,9 +166,8 @@ class AnalogMatrix:
         """[out, in] weights the chip realises in digital units (tile weights x weight scaling x drift
         compensation x out_scale): what the layer computes with perfect periphery."""
         self.ensure_programmed(weight)
-        parts = [self._split[i, :, : cols.stop - cols.start] * self._out_scale[i][:, None]
-                 for i, cols in enumerate(self.chip.grid.in_slices())]
-        return torch.cat(parts, dim=1)
+        return torch.cat([self._tile_weight[:, cols] * self._out_scale[i][:, None]
+                          for i, cols in enumerate(self.chip.grid.in_slices())], dim=1)
 
     @property
     def num_tiles(self) -> int:

@@ -15,7 +15,6 @@ import torch
 from romer_kernels.config.analog import AnalogConfig, MappingConfig
 from romer_kernels.config.tiling import TileGrid
 from romer_kernels.kernels.backends import readout_column_mean
-from romer_kernels.kernels.reference import split_weight
 from romer_kernels.noise import build_noise_model
 from romer_kernels.noise.base import ProgrammedWeights, StreamDraw
 from romer_kernels.rng import MvmStreams, Purpose, chip_key, stream_seed
@@ -154,8 +153,8 @@ class LayerChip:
 
     # -- programming and drift ------------------------------------------------------------------
     def program(self, weight: torch.Tensor, seed: int, mvm_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Program the digital ``weight`` with chip ``seed``; returns (tile weights split per input tile
-        [n_in_tiles, out, n_max], out scales [n_in_tiles, out])."""
+        """Program the digital ``weight`` with chip ``seed``; returns (tile weights [out, in] in tile units,
+        out scales [n_in_tiles, out]). The tile weights are the chip's own state: read them, never write."""
         self.seed = seed
         self.drift_calls = 0
         w = weight.detach().to(torch.float32)
@@ -179,10 +178,10 @@ class LayerChip:
             self.programmed = self.noise_model.program(target, self.grid, self._draw(target.shape))
         del old
         self.baseline = None
-        split = split_weight(self.programmed.weights, self.grid)
+        weights = self.programmed.weights
         if self.config.drift_compensation.kind != "none":
-            self.baseline = self.readout(split, mvm_noise)
-        return split, self._out_scale(split, mvm_noise)
+            self.baseline = self.readout(weights, mvm_noise)
+        return weights, self._out_scale(weights, mvm_noise)
 
     def drift(self, t_inference: float, mvm_noise: bool, drift_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights ``t_inference`` seconds after programming, with fresh read noise; returns as program()."""
@@ -204,10 +203,11 @@ class LayerChip:
                 weights = self.noise_model.read(self.programmed, float(t_inference), self.grid, draw)
             del buffer
             reusable = self._read_out and self._foreign(weights)
-        split = split_weight(weights, self.grid)
-        if reusable and _unshared(weights):  # split_weight made a copy (no view of it survives)
+        if reusable and _unshared(weights):
+            # Kept for the next read, which writes into it only if by then nobody else holds it (the
+            # AnalogMatrix drops its reference before drifting again).
             self._read_buffer = weights
-        return split, self._out_scale(split, mvm_noise, readout_index=index + 1)
+        return weights, self._out_scale(weights, mvm_noise, readout_index=index + 1)
 
     def _foreign(self, t: torch.Tensor) -> bool:
         """``t`` shares no memory with the programmed state (a read may return the programmed weights)."""
@@ -216,7 +216,7 @@ class LayerChip:
         return all(h is None or h.untyped_storage().data_ptr() != ptr for h in held)
 
     # -- drift compensation ---------------------------------------------------------------------
-    def readout(self, split_w: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
+    def readout(self, tile_weight: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
         """aihwkit's compensation readout: mean |output| of one-hot inputs through each tile's periphery.
 
         Returns [n_in_tiles, out]: per tile (global) or per crossbar column (per_column), clamped at 1e-4.
@@ -230,7 +230,7 @@ class LayerChip:
                 size = cols.stop - cols.start
                 self._probes[torch.arange(size), cols.start + torch.arange(size)] = 1.0
         seeds = self.mvm_stream(readout_index, readout=True) if mvm_noise else None
-        column_mean = readout_column_mean(split_w, grid, self.config.io, seeds, self._probes)  # [T, out]
+        column_mean = readout_column_mean(tile_weight, grid, self.config.io, seeds, self._probes)  # [T, out]
         if self.config.drift_compensation.kind == "per_column":
             return column_mean.clamp_min(1e-4)
         tile_mean = torch.empty_like(column_mean)
@@ -238,8 +238,8 @@ class LayerChip:
             tile_mean[:, rows] = column_mean[:, rows].mean(dim=1, keepdim=True)
         return tile_mean.clamp_min(1e-4)
 
-    def _out_scale(self, split_w: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
+    def _out_scale(self, tile_weight: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
         scale = self.scales * self.config.io.out_scale
         if self.baseline is not None and readout_index > 0:
-            scale = scale * (self.baseline / self.readout(split_w, mvm_noise, readout_index))
+            scale = scale * (self.baseline / self.readout(tile_weight, mvm_noise, readout_index))
         return scale
