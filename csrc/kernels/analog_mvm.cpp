@@ -380,8 +380,14 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
     const float* wp = split_w.data_ptr<float>();
     const float* awp = abs_w.defined() ? abs_w.data_ptr<float>() : nullptr;
 
-    partial = return_partial ? at::zeros({T, B, N}, f32) : scratch(workspace.partial, {T, B, N}, true);
-    float* pp = partial.data_ptr<float>();
+    // The per-tile outputs; the fused readout never needs them, so they are made (and zeroed, 4 bytes per
+    // tile x vector x output) only when the general epilogue runs.
+    float* pp = nullptr;
+    const auto make_partial = [&]() {
+      if (pp != nullptr) return;
+      partial = return_partial ? at::zeros({T, B, N}, f32) : scratch(workspace.partial, {T, B, N}, true);
+      pp = partial.data_ptr<float>();
+    };
     std::vector<uint8_t> over(T * B * n_ot, 0);
     std::vector<std::vector<int64_t>> rows(T);
 
@@ -399,6 +405,175 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
       }
       if (M == 0) break;
       const uint64_t counter = mvm_counter(noise.call_index, round, noise.readout);
+
+      // ---- drift-compensation readout, fused: the probes' own inputs --------------------------------
+      // Probe j of tile t is one-hot at j, so the DAC is needed at that position only (every other input
+      // must quantize to 0, which is checked); no [T, probes, n_max] operand is built.
+      struct Diag {
+        float x = 0.0f, x_gain = 0.0f, x_abs = 0.0f, x_sq = 0.0f, norm = 0.0f;
+      };
+      std::vector<Diag> diag;
+      if (round == 0 && probes && output == kOutputProbeMean) {
+        diag.resize(T * M);
+        int violation = 0;
+        const float lo = -io.inp_bound, hi = io.inp_bound;
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) reduction(| : violation)
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t j = 0; j < M; ++j) {
+            if (j >= static_cast<int64_t>(rows[t].size())) continue;
+            const int64_t b = rows[t][j];
+            const uint8_t* pend = pending.data() + (t * B + b) * n_ot;
+            if (std::none_of(pend, pend + n_ot, [](uint8_t u) { return u != 0; })) continue;
+            const float input_scale = (1.0f / safe_scale[t * B + b]) / reduction;
+            const float* src = xp + b * K + in_off[t];
+            const auto dac = [&](float value) {
+              return std::min(std::max(quantize(value * input_scale, io.inp_step), lo), hi);
+            };
+            for (int64_t k = 0; k < in_sizes[t]; ++k) {
+              if (k != b && src[k] != 0.0f) violation |= static_cast<int>(dac(src[k]) != 0.0f);
+            }
+            if (b >= in_sizes[t]) continue;
+            Diag& d = diag[t * M + j];
+            d.x = dac(src[b]);
+            d.x_gain = ir ? d.x * ir_gain[t * nmax + b] : 0.0f;
+            d.x_abs = std::fabs(d.x);
+            d.x_sq = d.x * d.x;
+            d.norm = std::sqrt(0.0f + d.x * d.x);
+          }
+        }
+        check(violation == 0, "probes mode: an input row is not one-hot at its own position");
+
+        // Probe j of tile t is x' e_j, so its outputs are x' times weight column j: the kernel reads the
+        // column, runs the epilogue and adds |output| to the column means, block by block of outputs,
+        // without the [T, probes, out] products and partial outputs (64 MB of traffic for 2048x2048).
+        // Same operations as the general path below; that path takes over if a probe clips under
+        // iterative bound management (another round would be needed).
+        at::Tensor means = at::zeros({T, N}, f32);
+        float* mp = means.data_ptr<float>();
+        constexpr int64_t kBlock = 256;
+        const int64_t n_blocks = (N + kBlock - 1) / kBlock;
+        const uint64_t w_seed = w_noise ? stream_seed(noise.chip_key, kWNoise, counter) : 0;
+        const uint64_t o_seed = out_noise ? stream_seed(noise.chip_key, kOutNoise, counter) : 0;
+        int any_clip = 0;
+#pragma omp parallel num_threads(nt) reduction(| : any_clip)
+        {
+          std::vector<float> wt(kBlock * nmax), nw(kBlock), no(kBlock);
+#pragma omp for collapse(2) schedule(static)
+          for (int64_t t = 0; t < T; ++t) {
+            for (int64_t blk = 0; blk < n_blocks; ++blk) {
+              const int64_t c0 = blk * kBlock, cb = std::min(N, c0 + kBlock) - c0;
+              float* acc = mp + t * N + c0;
+              // The block's weights transposed (column j contiguous), in 8 x 8 squares: the probes then read
+              // contiguous columns instead of one cache line per weight.
+              const int64_t size_t_ = in_sizes[t];
+              const int64_t ld = whole ? K : nmax;
+              for (int64_t c8 = 0; c8 < cb; c8 += 8) {
+                for (int64_t j8 = 0; j8 < size_t_; j8 += 8) {
+                  const int64_t ce = std::min<int64_t>(c8 + 8, cb), je = std::min<int64_t>(j8 + 8, size_t_);
+                  if (ce - c8 == 8 && je - j8 == 8) {
+                    const float* src = whole ? wp + (c0 + c8) * K + in_off[t] + j8 : wp + (t * N + c0 + c8) * nmax + j8;
+                    transpose8x8(src, ld, wt.data() + j8 * kBlock + c8, kBlock);
+                    continue;
+                  }
+                  for (int64_t c = c8; c < ce; ++c) {
+                    const float* src = whole ? wp + (c0 + c) * K + in_off[t] : wp + (t * N + c0 + c) * nmax;
+                    for (int64_t j = j8; j < je; ++j) wt[j * kBlock + c] = src[j];
+                  }
+                }
+              }
+              for (int64_t j = 0; j < in_sizes[t]; ++j) {
+                const int64_t b = j;  // round 0: compact row j is probe j
+                const uint8_t* pend = pending.data() + (t * B + b) * n_ot;
+                if (std::none_of(pend, pend + n_ot, [](uint8_t u) { return u != 0; })) continue;  // adds |0|
+                const float input_scale = (1.0f / safe_scale[t * B + b]) / reduction;
+                const float* col = wt.data() + b * kBlock;
+                const Diag& d = diag[t * M + j];
+                const float x0 = d.x, xg = d.x_gain, xabs = d.x_abs, xsq = d.x_sq;
+                const float ratio = ir ? ir_size_ratio[t] : 0.0f;
+                const float sd = (w_noise && !pcm_read) ? io.w_noise * d.norm : 0.0f;
+                const int64_t start = (rid[b] * T + t) * N + c0;
+                if (w_noise) philox::philox_fill_normal(w_seed, start, cb, nw.data(), 1);
+                if (out_noise) philox::philox_fill_normal(o_seed, start, cb, no.data(), 1);
+                const bool clip = io.out_bound > 0.0f;
+                const float bound = io.out_bound, step = io.out_step;
+                int hit = 0;
+                // The epilogue of one output, in the general path's order (one pass instead of one per step).
+                const auto one = [&](int64_t c) {
+                  float u = x0 * col[c];
+                  if (ir) {
+                    const float a = (xabs * std::fabs(col[c])) * ratio;
+                    const float cc = a * (a * (0.05f * a - 0.2f) + 0.5f);
+                    u = u - cc * io.ir_drop * (xg * col[c]);
+                  }
+                  if (pcm_read) {
+                    u = u + (io.w_noise * std::sqrt(xsq * std::fabs(col[c]))) * nw[c];
+                  } else if (w_noise) {
+                    u = u + sd * nw[c];
+                  }
+                  if (out_noise) u = u + io.out_noise * no[c];
+                  u = quantize(u, step);
+                  if (clip) {
+                    hit |= static_cast<int>(u > bound) | static_cast<int>(io.bm_test_negative && u < -bound);
+                    u = std::min(std::max(u, -bound), bound);
+                  }
+                  acc[c] = acc[c] + std::fabs(u / input_scale);
+                };
+                int64_t c = 0;
+#if defined(__AVX2__)
+                {
+                  const __m256 sign = _mm256_set1_ps(-0.0f);
+                  const __m256 vx0 = _mm256_set1_ps(x0), vxg = _mm256_set1_ps(xg), vxabs = _mm256_set1_ps(xabs);
+                  const __m256 vxsq = _mm256_set1_ps(xsq), vratio = _mm256_set1_ps(ratio);
+                  const __m256 vir = _mm256_set1_ps(io.ir_drop), vwn = _mm256_set1_ps(io.w_noise);
+                  const __m256 vsd = _mm256_set1_ps(sd), von = _mm256_set1_ps(io.out_noise);
+                  const __m256 vstep = _mm256_set1_ps(step), vhi = _mm256_set1_ps(bound);
+                  const __m256 vlo = _mm256_set1_ps(-bound), vin = _mm256_set1_ps(input_scale);
+                  const __m256 k005 = _mm256_set1_ps(0.05f), k02 = _mm256_set1_ps(0.2f), k05 = _mm256_set1_ps(0.5f);
+                  for (; c + 8 <= cb; c += 8) {
+                    const __m256 w8 = _mm256_loadu_ps(col + c);
+                    __m256 u = _mm256_mul_ps(vx0, w8);
+                    if (ir) {
+                      const __m256 a = _mm256_mul_ps(_mm256_mul_ps(vxabs, _mm256_andnot_ps(sign, w8)), vratio);
+                      const __m256 inner = _mm256_add_ps(_mm256_mul_ps(a, _mm256_sub_ps(_mm256_mul_ps(k005, a), k02)), k05);
+                      const __m256 cc = _mm256_mul_ps(a, inner);
+                      u = _mm256_sub_ps(u, _mm256_mul_ps(_mm256_mul_ps(cc, vir), _mm256_mul_ps(vxg, w8)));
+                    }
+                    if (pcm_read) {
+                      const __m256 sdv = _mm256_mul_ps(vwn, _mm256_sqrt_ps(_mm256_mul_ps(vxsq, _mm256_andnot_ps(sign, w8))));
+                      u = _mm256_add_ps(u, _mm256_mul_ps(sdv, _mm256_loadu_ps(nw.data() + c)));
+                    } else if (w_noise) {
+                      u = _mm256_add_ps(u, _mm256_mul_ps(vsd, _mm256_loadu_ps(nw.data() + c)));
+                    }
+                    if (out_noise) u = _mm256_add_ps(u, _mm256_mul_ps(von, _mm256_loadu_ps(no.data() + c)));
+                    if (step > 0.0f) {
+                      const __m256 q = _mm256_round_ps(_mm256_div_ps(u, vstep), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                      u = _mm256_mul_ps(q, vstep);
+                    }
+                    if (clip) {
+                      int mask = _mm256_movemask_ps(_mm256_cmp_ps(u, vhi, _CMP_GT_OQ));
+                      if (io.bm_test_negative) mask |= _mm256_movemask_ps(_mm256_cmp_ps(u, vlo, _CMP_LT_OQ));
+                      hit |= static_cast<int>(mask != 0);
+                      u = _mm256_min_ps(_mm256_max_ps(u, vlo), vhi);
+                    }
+                    const __m256 contribution = _mm256_andnot_ps(sign, _mm256_div_ps(u, vin));
+                    _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), contribution));
+                  }
+                }
+#endif
+                for (; c < cb; ++c) one(c);
+                any_clip |= hit;
+              }
+              const float count = static_cast<float>(in_sizes[t]);
+              for (int64_t c = 0; c < cb; ++c) acc[c] = acc[c] / count;
+            }
+          }
+        }
+        if (!(io.iterative && any_clip)) return means;
+        if (whole) {  // a probe clipped: bound management needs the general path, on split weights
+          return analog_mvm(x, split_columns(w, in_sizes), std::nullopt, out_scale, bias, row_ids, in_sizes, out_sizes,
+                            io, noise, probes, output);
+        }
+      }
 
       // ---- prologue: DAC (+ input noise) and the extra operands ---------------------------------
       at::Tensor xa = scratch(workspace.xa, {T, na * M, nmax}, true);
@@ -458,104 +633,6 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
       }
       check(!probe_violation, "probes mode: an input row is not one-hot at its own position");
 
-      // ---- drift-compensation readout, fused ---------------------------------------------------------
-      // Probe j of tile t is x' e_j, so its outputs are x' times weight column j: the kernel reads the
-      // column, runs the epilogue and adds |output| to the column means, block by block of outputs,
-      // without the [T, probes, out] products and partial outputs (64 MB of traffic for 2048x2048).
-      // Same operations as the general path below; it takes over if a probe clips under iterative
-      // bound management (another round would be needed).
-      if (round == 0 && probes && output == kOutputProbeMean) {
-        at::Tensor means = at::zeros({T, N}, f32);
-        float* mp = means.data_ptr<float>();
-        constexpr int64_t kBlock = 256;
-        const int64_t n_blocks = (N + kBlock - 1) / kBlock;
-        const uint64_t w_seed = w_noise ? stream_seed(noise.chip_key, kWNoise, counter) : 0;
-        const uint64_t o_seed = out_noise ? stream_seed(noise.chip_key, kOutNoise, counter) : 0;
-        int any_clip = 0;
-#pragma omp parallel num_threads(nt) reduction(| : any_clip)
-        {
-          std::vector<float> wt(kBlock * nmax), v(kBlock), nw(kBlock), no(kBlock);
-#pragma omp for collapse(2) schedule(static)
-          for (int64_t t = 0; t < T; ++t) {
-            for (int64_t blk = 0; blk < n_blocks; ++blk) {
-              const int64_t c0 = blk * kBlock, cb = std::min(N, c0 + kBlock) - c0;
-              float* acc = mp + t * N + c0;
-              // The block's weights transposed (column j contiguous), in 8 x 8 squares: the probes then read
-              // contiguous columns instead of one cache line per weight.
-              const int64_t size_t_ = in_sizes[t];
-              const int64_t ld = whole ? K : nmax;
-              for (int64_t c8 = 0; c8 < cb; c8 += 8) {
-                for (int64_t j8 = 0; j8 < size_t_; j8 += 8) {
-                  const int64_t ce = std::min<int64_t>(c8 + 8, cb), je = std::min<int64_t>(j8 + 8, size_t_);
-                  if (ce - c8 == 8 && je - j8 == 8) {
-                    const float* src = whole ? wp + (c0 + c8) * K + in_off[t] + j8 : wp + (t * N + c0 + c8) * nmax + j8;
-                    transpose8x8(src, ld, wt.data() + j8 * kBlock + c8, kBlock);
-                    continue;
-                  }
-                  for (int64_t c = c8; c < ce; ++c) {
-                    const float* src = whole ? wp + (c0 + c) * K + in_off[t] : wp + (t * N + c0 + c) * nmax;
-                    for (int64_t j = j8; j < je; ++j) wt[j * kBlock + c] = src[j];
-                  }
-                }
-              }
-              for (int64_t j = 0; j < in_sizes[t]; ++j) {
-                const int64_t b = j;  // round 0: compact row j is probe j
-                const uint8_t* pend = pending.data() + (t * B + b) * n_ot;
-                if (std::none_of(pend, pend + n_ot, [](uint8_t u) { return u != 0; })) continue;  // adds |0|
-                const float input_scale = (1.0f / safe_scale[t * B + b]) / reduction;
-                const float* col = wt.data() + b * kBlock;
-                const float x0 = xap[(t * na * M + j) * nmax + b];
-                for (int64_t c = 0; c < cb; ++c) v[c] = x0 * col[c];
-                if (ir) {
-                  const float xg = xap[(t * na * M + M + j) * nmax + b];
-                  const float xabs = xbp[(t * nb * M + j) * nmax + b];
-                  const float ratio = ir_size_ratio[t];
-                  for (int64_t c = 0; c < cb; ++c) {
-                    const float a = (xabs * std::fabs(col[c])) * ratio;
-                    const float cc = a * (a * (0.05f * a - 0.2f) + 0.5f);
-                    v[c] = v[c] - cc * io.ir_drop * (xg * col[c]);
-                  }
-                }
-                const int64_t start = (rid[b] * T + t) * N + c0;
-                if (pcm_read) {
-                  const float xsq = xbp[(t * nb * M + (ir ? M : 0) + j) * nmax + b];
-                  philox::philox_fill_normal(w_seed, start, cb, nw.data(), 1);
-                  for (int64_t c = 0; c < cb; ++c) {
-                    v[c] = v[c] + (io.w_noise * std::sqrt(xsq * std::fabs(col[c]))) * nw[c];
-                  }
-                } else if (w_noise) {
-                  philox::philox_fill_normal(w_seed, start, cb, nw.data(), 1);
-                  const float sd = io.w_noise * norm[t * M + j];
-                  for (int64_t c = 0; c < cb; ++c) v[c] = v[c] + sd * nw[c];
-                }
-                if (out_noise) {
-                  philox::philox_fill_normal(o_seed, start, cb, no.data(), 1);
-                  for (int64_t c = 0; c < cb; ++c) v[c] = v[c] + io.out_noise * no[c];
-                }
-                quantize_inplace(v.data(), cb, io.out_step);
-                if (io.out_bound > 0.0f) {
-                  const float bound = io.out_bound;
-                  int hit = 0;
-                  for (int64_t c = 0; c < cb; ++c) {
-                    hit |= static_cast<int>(v[c] > bound) | static_cast<int>(io.bm_test_negative && v[c] < -bound);
-                    v[c] = std::min(std::max(v[c], -bound), bound);
-                  }
-                  any_clip |= hit;
-                }
-                for (int64_t c = 0; c < cb; ++c) acc[c] = acc[c] + std::fabs(v[c] / input_scale);
-              }
-              const float count = static_cast<float>(in_sizes[t]);
-              for (int64_t c = 0; c < cb; ++c) acc[c] = acc[c] / count;
-            }
-          }
-        }
-        if (!(io.iterative && any_clip)) return means;
-        if (whole) {  // a probe clipped: bound management needs the general path, on split weights
-          return analog_mvm(x, split_columns(w, in_sizes), std::nullopt, out_scale, bias, row_ids, in_sizes, out_sizes,
-                            io, noise, probes, output);
-        }
-      }
-
       // ---- products -------------------------------------------------------------------------------
       at::Tensor za, zb;
       if (!probes && M <= kFewRows) {
@@ -606,6 +683,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
       const float* zap = za.data_ptr<float>();
       const float* zbp = nb > 0 ? zb.data_ptr<float>() : nullptr;
 
+      make_partial();
       // ---- epilogue -------------------------------------------------------------------------------
       const uint64_t w_seed = w_noise ? stream_seed(noise.chip_key, kWNoise, counter) : 0;
       const uint64_t o_seed = out_noise ? stream_seed(noise.chip_key, kOutNoise, counter) : 0;
@@ -683,6 +761,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
       }
       if (!any) break;
     }
+    make_partial();  // an empty batch never reached the epilogue
   }
 
   // ---- digital part: out_scale, sum over input tiles, bias; NaN rows --------------------------------
