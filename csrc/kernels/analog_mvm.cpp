@@ -391,6 +391,13 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
     std::vector<uint8_t> over(T * B * n_ot, 0);
     std::vector<std::vector<int64_t>> rows(T);
 
+    // The vector in compact row j of tile t this round, or -1 when there is none or nothing of it is pending.
+    const auto live_row = [&](int64_t t, int64_t j) -> int64_t {
+      if (j >= static_cast<int64_t>(rows[t].size())) return -1;
+      const int64_t b = rows[t][j];
+      const uint8_t* pend = pending.data() + (t * B + b) * n_ot;
+      return std::any_of(pend, pend + n_ot, [](uint8_t u) { return u != 0; }) ? b : -1;
+    };
     for (int round = 0; round < io.max_rounds; ++round) {
       const float reduction = static_cast<float>(std::ldexp(1.0, round));
       // Rows of this round per tile: all of them first, then the pairs whose output tile clipped.
@@ -420,10 +427,8 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static) reduction(| : violation)
         for (int64_t t = 0; t < T; ++t) {
           for (int64_t j = 0; j < M; ++j) {
-            if (j >= static_cast<int64_t>(rows[t].size())) continue;
-            const int64_t b = rows[t][j];
-            const uint8_t* pend = pending.data() + (t * B + b) * n_ot;
-            if (std::none_of(pend, pend + n_ot, [](uint8_t u) { return u != 0; })) continue;
+            const int64_t b = live_row(t, j);
+            if (b < 0) continue;  // no such row in this round, or nothing of it pending (dead rows stay 0)
             const float input_scale = (1.0f / safe_scale[t * B + b]) / reduction;
             const float* src = xp + b * K + in_off[t];
             const auto dac = [&](float value) {
@@ -589,10 +594,8 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
 #pragma omp for collapse(2) schedule(static)
         for (int64_t t = 0; t < T; ++t) {
           for (int64_t j = 0; j < M; ++j) {
-            if (j >= static_cast<int64_t>(rows[t].size())) continue;
-            const int64_t b = rows[t][j];
-            const uint8_t* pend = pending.data() + (t * B + b) * n_ot;
-            if (std::none_of(pend, pend + n_ot, [](uint8_t v) { return v != 0; })) continue;  // dead: stays 0
+            const int64_t b = live_row(t, j);
+            if (b < 0) continue;  // no such row in this round, or nothing of it pending (dead rows stay 0)
             const int64_t size = in_sizes[t];
             const float input_scale = (1.0f / safe_scale[t * B + b]) / reduction;
             const float* src = xp + b * K + in_off[t];
@@ -694,10 +697,9 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
 #pragma omp for collapse(2) schedule(static)
         for (int64_t t = 0; t < T; ++t) {
           for (int64_t j = 0; j < M; ++j) {
-            if (j >= static_cast<int64_t>(rows[t].size())) continue;
-            const int64_t b = rows[t][j];
+            const int64_t b = live_row(t, j);
+            if (b < 0) continue;
             const uint8_t* pend = pending.data() + (t * B + b) * n_ot;
-            if (std::none_of(pend, pend + n_ot, [](uint8_t v) { return v != 0; })) continue;
             uint8_t* ov = over.data() + (t * B + b) * n_ot;
             std::fill_n(ov, n_ot, 0);
             const float input_scale = (1.0f / safe_scale[t * B + b]) / reduction;
