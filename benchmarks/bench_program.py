@@ -19,7 +19,7 @@ from torch import nn
 from benchmarks._timing import best_of
 from romer_kernels import preset
 from romer_kernels.nn.analog_matrix import AnalogMatrix
-from romer_kernels.nn.chip import LayerChip, weight_scales
+from romer_kernels.nn.chip import LayerChip, mapped_target
 from romer_kernels.noise.fused import using_noise_backend
 from romer_kernels.rng import rng_backend
 
@@ -40,7 +40,7 @@ def noise_model_ms(name: str, weight: torch.Tensor, repeats: int) -> dict[str, f
     out_features, in_features = weight.shape
     chip = LayerChip(config, out_features, in_features, layer_id=0)
     chip.seed = 0
-    target = weight / weight_scales(weight, chip.grid, config.mapping)
+    target, _ = mapped_target(weight, chip.grid, config.mapping)
     model, grid = chip.noise_model, chip.grid
     draw = chip._draw(target.shape)
     read_draw = chip._draw(target.shape, drift_index=0)

@@ -3,6 +3,7 @@
 
 #include <omp.h>
 
+#include <numeric>
 #include <stdexcept>
 #include <string>
 
@@ -48,11 +49,7 @@ at::Tensor analog_experts(const at::Tensor& hidden, const at::Tensor& top_k_inde
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + cp[e];
 
-  const int64_t inter = down_in_sizes.empty() ? 0 : [&] {
-    int64_t s = 0;
-    for (int64_t v : down_in_sizes) s += v;
-    return s;
-  }();
+  const int64_t inter = std::accumulate(down_in_sizes.begin(), down_in_sizes.end(), int64_t{0});  // I
   std::vector<at::Tensor> results(E), tokens(E);
   const auto run_expert = [&](int64_t e) {
     const int64_t n = start[e + 1] - start[e];

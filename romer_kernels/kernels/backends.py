@@ -53,15 +53,10 @@ def triton_interpreter() -> bool:
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The concrete backends that can run on ``device``, fastest first."""
     device = torch.device(device)
-    names = []
-    if triton_available() and (device.type == "cuda" or triton_interpreter()):
-        names.append("triton")
-    if device.type == "cpu" and cpp.is_available():
-        names.append("cpp")
-    if device.type == "cpu":
-        names.append("reference")
-    if device.type == "cpu" and "triton" in names:  # the interpreter is the slowest of all on a CPU
-        names.remove("triton")
+    if device.type != "cpu":
+        return ["triton"] if triton_available() and device.type == "cuda" else []
+    names = (["cpp"] if cpp.is_available() else []) + ["reference"]
+    if triton_available() and triton_interpreter():  # the interpreter is the slowest of all on a CPU
         names.append("triton")
     return names
 
@@ -140,25 +135,6 @@ def analog_linear(
     return reference.analog_linear(x, split_w, out_scale, bias, grid, io, streams, abs_split_w, row_ids)
 
 
-def tiled_mvm(
-    x: torch.Tensor,
-    split_w: torch.Tensor,
-    grid: TileGrid,
-    io: IOConfig,
-    streams: MvmStreams | None,
-    abs_split_w: torch.Tensor | None = None,
-    probes: bool = False,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """Per-input-tile outputs [T, B, out] of ``x [B, in]`` before the digital scale (the reference's
-    ``tiled_mvm`` of ``split_input(x)``). ``probes``: see :func:`romer_kernels.kernels.cpp.tiled_mvm_cpp`."""
-    name = resolve_backend(backend, x.device)
-    if name == "cpp" and not (probes and io.inp_noise > 0 and streams is not None):
-        return cpp.tiled_mvm_cpp(x, split_w, grid, io, streams, abs_split_w, probes=probes)
-    return reference.tiled_mvm(reference.split_input(x, grid), split_w, grid.in_sizes, grid.out_sizes, io, streams,
-                               abs_split_w)
-
-
 def readout_column_mean(
     tile_weight: torch.Tensor,
     grid: TileGrid,
@@ -172,10 +148,12 @@ def readout_column_mean(
     ``tile_weight`` [out, in] in tile units; ``probes`` [n_max, in]: row j holds a 1 at column j of every
     input tile that has one (the one-hot vectors of all tiles at once, as layer inputs)."""
     name = resolve_backend(backend, probes.device)
-    if name == "cpp" and not (io.inp_noise > 0 and streams is not None):
-        return cpp.probe_mean_cpp(probes, tile_weight, grid, io, streams)
-    sizes = grid.in_sizes
-    split = reference.split_weight(tile_weight, grid)
-    y = tiled_mvm(probes, split, grid, io, streams, backend=name if name != "triton" else "reference").abs()
-    valid = (torch.arange(y.shape[1])[None, :] < torch.tensor(sizes)[:, None]).to(y.dtype)  # [T, n_max]
-    return (y * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)
+    if name == "cpp":
+        if not (io.inp_noise > 0 and streams is not None):
+            return cpp.probe_mean_cpp(probes, tile_weight, grid, io, streams)
+        y = cpp.tiled_mvm_cpp(probes, tile_weight, grid, io, streams)  # noisy inputs are not one-hot
+    else:  # the readout runs on the CPU reference for the triton backend too
+        y = reference.tiled_mvm(reference.split_input(probes, grid), reference.split_weight(tile_weight, grid),
+                                grid.in_sizes, grid.out_sizes, io, streams)
+    valid = (torch.arange(y.shape[1])[None, :] < torch.tensor(grid.in_sizes)[:, None]).to(y.dtype)  # [T, n_max]
+    return (y.abs() * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)

@@ -100,7 +100,7 @@ def tiled_mvm_cpp(
     probes: bool = False,
 ) -> torch.Tensor:
     """Per-input-tile outputs ``z * scale * r`` [T, B, out] of ``x [B, in]`` (the reference's ``tiled_mvm``
-    of ``split_input(x)``). ``probes``: row j of every tile's slice is zero except at position j (the
+    of ``split_input(x)``); ``split_w`` may also be the whole [out, in] weight. ``probes``: row j of every tile's slice is zero except at position j (the
     drift-compensation readout), which replaces the GEMMs by exact element-wise products."""
     key, call_index, readout = _streams_args(streams)
     return extension().analog_mvm(

@@ -114,6 +114,11 @@ class AnalogExperts(AnalogModule):
     def config(self) -> AnalogConfig:
         return self.gate_up[0].config
 
+    def _ensure_programmed(self) -> None:
+        """Program (or restore) every analog chip whose weight changed, before a fused all-experts pass."""
+        for matrix, weight in self._matrices():
+            matrix.ensure_programmed(weight)
+
     def program_(self, seed: int | None = None) -> "AnalogExperts":
         for matrix, weight in self._matrices():
             matrix.program(weight, seed)
@@ -164,16 +169,13 @@ class AnalogExperts(AnalogModule):
         """The whole expert loop in C++ (csrc/kernels/analog_experts.cpp): same results as the Python loop."""
         from romer_kernels.kernels import cpp  # noqa: PLC0415
 
-        def entries(matrices, weights):
-            rows = []
-            for matrix, weight in zip(matrices, weights):
-                matrix.ensure_programmed(weight)
-                key = matrix.chip.mvm_stream(call_index).key if matrix.mvm_noise else None
-                rows.append((matrix._split, matrix._abs_split, matrix._out_scale, key))
-            return rows
+        self._ensure_programmed()
 
-        gate_up = entries(self.gate_up, self.gate_up_proj)
-        down = entries(self.down, self.down_proj)
+        def entries(matrices):
+            return [(m._split, m._abs_split, m._out_scale, m.chip.mvm_stream(call_index).key if m.mvm_noise else None)
+                    for m in matrices]
+
+        gate_up, down = entries(self.gate_up), entries(self.down)
         grid_gate_up, grid_down = self.gate_up[0].chip.grid, self.down[0].chip.grid
         out = cpp.extension().analog_experts(
             hidden_states.detach().to(device="cpu", dtype=torch.float32).contiguous(), top_k_index.cpu(),
@@ -187,9 +189,7 @@ class AnalogExperts(AnalogModule):
         """All experts in two grouped Triton launches (vLLM-style dispatch, analog epilogues)."""
         from romer_kernels.kernels.triton import moe_experts_triton, stream_seed_table  # noqa: PLC0415
 
-        for e in range(self.num_experts):
-            self.gate_up[e].ensure_programmed(self.gate_up_proj[e])
-            self.down[e].ensure_programmed(self.down_proj[e])
+        self._ensure_programmed()
         device = hidden_states.device
         splits = [m._split for m in self.gate_up + self.down]
         cached = self._stacked

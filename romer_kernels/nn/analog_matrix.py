@@ -50,7 +50,7 @@ class AnalogMatrix:
         self._abs_cache: torch.Tensor | None = None          # |split|, for PCM-read noise / IR drop (lazy)
         self._pending_restore: tuple[bool, float | None, int] | None = None
         self.backend: str | None = None  # MVM backend of this matrix; None = the process default (see kernels.backends)
-        self._device_cache: tuple | None = None  # (split it was made from, device, tensors on that device)
+        self._device_cache: tuple | None = None  # (device, tensors on that device) until the chip changes
 
     # -- life cycle -----------------------------------------------------------------------------
     @staticmethod
@@ -132,8 +132,9 @@ class AnalogMatrix:
                backend: str | None = None) -> torch.Tensor:
         """``x [B, in] -> [B, out]`` through the chip, in float32.
 
-        The backend (``backend``, else ``self.backend``, else the process default) decides where: ``cpp`` and ``reference`` run
-        on the CPU (a CUDA ``x`` is brought over and the result sent back), ``triton`` on ``x``'s device.
+        The backend (``backend``, else ``self.backend``, else the process default) decides where: ``cpp``
+        and ``reference`` run on the CPU (a CUDA ``x`` is brought over and the result sent back), ``triton``
+        on ``x``'s device.
         One call is one forward of the layer: it uses and advances the per-MVM noise counter, unless the
         caller numbers its forwards itself (``call_index``, e.g. one counter for all experts of a layer).
         """
@@ -156,11 +157,9 @@ class AnalogMatrix:
         until the chip changes."""
         if device.type == "cpu":
             return self._split, self._out_scale, self._abs_split
-        cached = self._device_cache
-        if cached is None or cached[0] is not self._split or cached[1] != device:
-            moved = (self._split.to(device), self._out_scale.to(device), None)
-            self._device_cache = cached = (self._split, device, moved)
-        return cached[2]
+        if self._device_cache is None or self._device_cache[0] != device:  # _release() clears it
+            self._device_cache = (device, (self._split.to(device), self._out_scale.to(device), None))
+        return self._device_cache[1]
 
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """[out, in] weights the chip realises in digital units (tile weights x weight scaling x drift

@@ -97,19 +97,18 @@ def input_tile_scales(w: torch.Tensor, grid: TileGrid, mapping: MappingConfig) -
     return torch.where(absmax > 0, absmax / mapping.weight_scaling_omega, torch.ones_like(absmax))
 
 
-def weight_scales(w: torch.Tensor, grid: TileGrid, mapping: MappingConfig) -> torch.Tensor:
-    """Digital scale s of every weight's crossbar column (broadcast to ``w``), so that the tile holds w/s."""
+def mapped_target(w: torch.Tensor, grid: TileGrid, mapping: MappingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w / s, s): the weights the tiles are programmed to (tile units) and the digital scale s of every
+    crossbar column, [n_in_tiles, out]. Without weight scaling s = 1 and the target is ``w`` itself (no
+    pass over the weight); with it, w / s is divided per input tile from the [n_in_tiles, out] scales, the
+    same float32 divisions as with a weight-sized scale tensor, without making one."""
+    scales = input_tile_scales(w, grid, mapping)
     if mapping.weight_scaling_omega <= 0:
-        return torch.ones_like(w)
-    return broadcast_columns(input_tile_scales(w, grid, mapping), grid)
-
-
-def broadcast_columns(values: torch.Tensor, grid: TileGrid) -> torch.Tensor:
-    """[n_in_tiles, out] -> [out, in]: each value over its crossbar column."""
-    out = values.new_empty(values.shape[1], grid.in_features)
+        return w, scales
+    target = torch.empty_like(w)
     for i, cols in enumerate(grid.in_slices()):
-        out[:, cols] = values[i][:, None]
-    return out
+        torch.div(w[:, cols], scales[i][:, None], out=target[:, cols])
+    return target, scales
 
 
 def per_input_tile(values: torch.Tensor, grid: TileGrid) -> torch.Tensor:
@@ -157,17 +156,7 @@ class LayerChip:
         out scales [n_in_tiles, out]). The tile weights are the chip's own state: read them, never write."""
         self.seed = seed
         self.drift_calls = 0
-        w = weight.detach().to(torch.float32)
-        if self.config.mapping.weight_scaling_omega > 0:
-            # w / s per crossbar column straight from the [n_in_tiles, out] scales: the same float32
-            # divisions as ``w / weight_scales(w)``, without the weight-sized scale tensors.
-            self.scales = input_tile_scales(w, self.grid, self.config.mapping)
-            target = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-            for i, cols in enumerate(self.grid.in_slices()):
-                torch.div(w[:, cols], self.scales[i][:, None], out=target[:, cols])
-        else:  # no weight scaling: s = 1 (skips two passes over the weight)
-            target = w
-            self.scales = torch.ones(len(self.grid.in_sizes), self.grid.out_features)
+        target, self.scales = mapped_target(weight.detach().to(torch.float32), self.grid, self.config.mapping)
         old, self.programmed = self.programmed, None
         if self.noise_model is None:
             self.programmed = ProgrammedWeights(target.clone())  # never alias the digital weight

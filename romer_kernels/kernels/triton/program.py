@@ -27,7 +27,7 @@ from romer_kernels.config.tiling import TileGrid
 from romer_kernels.kernels.reference import StreamSeed
 from romer_kernels.kernels.triton._kernel import Blocks, Program, run
 from romer_kernels.kernels.triton.mvm import round_seed_fn
-from romer_kernels.nn.chip import per_input_tile, weight_scales
+from romer_kernels.nn.chip import mapped_target, per_input_tile
 from romer_kernels.noise.pcm import PCMNoiseModel, at_zero, conductance_scale
 from romer_kernels.rng import Purpose
 from romer_kernels.rng.streams import stream_seed as chip_stream_seed
@@ -38,11 +38,9 @@ def program_plan(weight: torch.Tensor, config: AnalogConfig, chip_seed: int, lay
     """(kernel programming parameters, digital out_scale [T, out]) of ``weight`` on the chip
     ``(config, chip_seed, layer_id)``, as ``LayerChip.program`` would produce them."""
     w = weight.detach().to(torch.float32).contiguous()
-    scales = weight_scales(w, grid, config.mapping)
-    scaled = config.mapping.weight_scaling_omega > 0
-    target = w / scales if scaled else w
-    map_scale = per_input_tile(scales, grid).contiguous() if scaled else None
-    out_scale = (per_input_tile(scales, grid) * config.io.out_scale).contiguous()
+    target, scales = mapped_target(w, grid, config.mapping)
+    map_scale = scales.contiguous() if config.mapping.weight_scaling_omega > 0 else None
+    out_scale = (scales * config.io.out_scale).contiguous()
 
     def seed(purpose: Purpose, slot: int) -> int:
         return chip_stream_seed(chip_seed, layer_id, purpose, slot)
