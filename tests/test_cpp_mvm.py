@@ -10,6 +10,7 @@ from romer_kernels import AnalogLinear
 from romer_kernels.config import preset
 from romer_kernels.kernels import backends, cpp, reference
 from romer_kernels.nn.analog_matrix import AnalogMatrix
+from romer_kernels.nn.chip import readout_probes
 
 pytestmark = pytest.mark.skipif(not cpp.is_available(), reason="C++ extension not built")
 
@@ -37,8 +38,7 @@ def _matrix(config, out_features, in_features, tile_in, tile_out, seed=3):
 
 def _both(matrix, x, bias=None, row_ids=None, call_index=5, noise=True):
     streams = matrix.chip.mvm_stream(call_index) if noise else None
-    args = (x, matrix._split, matrix._out_scale, bias, matrix.chip.grid, matrix.config.io, streams, matrix._abs_split,
-            row_ids)
+    args = (x, matrix.chip.state, matrix.chip.out_scale, bias, matrix.chip.grid, matrix.config.io, streams, row_ids)
     return reference.analog_linear(*args), cpp.analog_linear_cpp(*args)
 
 
@@ -97,12 +97,12 @@ def test_noise_is_keyed_by_row_id_and_call_not_by_batch():
     matrix = _matrix(preset("rasch2023"), 24, 50, 16, 0)
     x = torch.randn(6, 50)
     rows = torch.tensor([11, 3, 7, 40, 2, 9])
-    whole = cpp.analog_linear_cpp(x, matrix._split, matrix._out_scale, None, matrix.chip.grid, matrix.config.io,
-                                  matrix.chip.mvm_stream(2), matrix._abs_split, rows)
-    part = cpp.analog_linear_cpp(x[2:4], matrix._split, matrix._out_scale, None, matrix.chip.grid, matrix.config.io,
-                                 matrix.chip.mvm_stream(2), matrix._abs_split, rows[2:4])
-    other_call = cpp.analog_linear_cpp(x, matrix._split, matrix._out_scale, None, matrix.chip.grid, matrix.config.io,
-                                       matrix.chip.mvm_stream(3), matrix._abs_split, rows)
+    whole = cpp.analog_linear_cpp(x, matrix.chip.state, matrix.chip.out_scale, None, matrix.chip.grid, matrix.config.io,
+                                  matrix.chip.mvm_stream(2), rows)
+    part = cpp.analog_linear_cpp(x[2:4], matrix.chip.state, matrix.chip.out_scale, None, matrix.chip.grid, matrix.config.io,
+                                 matrix.chip.mvm_stream(2), rows[2:4])
+    other_call = cpp.analog_linear_cpp(x, matrix.chip.state, matrix.chip.out_scale, None, matrix.chip.grid, matrix.config.io,
+                                       matrix.chip.mvm_stream(3), rows)
     assert torch.equal(whole[2:4], part)
     assert not torch.equal(whole, other_call)
 
@@ -119,32 +119,35 @@ def test_probe_readout_matches_reference_tiled_mvm(name):
         probes[torch.arange(size), cols.start + torch.arange(size)] = 1.0
         tiles[t, :size, :size] = torch.eye(size)
     streams = matrix.chip.mvm_stream(1, readout=True)
-    expected = reference.tiled_mvm(tiles, matrix._split, grid.in_sizes, grid.out_sizes, matrix.config.io, streams)
-    fast = cpp.tiled_mvm_cpp(probes, matrix._split, grid, matrix.config.io, streams, probes=True)
-    general = cpp.tiled_mvm_cpp(probes, matrix._split, grid, matrix.config.io, streams, probes=False)
+    split = reference.split_weight(matrix.chip.state, grid)
+    expected = reference.tiled_mvm(tiles, split, grid.in_sizes, grid.out_sizes, matrix.config.io, streams)
+    fast = cpp.tiled_mvm_cpp(probes, matrix.chip.state, grid, matrix.config.io, streams, probes=True)
+    general = cpp.tiled_mvm_cpp(probes, matrix.chip.state, grid, matrix.config.io, streams, probes=False)
+    on_split = cpp.tiled_mvm_cpp(probes, split, grid, matrix.config.io, streams, probes=True)  # the split layout
     torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(general, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(on_split, expected, rtol=1e-6, atol=1e-7)
     valid = (torch.arange(n_max)[None, :] < torch.tensor(grid.in_sizes)[:, None]).float()
     expected_mean = (expected.abs() * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)
-    torch.testing.assert_close(cpp.probe_mean_cpp(probes, matrix._split, grid, matrix.config.io, streams),
+    torch.testing.assert_close(cpp.probe_mean_cpp(probes, matrix.chip.state, grid, matrix.config.io, streams),
                                expected_mean, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="one-hot"):
-        cpp.tiled_mvm_cpp(probes + 0.1, matrix._split, grid, matrix.config.io, streams, probes=True)
+        cpp.tiled_mvm_cpp(probes + 0.1, matrix.chip.state, grid, matrix.config.io, streams, probes=True)
 
 
 def test_bad_arguments_are_named():
     matrix = _matrix(preset("aihwkit-default"), 8, 20, 0, 0)
     io, grid = matrix.config.io, matrix.chip.grid
     with pytest.raises(ValueError, match="inputs"):
-        cpp.analog_linear_cpp(torch.randn(2, 19), matrix._split, matrix._out_scale, None, grid, io, None)
+        cpp.analog_linear_cpp(torch.randn(2, 19), matrix.chip.state, matrix.chip.out_scale, None, grid, io, None)
     with pytest.raises(ValueError, match="float32"):
-        cpp.analog_linear_cpp(torch.randn(2, 20, dtype=torch.float64), matrix._split, matrix._out_scale, None, grid,
+        cpp.analog_linear_cpp(torch.randn(2, 20, dtype=torch.float64), matrix.chip.state, matrix.chip.out_scale, None, grid,
                               io, None)
     with pytest.raises(ValueError, match="row_ids"):
-        cpp.analog_linear_cpp(torch.randn(2, 20), matrix._split, matrix._out_scale, None, grid, io, None,
+        cpp.analog_linear_cpp(torch.randn(2, 20), matrix.chip.state, matrix.chip.out_scale, None, grid, io, None,
                               row_ids=torch.tensor([0, 1, 2]))
     with pytest.raises(TypeError, match="MvmStreams"):
-        cpp.analog_linear_cpp(torch.randn(2, 20), matrix._split, matrix._out_scale, None, grid, io,
+        cpp.analog_linear_cpp(torch.randn(2, 20), matrix.chip.state, matrix.chip.out_scale, None, grid, io,
                               lambda purpose, bm_round: 1)
 
 
@@ -218,8 +221,8 @@ def test_cpp_result_does_not_depend_on_the_thread_count(batch):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outputs.append(cpp.analog_linear_cpp(x, matrix._split, matrix._out_scale, None, matrix.chip.grid,
-                                                 matrix.config.io, matrix.chip.mvm_stream(0), matrix._abs_split))
+            outputs.append(cpp.analog_linear_cpp(x, matrix.chip.state, matrix.chip.out_scale, None, matrix.chip.grid,
+                                                 matrix.config.io, matrix.chip.mvm_stream(0)))
     finally:
         torch.set_num_threads(previous)
     if batch <= 4:
@@ -241,10 +244,11 @@ def test_readout_on_the_whole_weight_matches_the_reference(name, scale, inp_nois
     matrix.program(torch.randn(40, 70) * scale)
     chip, grid = matrix.chip, matrix.chip.grid
     streams = chip.mvm_stream(2, readout=True)
-    whole = backends.readout_column_mean(matrix._tile_weight, grid, config.io, streams, chip._probes, backend="cpp")
-    expected = backends.readout_column_mean(matrix._tile_weight, grid, config.io, streams, chip._probes,
+    whole = backends.readout_column_mean(matrix.chip.state, grid, config.io, streams, readout_probes(tuple(grid.in_sizes)), backend="cpp")
+    expected = backends.readout_column_mean(matrix.chip.state, grid, config.io, streams, readout_probes(tuple(grid.in_sizes)),
                                             backend="reference")
     torch.testing.assert_close(whole, expected, rtol=1e-6, atol=1e-7)
     if inp_noise == 0.0:
-        split = cpp.probe_mean_cpp(chip._probes, matrix._split, grid, config.io, streams)
+        split = cpp.probe_mean_cpp(readout_probes(tuple(grid.in_sizes)), reference.split_weight(matrix.chip.state, grid),
+                                   grid, config.io, streams)
         torch.testing.assert_close(split, whole, rtol=0, atol=0)

@@ -17,7 +17,7 @@ import torch
 from romer_kernels.config import TileGrid
 from romer_kernels.config.device_noise import GaussianNoiseConfig, HermesNoiseConfig, PCMNoiseConfig
 from romer_kernels.noise import build_noise_model
-from romer_kernels.noise.base import StreamDraw
+from romer_kernels.noise.base import ProgrammedWeights, StreamDraw
 from romer_kernels.noise.fused import fused, using_noise_backend
 from romer_kernels.rng import Purpose, normal_like, rng_backend, stream_seed
 
@@ -174,7 +174,9 @@ def test_results_do_not_depend_on_threads():
             torch.set_num_threads(n)
             with using_noise_backend("cpp"):
                 programmed = model.program(w, grid, draw)
-                results.append((programmed.weights, programmed.drift_nu, model.read(programmed, HOUR, grid, draw)))
+                # the chip's way: drift exponents drawn again from the target inside the read kernel
+                read = model.read(ProgrammedWeights(programmed.weights), HOUR, grid, draw, w_target=w)
+                results.append((programmed.weights, programmed.drift_nu, read))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -285,38 +287,26 @@ def test_float32_log_exp_pow_of_the_kernels():
     assert _C.noise_log_f32(torch.tensor([math.nan])).isnan().all() and _C.noise_exp_f32(torch.tensor([math.nan])).isnan().all()
 
 
-def test_chip_reuses_dropped_results_only():
-    """Re-programming / re-drifting a chip writes into the results it dropped when nobody else holds them;
-    the values are those of a fresh chip, and results someone kept are never overwritten."""
-    from romer_kernels import preset
-    from romer_kernels.nn.analog_matrix import AnalogMatrix
-
-    weight = make_weight((70, 45), seed=7)
-    matrix = AnalogMatrix(preset("aihwkit-default"), 70, 45, layer_id="reuse")
-    matrix.program(weight, seed=1)
-    ptrs = (matrix.chip.programmed.weights.data_ptr(), matrix.chip.programmed.drift_nu.data_ptr())
-    matrix.program(weight, seed=2)
-    assert (matrix.chip.programmed.weights.data_ptr(), matrix.chip.programmed.drift_nu.data_ptr()) == ptrs
-
-    kept = matrix.chip.programmed                      # someone keeps the programmed state
-    kept_nu = matrix.chip.programmed.drift_nu          # ... or one of its tensors
-    copies = kept.weights.clone(), kept_nu.clone()
-    matrix.program(weight, seed=3)
-    assert torch.equal(kept.weights, copies[0]) and torch.equal(kept_nu, copies[1])
-    assert matrix.chip.programmed.weights.data_ptr() != kept.weights.data_ptr()
-    del kept, kept_nu
-
-    matrix.program(weight, seed=4)
-    matrix.drift(weight, HOUR)
-    buffer = matrix.chip._read_buffer
-    assert buffer is not None
-    ptr = buffer.data_ptr()
-    del buffer
-    matrix.drift(weight, DAY)
-    assert matrix.chip._read_buffer.data_ptr() == ptr
-
-    fresh = AnalogMatrix(preset("aihwkit-default"), 70, 45, layer_id="reuse")
-    fresh.program(weight, seed=4)
-    fresh.drift(weight, HOUR)
-    fresh.drift(weight, DAY)
-    assert torch.equal(matrix._split, fresh._split) and torch.equal(matrix._out_scale, fresh._out_scale)
+def test_drift_exponents_drawn_again_equal_the_stored_ones():
+    """A chip keeps no drift exponents: the read kernel draws them again from the target and the DRIFT_NU
+    streams. They equal the ones programming draws, so the read equals the read of the stored ones."""
+    for config in (PCMNoiseConfig(), HermesNoiseConfig()):
+        model = build_noise_model(config)
+        shape = (90, 70)
+        grid = TileGrid(*shape, 32, 40)
+        w = make_weight(shape, seed=3)
+        draw = chip_draw(shape)
+        programmed = model.program(w, grid, draw)
+        assert torch.equal(model.draw_drift_exponents(w, grid, draw), programmed.drift_nu)
+        with using_noise_backend("torch"):
+            assert_matches(model.draw_drift_exponents(w, grid, draw), programmed.drift_nu, "drift_nu", rtol=1e-5)
+        lean = model.program(w, grid, draw, with_drift_exponents=False)
+        assert lean.drift_nu is None and torch.equal(lean.weights, programmed.weights)
+        stored = model.read(programmed, HOUR, grid, draw)            # torch path: the stored exponents
+        again = model.read(lean, HOUR, grid, draw, w_target=w)      # fused: drawn again
+        assert_matches(again, stored, "read", rtol=1e-5)
+        in_place = lean.weights.clone()
+        result = model.read(ProgrammedWeights(in_place), HOUR, grid, draw, out=in_place, w_target=w)
+        assert result.data_ptr() == in_place.data_ptr() and torch.equal(result, again)
+        with pytest.raises(ValueError, match="w_target"):
+            model.read(lean, HOUR, grid, draw)

@@ -91,14 +91,14 @@ def run_both(matrix: AnalogMatrix, x: torch.Tensor, io: IOConfig | None = None, 
              call_index: int = 0, noise: bool = True, blocks: Blocks = BLOCKS):
     io = matrix.config.io if io is None else io
     seeds = matrix.chip.mvm_stream(call_index) if noise else None
-    args = (x, matrix._split, matrix._out_scale, bias, matrix.chip.grid, io, seeds, matrix._abs_split, row_ids)
+    args = (x, matrix.chip.state, matrix.chip.out_scale, bias, matrix.chip.grid, io, seeds, row_ids)
     return _on_device(analog_linear_triton, *args, blocks=blocks), analog_linear(*args)
 
 
 def check_linear(matrix, x, io=None, **kwargs):
     io = matrix.config.io if io is None else io
     out, ref = run_both(matrix, x, io, **kwargs)
-    assert_matches(out, ref, adc_tolerance(x, io, matrix._out_scale, len(matrix.chip.grid.in_sizes)))
+    assert_matches(out, ref, adc_tolerance(x, io, matrix.chip.out_scale, len(matrix.chip.grid.in_sizes)))
     return out, ref
 
 
@@ -174,7 +174,7 @@ def test_noise_does_not_depend_on_block_sizes():
     x = inputs()
     a, _ = run_both(matrix, x, blocks=Blocks(m=16, n=16, k=16))
     b, ref = run_both(matrix, x, blocks=Blocks(m=32, n=64, k=32))
-    step = adc_tolerance(x, config.io, matrix._out_scale, 3)
+    step = adc_tolerance(x, config.io, matrix.chip.out_scale, 3)
     assert_matches(a, b, step)
     assert_matches(a, ref, step)
 
@@ -254,20 +254,20 @@ def test_on_the_fly_programming_matches_programmed_chip(case):
     bias = torch.randn(OUT)
     row_ids = torch.arange(BATCH) * 3 + 1
     seeds = matrix.chip.mvm_stream(1)
-    ref = analog_linear(x, matrix._split, matrix._out_scale, bias, matrix.chip.grid, config.io, seeds,
-                        matrix._abs_split, row_ids)
+    ref = analog_linear(x, matrix.chip.state, matrix.chip.out_scale, bias, matrix.chip.grid, config.io, seeds,
+                        row_ids)
     out = _on_device(analog_linear_programmed_triton, x, weight, bias, config, 11, "otf", seeds, row_ids, blocks=BLOCKS)
     # programming normals come from another backend (C++) than the kernel's (Triton): a few ulp apart
-    assert_matches(out, ref, adc_tolerance(x, config.io, matrix._out_scale, 3), rtol=1e-4, atol=1e-4)
+    assert_matches(out, ref, adc_tolerance(x, config.io, matrix.chip.out_scale, 3), rtol=1e-4, atol=1e-4)
     if config.noise is not None:   # the programming noise is really there
-        digital = analog_linear(x, _split_digital(weight, matrix), matrix._out_scale, bias,
-                                matrix.chip.grid, config.io, seeds, None, row_ids)
+        digital = analog_linear(x, _split_digital(weight, matrix), matrix.chip.out_scale, bias,
+                                matrix.chip.grid, config.io, seeds, row_ids)
         assert not torch.allclose(digital, out, rtol=1e-3, atol=1e-3)
 
 
 def _split_digital(weight, matrix):
     from romer_kernels.kernels.reference import split_weight
-    scales = matrix._out_scale / matrix.config.io.out_scale
+    scales = matrix.chip.out_scale / matrix.config.io.out_scale
     tile_units = torch.cat([weight[:, cols] / scales[i][:, None] for i, cols in enumerate(matrix.chip.grid.in_slices())],
                            dim=1)
     return split_weight(tile_units, matrix.chip.grid)

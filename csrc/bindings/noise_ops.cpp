@@ -45,6 +45,15 @@ torch::Tensor output(const std::optional<torch::Tensor>& out, at::IntArrayRef si
   return o;
 }
 
+// `out` for a kernel that may write in place: either exactly `w` (same memory and shape) or no overlap.
+torch::Tensor output_or_inplace(const std::optional<torch::Tensor>& out, const torch::Tensor& w, const char* name) {
+  if (out.has_value() && out->defined() && out->data_ptr() == w.data_ptr() && out->sizes() == w.sizes() &&
+      out->is_contiguous() && out->scalar_type() == w.scalar_type() && !out->requires_grad()) {
+    return *out;
+  }
+  return output(out, w.sizes(), w, name);
+}
+
 torch::Tensor checked_matrix(const torch::Tensor& w, const char* name) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kFloat32 && w.dim() == 2, name,
               " must be a 2-D float32 CPU tensor");
@@ -166,40 +175,42 @@ py::tuple pcm_program(const torch::Tensor& w_in, const std::vector<int64_t>& out
   return py::make_tuple(weights, np.has ? py::object(py::cast(nu)) : py::object(py::none()));
 }
 
-torch::Tensor pcm_read(const torch::Tensor& w_in, const std::optional<torch::Tensor>& nu_in,
+torch::Tensor pcm_read(const torch::Tensor& w_in, const std::optional<torch::Tensor>& target_in,
                        const std::vector<int64_t>& out_sizes, const std::vector<int64_t>& in_sizes,
                        const py::dict& params, double t_ratio, double time_factor, double read_noise_scale,
-                       const py::object& read_seeds, const std::optional<torch::Tensor>& out_in) {
+                       const py::object& read_seeds, const py::object& nu_seeds,
+                       const std::optional<torch::Tensor>& out_in) {
   const torch::Tensor w = checked_matrix(w_in, "w_prog");
   const rn::TileSizes grid = tile_sizes(w, out_sizes, in_sizes);
   const rn::PcmParams p = pcm_params(params);
   const auto [rp, rm] = pair_streams(read_seeds);
-  TORCH_CHECK(rp.has == rm.has, "pair seeds need both slots");
+  const auto [np, nm] = pair_streams(nu_seeds);
+  TORCH_CHECK(rp.has == rm.has && np.has == nm.has, "pair seeds need both slots");
   const int64_t rows = w.size(0), cols = w.size(1);
-  torch::Tensor nu;
-  if (nu_in.has_value()) {
-    nu = nu_in->contiguous();
-    TORCH_CHECK(nu.device().is_cpu() && nu.scalar_type() == torch::kFloat32 && nu.dim() == 3 && nu.size(0) == 2 &&
-                    nu.size(1) == rows && nu.size(2) == cols,
-                "drift_nu must be a float32 CPU tensor of shape [2, rows, cols]");
+  torch::Tensor target;
+  if (target_in.has_value() && np.has) {
+    target = checked_matrix(*target_in, "w_target");
+    TORCH_CHECK(target.sizes() == w.sizes(), "w_target must have w_prog's shape");
   }
-  torch::Tensor out = output(out_in, {rows, cols}, w, "out");
-  if (nu.defined()) output(out, {rows, cols}, nu, "out");  // must not overlap drift_nu either
+  TORCH_CHECK(!np.has || target.defined(), "drift (nu_seeds) needs w_target");
+  torch::Tensor out = output_or_inplace(out_in, w, "out");
+  if (target.defined()) output(out, {rows, cols}, target, "out");  // must not overlap w_target
   {
     py::gil_scoped_release no_gil;
-    rn::pcm_read(w.data_ptr<float>(), nu.defined() ? nu.data_ptr<float>() : nullptr, rows, cols, grid, p, t_ratio,
-                 time_factor, static_cast<float>(read_noise_scale), rp, rm, out.data_ptr<float>(),
+    rn::pcm_read(w.data_ptr<float>(), target.defined() ? target.data_ptr<float>() : nullptr, rows, cols, grid, p,
+                 t_ratio, time_factor, static_cast<float>(read_noise_scale), rp, rm, np, nm, out.data_ptr<float>(),
                  at::get_num_threads());
   }
   return out;
 }
 
 torch::Tensor gaussian_program(const torch::Tensor& w_in, const std::vector<int64_t>& in_sizes, double sigma,
-                               double multiplicative_sigma, const py::object& add_seed, const py::object& mul_seed) {
+                               double multiplicative_sigma, const py::object& add_seed, const py::object& mul_seed,
+                               const std::optional<torch::Tensor>& out_in) {
   const torch::Tensor w = checked_matrix(w_in, "w");
   tile_sizes(w, {w.size(0)}, in_sizes);
   const rn::Stream add = stream(add_seed), mul = stream(mul_seed);
-  torch::Tensor out = torch::empty_like(w);
+  torch::Tensor out = output(out_in, w.sizes(), w, "out");
   {
     py::gil_scoped_release no_gil;
     rn::gaussian_program(w.data_ptr<float>(), w.size(0), w.size(1), in_sizes, static_cast<float>(sigma),
@@ -210,12 +221,12 @@ torch::Tensor gaussian_program(const torch::Tensor& w_in, const std::vector<int6
 }
 
 torch::Tensor gaussian_read(const torch::Tensor& w_in, const std::vector<int64_t>& in_sizes, double read_sigma,
-                            const py::object& read_seed) {
+                            const py::object& read_seed, const std::optional<torch::Tensor>& out_in) {
   const torch::Tensor w = checked_matrix(w_in, "w_prog");
   tile_sizes(w, {w.size(0)}, in_sizes);
   const rn::Stream read = stream(read_seed);
   TORCH_CHECK(read.has, "gaussian read needs a READ stream seed");
-  torch::Tensor out = torch::empty_like(w);
+  torch::Tensor out = output_or_inplace(out_in, w, "out");
   {
     py::gil_scoped_release no_gil;
     rn::gaussian_read(w.data_ptr<float>(), w.size(0), w.size(1), in_sizes, static_cast<float>(read_sigma), read,
@@ -275,15 +286,17 @@ void register_noise_ops(py::module_& m) {
         py::arg("out_nu") = py::none(),
         "Fused PCM/HERMES programming: (weights [out, in], drift_nu [2, out, in] or None); out_weights / out_nu: "
         "optional buffers to write them into (e.g. the previous programming's, to skip fresh memory).");
-  m.def("noise_pcm_read", &pcm_read, py::arg("w_prog"), py::arg("drift_nu"), py::arg("out_sizes"),
+  m.def("noise_pcm_read", &pcm_read, py::arg("w_prog"), py::arg("w_target"), py::arg("out_sizes"),
         py::arg("in_sizes"), py::arg("params"), py::arg("t_ratio"), py::arg("time_factor"),
-        py::arg("read_noise_scale"), py::arg("read_seeds"), py::arg("out") = py::none(),
-        "Fused PCM/HERMES read: re-conversion, drift (t/t_0)^-nu, 1/f read noise (into `out` if given).");
+        py::arg("read_noise_scale"), py::arg("read_seeds"), py::arg("nu_seeds"), py::arg("out") = py::none(),
+        "Fused PCM/HERMES read: re-conversion, drift (t/t_0)^-nu with the drift exponents drawn again from "
+        "w_target and nu_seeds, 1/f read noise; into `out` if given (which may be w_prog: in place).");
   m.def("noise_gaussian_program", &gaussian_program, py::arg("w"), py::arg("in_sizes"), py::arg("sigma"),
-        py::arg("multiplicative_sigma"), py::arg("add_seed"), py::arg("mul_seed"),
-        "Fused Gaussian chip programming noise.");
+        py::arg("multiplicative_sigma"), py::arg("add_seed"), py::arg("mul_seed"), py::arg("out") = py::none(),
+        "Fused Gaussian chip programming noise (into `out` if given).");
   m.def("noise_gaussian_read", &gaussian_read, py::arg("w_prog"), py::arg("in_sizes"), py::arg("read_sigma"),
-        py::arg("read_seed"), "Fused Gaussian chip read noise.");
+        py::arg("read_seed"), py::arg("out") = py::none(),
+        "Fused Gaussian chip read noise (into `out` if given, which may be w_prog: in place).");
   m.def("noise_tile_absmax", &tile_absmax, py::arg("w"), py::arg("out_sizes"), py::arg("in_sizes"),
         "Abs-max of every tile, [n_out_tiles, n_in_tiles].");
   m.def("noise_log", &log_op, py::arg("x"), "ln(x) of x >= 0 in double, rounded to float32 (0 -> -inf).");

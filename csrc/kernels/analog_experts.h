@@ -17,8 +17,9 @@
 namespace romer {
 namespace mvm {
 
-// One matrix of one expert: tile weights [T, out, n_max], |tile weights| (optional), out scales [T, out],
-// and the chip key of its per-MVM streams (nullopt: no per-MVM noise).
+// One matrix of one expert: its tile weights, whole [out, in] (the chip's state, read in place; float32,
+// bfloat16 or float16) or split [T, out, n_max], |split| (optional, split only), out scales [T, out], and
+// the chip key of its per-MVM streams (nullopt: no per-MVM noise).
 struct ExpertMatrix {
   at::Tensor split_w;
   std::optional<at::Tensor> abs_split_w;

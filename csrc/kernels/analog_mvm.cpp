@@ -85,13 +85,14 @@ int threads(int64_t work) { return work < kParallelGrain ? 1 : std::max(1, at::g
 // multiplied with all rows of the round while it is in L1, instead of one GEMM pass per weight operand.
 // For each row, the products against W (x', x'(1-p^2)) and |W| (|x'|, x'^2) share one pass over k.
 template <int NA, int NB>
-void few_rows_products_t(const float* wp, int64_t T, int64_t N, int64_t nmax, const std::vector<int64_t>& in_sizes,
+void few_rows_products_t(const float* wp, const std::vector<int64_t>& w_base, int64_t ld, int64_t T, int64_t N,
+                         int64_t nmax, const std::vector<int64_t>& in_sizes,
                          const float* xap, const float* xbp, int64_t M, const std::vector<std::vector<int64_t>>& rows,
                          float* zap, float* zbp, int nt) {
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t c = 0; c < N; ++c) {
-      const float* w = wp + (t * N + c) * nmax;
+      const float* w = wp + w_base[t] + c * ld;
       const int64_t size = in_sizes[t];
       const int64_t used = static_cast<int64_t>(rows[t].size());
       for (int64_t j = 0; j < used; ++j) {
@@ -137,11 +138,12 @@ void few_rows_products_t(const float* wp, int64_t T, int64_t N, int64_t nmax, co
   }
 }
 
-void few_rows_products(const float* wp, int64_t T, int64_t N, int64_t nmax, const std::vector<int64_t>& in_sizes,
+void few_rows_products(const float* wp, const std::vector<int64_t>& w_base, int64_t ld, int64_t T, int64_t N,
+                       int64_t nmax, const std::vector<int64_t>& in_sizes,
                        const float* xap, int na, const float* xbp, int nb, int64_t M,
                        const std::vector<std::vector<int64_t>>& rows, float* zap, float* zbp, int nt) {
   const auto run = [&](auto na_c, auto nb_c) {
-    few_rows_products_t<decltype(na_c)::value, decltype(nb_c)::value>(wp, T, N, nmax, in_sizes, xap, xbp, M, rows,
+    few_rows_products_t<decltype(na_c)::value, decltype(nb_c)::value>(wp, w_base, ld, T, N, nmax, in_sizes, xap, xbp, M, rows,
                                                                          zap, zbp, nt);
   };
   using I1 = std::integral_constant<int, 1>;
@@ -200,18 +202,6 @@ inline void transpose8x8(const float* src, int64_t ld_src, float* dst, int64_t l
 #endif
 }
 
-// [out, in] -> [n_in_tiles, out, n_max]: the columns of each input tile, zero-padded (reference.split_columns).
-at::Tensor split_columns(const at::Tensor& w, const std::vector<int64_t>& in_sizes) {
-  const int64_t n_max = *std::max_element(in_sizes.begin(), in_sizes.end());
-  at::Tensor out = at::zeros({static_cast<int64_t>(in_sizes.size()), w.size(0), n_max}, w.options());
-  int64_t offset = 0;
-  for (size_t t = 0; t < in_sizes.size(); ++t) {
-    out[static_cast<int64_t>(t)].narrow(1, 0, in_sizes[t]).copy_(w.narrow(1, offset, in_sizes[t]));
-    offset += in_sizes[t];
-  }
-  return out;
-}
-
 }  // namespace
 
 uint64_t stream_seed(uint64_t chip_key, int purpose, uint64_t counter) {
@@ -228,18 +218,19 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
   const bool return_partial = output == kOutputPartial;
   // ---- shapes and arguments -----------------------------------------------------------------
   check_tensor(x, "x", 2);
-  // The weight comes split per input tile [T, out, n_max], or whole [out, in]: the fused readout reads the
-  // whole weight in place; every other path takes the split copy.
+  // The weight comes whole [out, in] (the chip's state, read in place: tile t is the column block
+  // [in_off[t], in_off[t] + in_sizes[t]) of every row), or split per input tile [T, out, n_max].
+  // A bfloat16 / float16 state is upcast once per call (a temporary of this one matrix).
   const bool whole = w.dim() == 2;
+  if (whole && (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf)) {
+    return analog_mvm(x, w.to(at::kFloat), abs_split_w, out_scale, bias, row_ids, in_sizes, out_sizes, io, noise,
+                      probes, output);
+  }
   if (whole) {
     check_tensor(w, "weight", 2);
     check(!in_sizes.empty(), "in_sizes must list the input tiles");
     check(w.size(1) == x.size(1), "the weight has " + std::to_string(w.size(1)) + " inputs but x has " +
                                       std::to_string(x.size(1)));
-    if (!(probes && output == kOutputProbeMean && !io.is_perfect)) {
-      return analog_mvm(x, split_columns(w, in_sizes), std::nullopt, out_scale, bias, row_ids, in_sizes, out_sizes,
-                        io, noise, probes, output);
-    }
   } else {
     check_tensor(w, "split_w", 3);
   }
@@ -259,6 +250,12 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
   }
   check(total_in == K, "in_sizes sum to " + std::to_string(total_in) + " but x has " + std::to_string(K) +
                            " inputs");
+  // Weight element (tile t, output c, tile input k) is wp[w_base[t] + c * ld + k] in either layout.
+  const int64_t ld = whole ? K : nmax;
+  std::vector<int64_t> w_base(T);
+  for (int64_t t = 0; t < T; ++t) w_base[t] = whole ? in_off[t] : t * N * nmax;
+  // tile t of the weight as a [N, in_sizes[t]] view, transposed for the products: [in_sizes[t], N]
+  const auto tile_t = [&](int64_t t) { return whole ? w.narrow(1, in_off[t], in_sizes[t]).t() : w[t].narrow(1, 0, in_sizes[t]).t(); };
   std::vector<int64_t> out_tile_of(N);
   int64_t n_ot = 0, total_out = 0;
   for (int64_t s : out_sizes) {
@@ -325,7 +322,15 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
         std::copy_n(xp + b * K + in_off[t], in_sizes[t], xsp + (t * B + b) * nmax);
       }
     }
-    partial = at::bmm(xs, w_t);
+    if (whole) {
+      partial = at::empty({T, B, N}, f32);
+      for (int64_t t = 0; t < T; ++t) {
+        at::Tensor part = partial.select(0, t);
+        at::mm_out(part, xs.select(0, t).narrow(1, 0, in_sizes[t]), tile_t(t));
+      }
+    } else {
+      partial = at::bmm(xs, w_t);
+    }
   } else {
     // ---- per (tile, vector) noise management, fixed over the bound-management rounds -----------
     std::vector<float> safe_scale(T * B);
@@ -374,11 +379,9 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
         ir_size_ratio[t] = size / io.ir_drop_g_ratio;
       }
     }
-    at::Tensor abs_w;
-    // |W| for IR drop / PCM read (the fused readout takes |w| as it reads w)
-    if (nb > 0 && !whole) abs_w = abs_split_w.has_value() ? *abs_split_w : split_w.abs();
+    // |W| for IR drop / PCM read: the fused readout, the probes and the few-rows products take |w| as they
+    // read w; the GEMM path makes it per call, one tile at a time for a whole weight.
     const float* wp = split_w.data_ptr<float>();
-    const float* awp = abs_w.defined() ? abs_w.data_ptr<float>() : nullptr;
 
     // The per-tile outputs; the fused readout never needs them, so they are made (and zeroed, 4 bytes per
     // tile x vector x output) only when the general epilogue runs.
@@ -471,7 +474,6 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
               // The block's weights transposed (column j contiguous), in 8 x 8 squares: the probes then read
               // contiguous columns instead of one cache line per weight.
               const int64_t size_t_ = in_sizes[t];
-              const int64_t ld = whole ? K : nmax;
               for (int64_t c8 = 0; c8 < cb; c8 += 8) {
                 for (int64_t j8 = 0; j8 < size_t_; j8 += 8) {
                   const int64_t ce = std::min<int64_t>(c8 + 8, cb), je = std::min<int64_t>(j8 + 8, size_t_);
@@ -574,10 +576,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
           }
         }
         if (!(io.iterative && any_clip)) return means;
-        if (whole) {  // a probe clipped: bound management needs the general path, on split weights
-          return analog_mvm(x, split_columns(w, in_sizes), std::nullopt, out_scale, bias, row_ids, in_sizes, out_sizes,
-                            io, noise, probes, output);
-        }
+        // a probe clipped: bound management continues on the general path below
       }
 
       // ---- prologue: DAC (+ input noise) and the extra operands ---------------------------------
@@ -641,14 +640,27 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
       if (!probes && M <= kFewRows) {
         za = scratch(workspace.za, {T, na * M, N}, false);
         if (nb > 0) zb = scratch(workspace.zb, {T, nb * M, N}, false);
-        few_rows_products(wp, T, N, nmax, in_sizes, xap, na, xbp, nb, M, rows, za.data_ptr<float>(),
+        few_rows_products(wp, w_base, ld, T, N, nmax, in_sizes, xap, na, xbp, nb, M, rows, za.data_ptr<float>(),
                           nb > 0 ? zb.data_ptr<float>() : nullptr, threads(T * N * nmax * M / 32));  // ~32 flops per element
       } else if (!probes) {
         za = scratch(workspace.za, {T, na * M, N}, false);
-        at::bmm_out(za, xa, w_t);
-        if (nb > 0) {
-          zb = scratch(workspace.zb, {T, nb * M, N}, false);
-          at::bmm_out(zb, xb, abs_w.transpose(1, 2));
+        if (nb > 0) zb = scratch(workspace.zb, {T, nb * M, N}, false);
+        if (whole) {
+          for (int64_t t = 0; t < T; ++t) {
+            at::Tensor za_t = za.select(0, t);
+            at::mm_out(za_t, xa.select(0, t).narrow(1, 0, in_sizes[t]), tile_t(t));
+            if (nb > 0) {
+              at::Tensor zb_t = zb.select(0, t);
+              const at::Tensor abs_tile = tile_t(t).abs();  // [size, N] temporary of one tile
+              at::mm_out(zb_t, xb.select(0, t).narrow(1, 0, in_sizes[t]), abs_tile);
+            }
+          }
+        } else {
+          at::bmm_out(za, xa, w_t);
+          if (nb > 0) {
+            const at::Tensor abs_w = abs_split_w.has_value() ? *abs_split_w : split_w.abs();
+            at::bmm_out(zb, xb, abs_w.transpose(1, 2));
+          }
         }
       } else {
         // Row j of tile t is v e_b: every product is v times one weight column, exactly as in the GEMM.
@@ -676,8 +688,12 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
                   continue;
                 }
                 const float v = (is_a ? xap : xbp)[r * nmax + b];
-                const float* col = (is_a ? wp : awp) + t * N * nmax + b;
-                for (int64_t c = c0; c < c1; ++c) out[c] = v * col[c * nmax];
+                const float* col = wp + w_base[t] + b;
+                if (is_a) {
+                  for (int64_t c = c0; c < c1; ++c) out[c] = v * col[c * ld];
+                } else {
+                  for (int64_t c = c0; c < c1; ++c) out[c] = v * std::fabs(col[c * ld]);
+                }
               }
             }
           }

@@ -323,6 +323,56 @@ void normals(Stream s, int64_t start, int64_t n, float* out) {
   if (s.has) philox::philox_fill_normal(s.seed, start, n, out, 1);
 }
 
+// The drift exponents of both devices (G+ into out_p, G- into out_m) of the flat elements [e0, e0 + n),
+// drawn from the target weights wv (programming tile scale per element in sb) and the DRIFT_NU normals:
+// nu = |mu(x) + sigma(x) xi| * drift_scale for the device that holds the weight (x = max(a / g_max,
+// 1e-7)), the constants of a zero target for the other one. pcm_program draws them at programming,
+// pcm_read draws the same values again instead of keeping them. Scratch: xb, lg, mub, sgb, np, nm.
+void drift_exponents(const float* wv, const float* sb, int64_t e0, int64_t n, const PcmParams& p, Stream nu_plus,
+                     Stream nu_minus, float* __restrict xb, float* __restrict lg, float* __restrict mub,
+                     float* __restrict sgb, float* __restrict np, float* __restrict nm, float* __restrict out_p,
+                     float* __restrict out_m) {
+  const float g_max = p.g_max;
+  normals(nu_plus, e0, n, np);
+  normals(nu_minus, e0, n, nm);
+  for (int64_t j = 0; j < n; ++j) xb[j] = std::min(std::fabs(wv[j] * sb[j]), g_max) / g_max;
+  for (int64_t j = 0; j < n; ++j) xb[j] = std::max(xb[j], 1e-7f);  // g_rel = max(x, 1e-7)
+  log_span(xb, lg, n);
+  const float ds = p.drift_scale, mu_off = p.mu_off, sg_off = p.sigma_nu_off;
+  const PieceFit mu_fit = p.nu_mu, sigma_fit = p.nu_sigma;
+  for (int64_t j = 0; j < n; ++j) {
+    mub[j] = piece(mu_fit, xb[j], lg[j]);
+    sgb[j] = piece(sigma_fit, xb[j], lg[j]);
+  }
+  int64_t j0 = 0;
+#if ROMER_PHILOX_HAVE_AVX2
+  {  // the loop below by hand (GCC does not vectorise it): same operations, blends for the selects
+    const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    const __m256 vds = _mm256_set1_ps(ds), vmu_off = _mm256_set1_ps(mu_off), vsg_off = _mm256_set1_ps(sg_off);
+    for (; j0 + 8 <= n; j0 += 8) {
+      const __m256 plus = _mm256_cmp_ps(_mm256_loadu_ps(wv + j0), zero, _CMP_GE_OQ);
+      const __m256 a = _mm256_loadu_ps(np + j0), b = _mm256_loadu_ps(nm + j0);
+      const __m256 xi_on = _mm256_blendv_ps(b, a, plus), xi_off = _mm256_blendv_ps(a, b, plus);
+      const __m256 on = _mm256_mul_ps(
+          _mm256_andnot_ps(sign, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(sgb + j0), xi_on),
+                                               _mm256_loadu_ps(mub + j0))), vds);
+      const __m256 off = _mm256_mul_ps(
+          _mm256_andnot_ps(sign, _mm256_add_ps(_mm256_mul_ps(xi_off, vsg_off), vmu_off)), vds);
+      _mm256_storeu_ps(out_p + j0, _mm256_blendv_ps(off, on, plus));
+      _mm256_storeu_ps(out_m + j0, _mm256_blendv_ps(on, off, plus));
+    }
+  }
+#endif
+  for (int64_t j = j0; j < n; ++j) {
+    const bool plus = ge0(wv[j]);
+    const float mu = mub[j], sg = sgb[j];
+    const float nu_on = std::fabs(sg * sel(plus, np[j], nm[j]) + mu) * ds;
+    const float nu_off = std::fabs(sel(plus, nm[j], np[j]) * sg_off + mu_off) * ds;
+    out_p[j] = sel(plus, nu_on, nu_off);
+    out_m[j] = sel(plus, nu_off, nu_on);
+  }
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -421,10 +471,6 @@ void pcm_program(const float* w, int64_t rows, int64_t cols, const TileSizes& gr
     fill_tile_values(sb, r0, r1, cols, rtile, cb, scales);
     normals(prog_plus, e0, n, xp);
     normals(prog_minus, e0, n, xm);
-    if (drift) {
-      normals(nu_plus, e0, n, np);
-      normals(nu_minus, e0, n, nm);
-    }
     // a = min(|w s|, g_max) on the device that holds w (G+ where w >= 0), x = a / g_max
     for (int64_t j = 0; j < n; ++j) xb[j] = std::min(std::fabs(wv[j] * sb[j]), g_max) / g_max;
     float* __restrict out_w = weights + e0;
@@ -465,65 +511,31 @@ void pcm_program(const float* w, int64_t rows, int64_t cols, const TileSizes& gr
       }
     }
     if (drift) {
-      for (int64_t j = 0; j < n; ++j) xb[j] = std::max(xb[j], 1e-7f);  // g_rel = max(x, 1e-7)
-      log_span(xb, lg, n);
-      const float ds = p.drift_scale, mu_off = p.mu_off, sg_off = p.sigma_nu_off;
-      const PieceFit mu_fit = p.nu_mu, sigma_fit = p.nu_sigma;
-      float* __restrict out_p = drift_nu + e0;
-      float* __restrict out_m = drift_nu + total + e0;
-      float *__restrict mub = sig, *__restrict sgb = pw;
-      for (int64_t j = 0; j < n; ++j) {
-        mub[j] = piece(mu_fit, xb[j], lg[j]);
-        sgb[j] = piece(sigma_fit, xb[j], lg[j]);
-      }
-      int64_t j0 = 0;
-#if ROMER_PHILOX_HAVE_AVX2
-      {  // the loop below by hand (GCC does not vectorise it): same operations, blends for the selects
-        const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
-        const __m256 vds = _mm256_set1_ps(ds), vmu_off = _mm256_set1_ps(mu_off), vsg_off = _mm256_set1_ps(sg_off);
-        for (; j0 + 8 <= n; j0 += 8) {
-          const __m256 plus = _mm256_cmp_ps(_mm256_loadu_ps(wv + j0), zero, _CMP_GE_OQ);
-          const __m256 a = _mm256_loadu_ps(np + j0), b = _mm256_loadu_ps(nm + j0);
-          const __m256 xi_on = _mm256_blendv_ps(b, a, plus), xi_off = _mm256_blendv_ps(a, b, plus);
-          const __m256 on = _mm256_mul_ps(
-              _mm256_andnot_ps(sign, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(sgb + j0), xi_on),
-                                                   _mm256_loadu_ps(mub + j0))), vds);
-          const __m256 off = _mm256_mul_ps(
-              _mm256_andnot_ps(sign, _mm256_add_ps(_mm256_mul_ps(xi_off, vsg_off), vmu_off)), vds);
-          _mm256_storeu_ps(out_p + j0, _mm256_blendv_ps(off, on, plus));
-          _mm256_storeu_ps(out_m + j0, _mm256_blendv_ps(on, off, plus));
-        }
-      }
-#endif
-      for (int64_t j = j0; j < n; ++j) {
-        const bool plus = ge0(wv[j]);
-        const float mu = mub[j], sg = sgb[j];
-        const float nu_on = std::fabs(sg * sel(plus, np[j], nm[j]) + mu) * ds;
-        const float nu_off = std::fabs(sel(plus, nm[j], np[j]) * sg_off + mu_off) * ds;
-        out_p[j] = sel(plus, nu_on, nu_off);
-        out_m[j] = sel(plus, nu_off, nu_on);
-      }
+      drift_exponents(wv, sb, e0, n, p, nu_plus, nu_minus, xb, lg, sig, pw, np, nm, drift_nu + e0,
+                      drift_nu + total + e0);
     }
   });
 }
 
-void pcm_read(const float* w_prog, const float* drift_nu, int64_t rows, int64_t cols, const TileSizes& grid,
+void pcm_read(const float* w_prog, const float* w_target, int64_t rows, int64_t cols, const TileSizes& grid,
               const PcmParams& p, double t_ratio, double time_factor, float read_noise_scale, Stream read_plus,
-              Stream read_minus, float* out, int num_threads) {
+              Stream read_minus, Stream nu_plus, Stream nu_minus, float* out, int num_threads) {
   const std::vector<float> scales = tile_scales(w_prog, rows, cols, grid, p.g_max, num_threads);
+  const bool drift = w_target != nullptr && nu_plus.has;
+  const std::vector<float> target_scales =
+      drift ? tile_scales(w_target, rows, cols, grid, p.g_max, num_threads) : std::vector<float>{};
   const std::vector<int64_t> cb = bounds_of(grid.in_sizes);
   const std::vector<int32_t> rtile = row_tiles(grid.out_sizes, rows);
-  const bool drift = drift_nu != nullptr;
   const bool read = read_plus.has;
-  const int64_t total = rows * cols;
   const float g_max = p.g_max;
   const double ln_base = std::log(static_cast<double>(static_cast<float>(t_ratio)));  // torch: float(t / t_0)
   const float tf = static_cast<float>(time_factor);
   const ReadQ q = p.q;
 
-  for_items(rows, cols, num_threads, 7, [&](Scratch& ws, int64_t r0, int64_t r1) {
+  for_items(rows, cols, num_threads, 16, [&](Scratch& ws, int64_t r0, int64_t r1) {
     const int64_t e0 = r0 * cols, n = (r1 - r0) * cols;
-    const float* __restrict wv = w_prog + e0;
+    // wv and res may be the same memory (a read in place): every element is read before it is written.
+    const float* wv = w_prog + e0;
     float *__restrict sb = ws[0], *__restrict xp = ws[1], *__restrict xm = ws[2], *__restrict xq = ws[3];
     float *__restrict nub = ws[4], *__restrict df = ws[5], *__restrict qb = ws[6];
     fill_tile_values(sb, r0, r1, cols, rtile, cb, scales);
@@ -545,17 +557,21 @@ void pcm_read(const float* w_prog, const float* drift_nu, int64_t rows, int64_t 
       }
     }
     if (drift) {
-      const float* __restrict nu_p = drift_nu + e0;
-      const float* __restrict nu_m = drift_nu + total + e0;
+      float *__restrict st = ws[7], *__restrict nu_p = ws[14], *__restrict nu_m = ws[15];
+      fill_tile_values(st, r0, r1, cols, rtile, cb, target_scales);
+      drift_exponents(w_target + e0, st, e0, n, p, nu_plus, nu_minus, ws[8], ws[9], ws[10], ws[11], ws[12], ws[13],
+                      nu_p, nu_m);
+      // the device that holds the programmed weight now (the other one is 0 and stays 0)
       for (int64_t j = 0; j < n; ++j) nub[j] = sel(ge0(wv[j]), nu_p[j], nu_m[j]);
       neg_pow_base(nub, ln_base, df, n);
     }
-    float* __restrict res = out + e0;
+    float* res = out + e0;
     auto finish = [&](auto with_drift, auto with_read) {
       for (int64_t j = 0; j < n; ++j) {
         const float s = sb[j];
-        const bool plus = ge0(wv[j]);
-        const float g = std::min(std::fabs(wv[j] * s), g_max);
+        const float w = wv[j];
+        const bool plus = ge0(w);
+        const float g = std::min(std::fabs(w * s), g_max);
         float gd = g;
         if constexpr (decltype(with_drift)::value) gd = df[j] * g;
         if constexpr (decltype(with_read)::value) {

@@ -66,19 +66,21 @@ void pcm_program(const float* w, int64_t rows, int64_t cols, const TileSizes& gr
                  Stream prog_plus, Stream prog_minus, Stream nu_plus, Stream nu_minus, float* weights,
                  float* drift_nu, int num_threads);
 
-// PCM / HERMES read: re-conversion with the tile abs-max of w_prog, drift by (t / t_0)^-nu when
-// drift_nu != nullptr (t_ratio = t / t_0), read noise when read_plus.has (time_factor =
-// sqrt(ln((t + t_read) / (2 t_read))), read_noise_scale).
-void pcm_read(const float* w_prog, const float* drift_nu, int64_t rows, int64_t cols, const TileSizes& grid,
+// PCM / HERMES read: re-conversion with the tile abs-max of w_prog, drift by (t / t_0)^-nu when w_target
+// != nullptr and nu_plus.has (t_ratio = t / t_0), read noise when read_plus.has (time_factor =
+// sqrt(ln((t + t_read) / (2 t_read))), read_noise_scale). The drift exponents are not stored: they are
+// drawn again from w_target (the weights the chip was programmed to, tile units) and the DRIFT_NU
+// streams, the same values pcm_program draws. `out` may be `w_prog` (read in place).
+void pcm_read(const float* w_prog, const float* w_target, int64_t rows, int64_t cols, const TileSizes& grid,
               const PcmParams& p, double t_ratio, double time_factor, float read_noise_scale, Stream read_plus,
-              Stream read_minus, float* out, int num_threads);
+              Stream read_minus, Stream nu_plus, Stream nu_minus, float* out, int num_threads);
 
 // Gaussian chip: out = w + (w_max * sigma) * xi_add [+ (|w| * mult_sigma) * xi_mul], w_max the abs-max of
 // the crossbar column (row within an input split). Streams without `has` are skipped.
 void gaussian_program(const float* w, int64_t rows, int64_t cols, const std::vector<int64_t>& in_sizes,
                       float sigma, float mult_sigma, Stream add, Stream mul, float* out, int num_threads);
 
-// Gaussian read: out = (w_max(w_prog) * read_sigma) * xi + w_prog.
+// Gaussian read: out = (w_max(w_prog) * read_sigma) * xi + w_prog; `out` may be `w_prog` (in place).
 void gaussian_read(const float* w_prog, int64_t rows, int64_t cols, const std::vector<int64_t>& in_sizes,
                    float read_sigma, Stream read, float* out, int num_threads);
 

@@ -28,6 +28,7 @@ NOISE_MANAGEMENT = ("abs_max", "constant", "none")
 BOUND_MANAGEMENT = ("iterative", "none")
 W_NOISE_TYPES = ("none", "additive_constant", "pcm_read")
 DRIFT_COMPENSATION = ("none", "global", "per_column")
+STATE_DTYPES = ("float32", "bfloat16", "float16")  # what a chip's one state tensor is stored in
 MAX_BM_ROUNDS = 48  # bound-management rounds are part of the random-stream counter (6 bits)
 
 
@@ -162,8 +163,12 @@ class AnalogConfig:
     mapping: MappingConfig = field(default_factory=MappingConfig)
     noise: DeviceNoiseConfig | None = None
     drift_compensation: DriftCompensationConfig = field(default_factory=lambda: DriftCompensationConfig("none"))
+    # Storage of the chip's read conductances (the one weight-sized tensor a programmed chip keeps): float32
+    # is exact; bfloat16 / float16 halve the memory and round each read weight once (docs/scale.md).
+    state_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        check_choice("AnalogConfig", "state_dtype", self.state_dtype, STATE_DTYPES)
         for name, kind in (("tile", TileConfig), ("io", IOConfig), ("mapping", MappingConfig),
                            ("drift_compensation", DriftCompensationConfig)):
             if not isinstance(getattr(self, name), kind):
@@ -186,6 +191,7 @@ class AnalogConfig:
             "mapping": to_dict(self.mapping),
             "noise": None if self.noise is None else self.noise.to_dict(),
             "drift_compensation": to_dict(self.drift_compensation),
+            "state_dtype": self.state_dtype,
         }
 
     @classmethod
@@ -194,10 +200,13 @@ class AnalogConfig:
             raise ValueError(f"AnalogConfig must be given as a JSON object, got {type(data).__name__}")
         parts = {"tile": TileConfig, "io": IOConfig, "mapping": MappingConfig,
                  "drift_compensation": DriftCompensationConfig}
-        unknown = sorted(set(data) - set(parts) - {"noise"})
+        unknown = sorted(set(data) - set(parts) - {"noise", "state_dtype"})
         if unknown:
-            raise ValueError(f"AnalogConfig has no part(s) {', '.join(unknown)}; known: {', '.join([*parts, 'noise'])}")
+            raise ValueError(f"AnalogConfig has no part(s) {', '.join(unknown)}; known: "
+                             f"{', '.join([*parts, 'noise', 'state_dtype'])}")
         kwargs: dict[str, Any] = {name: from_dict(kind, data[name]) for name, kind in parts.items() if name in data}
+        if "state_dtype" in data:
+            kwargs["state_dtype"] = data["state_dtype"]
         if data.get("noise") is not None:
             kwargs["noise"] = device_noise_from_dict(data["noise"])
         return cls(**kwargs)

@@ -7,8 +7,12 @@ summed digitally over ``i`` and concatenated over ``j``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from romer_kernels.config.analog import MappingConfig
 
 
 def get_split_sizes(size: int, split_max: int) -> list[int]:
@@ -38,6 +42,11 @@ class TileGrid:
     @property
     def out_sizes(self) -> list[int]:
         return get_split_sizes(self.out_features, self.max_output_size)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features) of the weight on the grid."""
+        return (self.out_features, self.in_features)
 
     @property
     def num_tiles(self) -> int:
@@ -74,3 +83,40 @@ def _slices(sizes: list[int]) -> list[slice]:
         bounds.append(slice(start, start + size))
         start += size
     return bounds
+
+
+# -- mapping digital weights onto the tiles (weight scaling) -----------------------------------------------
+def input_tile_scales(w: torch.Tensor, grid: TileGrid, mapping: "MappingConfig") -> torch.Tensor:
+    """Digital scale s of every crossbar column, one value per (input tile, output): [n_in_tiles, out].
+
+    s = absmax / omega (1 where the absmax is 0) with the absmax over the crossbar column (columnwise) or
+    over the whole tile; one reduction pass over ``w`` and no weight-sized temporaries."""
+    if mapping.weight_scaling_omega <= 0:
+        return torch.ones(len(grid.in_sizes), w.shape[0], dtype=w.dtype, device=w.device)
+    absmax = torch.empty(len(grid.in_sizes), w.shape[0], dtype=w.dtype, device=w.device)
+    for i, cols in enumerate(grid.in_slices()):
+        low, high = torch.aminmax(w[:, cols], dim=1)
+        torch.maximum(high, low.neg_(), out=absmax[i])     # max |w| (NaN propagates, as abs().amax())
+    if not mapping.weight_scaling_columnwise:
+        for rows in grid.out_slices():
+            absmax[:, rows] = absmax[:, rows].amax(dim=1, keepdim=True)
+    return torch.where(absmax > 0, absmax / mapping.weight_scaling_omega, torch.ones_like(absmax))
+
+
+def mapped_target(w: torch.Tensor, grid: TileGrid, mapping: "MappingConfig") -> tuple[torch.Tensor, torch.Tensor]:
+    """(w / s, s): the weights the tiles are programmed to (tile units) and the digital scale s of every
+    crossbar column, [n_in_tiles, out]. Without weight scaling s = 1 and the target is ``w`` itself (no
+    pass over the weight); with it, w / s is divided per input tile from the [n_in_tiles, out] scales, the
+    same float32 divisions as with a weight-sized scale tensor, without making one."""
+    scales = input_tile_scales(w, grid, mapping)
+    if mapping.weight_scaling_omega <= 0:
+        return w, scales
+    target = torch.empty_like(w)
+    for i, cols in enumerate(grid.in_slices()):
+        torch.div(w[:, cols], scales[i][:, None], out=target[:, cols])
+    return target, scales
+
+
+def per_input_tile(values: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """Take one value per (input tile, output) from a tensor that is constant over each crossbar column."""
+    return torch.stack([values[:, cols.start] for cols in grid.in_slices()])

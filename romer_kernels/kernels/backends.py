@@ -114,25 +114,25 @@ def resolve_backend(name: str | None = None, device: torch.device | str = "cpu")
 
 def analog_linear(
     x: torch.Tensor,
-    split_w: torch.Tensor,
+    tile_weight: torch.Tensor,
     out_scale: torch.Tensor,
     bias: torch.Tensor | None,
     grid: TileGrid,
     io: IOConfig,
     streams: MvmStreams | None,
-    abs_split_w: torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """The analog forward ``x [B, in] -> [B, out]`` on the chosen backend (see the reference for the
-    arguments); every backend gives the reference's result for the same streams."""
+    arguments); ``tile_weight`` is the chip's whole [out, in] state (float32, bfloat16 or float16), read
+    in place by the C++ kernel. Every backend gives the reference's result for the same streams."""
     name = resolve_backend(backend, x.device)
     if name == "cpp":
-        return cpp.analog_linear_cpp(x, split_w, out_scale, bias, grid, io, streams, abs_split_w, row_ids)
+        return cpp.analog_linear_cpp(x, tile_weight, out_scale, bias, grid, io, streams, row_ids)
     if name == "triton":
         from romer_kernels.kernels.triton import analog_linear_triton  # noqa: PLC0415  (needs triton)
-        return analog_linear_triton(x, split_w, out_scale, bias, grid, io, streams, abs_split_w, row_ids)
-    return reference.analog_linear(x, split_w, out_scale, bias, grid, io, streams, abs_split_w, row_ids)
+        return analog_linear_triton(x, tile_weight, out_scale, bias, grid, io, streams, row_ids)
+    return reference.analog_linear(x, tile_weight, out_scale, bias, grid, io, streams, row_ids)
 
 
 def readout_column_mean(
@@ -153,7 +153,8 @@ def readout_column_mean(
             return cpp.probe_mean_cpp(probes, tile_weight, grid, io, streams)
         y = cpp.tiled_mvm_cpp(probes, tile_weight, grid, io, streams)  # noisy inputs are not one-hot
     else:  # the readout runs on the CPU reference for the triton backend too
-        y = reference.tiled_mvm(reference.split_input(probes, grid), reference.split_weight(tile_weight, grid),
+        y = reference.tiled_mvm(reference.split_input(probes, grid),
+                                reference.split_weight(tile_weight.to(torch.float32), grid),
                                 grid.in_sizes, grid.out_sizes, io, streams)
     valid = (torch.arange(y.shape[1])[None, :] < torch.tensor(grid.in_sizes)[:, None]).to(y.dtype)  # [T, n_max]
     return (y.abs() * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)

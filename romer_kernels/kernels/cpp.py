@@ -73,39 +73,40 @@ def _streams_args(streams: MvmStreams | None) -> tuple[int | None, int, bool]:
 
 def analog_linear_cpp(
     x: torch.Tensor,
-    split_w: torch.Tensor,
+    tile_weight: torch.Tensor,
     out_scale: torch.Tensor,
     bias: torch.Tensor | None,
     grid: TileGrid,
     io: IOConfig,
     streams: MvmStreams | None,
-    abs_split_w: torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused CPU forward of an analog linear layer: ``x [B, in] -> [B, out]`` (see the reference)."""
+    """Fused CPU forward of an analog linear layer: ``x [B, in] -> [B, out]`` (see the reference).
+    ``tile_weight``: the whole [out, in] tile weights, read in place (float32; a bfloat16 / float16 state is
+    upcast for the call), or their split [T, out, n_max]."""
     key, call_index, readout = _streams_args(streams)
     return extension().analog_mvm(
-        x.contiguous(), split_w, abs_split_w, out_scale.contiguous(), None if bias is None else bias.contiguous(),
-        row_ids, grid.in_sizes, grid.out_sizes, mvm_io(io), key, call_index, readout, False, OUTPUT_LAYER)
+        x.contiguous(), tile_weight.contiguous(), None, out_scale.contiguous(),
+        None if bias is None else bias.contiguous(), row_ids, grid.in_sizes, grid.out_sizes, mvm_io(io), key,
+        call_index, readout, False, OUTPUT_LAYER)
 
 
 def tiled_mvm_cpp(
     x: torch.Tensor,
-    split_w: torch.Tensor,
+    tile_weight: torch.Tensor,
     grid: TileGrid,
     io: IOConfig,
     streams: MvmStreams | None,
-    abs_split_w: torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
     probes: bool = False,
 ) -> torch.Tensor:
     """Per-input-tile outputs ``z * scale * r`` [T, B, out] of ``x [B, in]`` (the reference's ``tiled_mvm``
-    of ``split_input(x)``); ``split_w`` may also be the whole [out, in] weight. ``probes``: row j of every tile's slice is zero except at position j (the
+    of ``split_input(x)``); ``tile_weight``: the whole [out, in] weight or its split. ``probes``: row j of every tile's slice is zero except at position j (the
     drift-compensation readout), which replaces the GEMMs by exact element-wise products."""
     key, call_index, readout = _streams_args(streams)
     return extension().analog_mvm(
-        x.contiguous(), split_w, abs_split_w, None, None, row_ids, grid.in_sizes, grid.out_sizes, mvm_io(io), key,
-        call_index, readout, probes, OUTPUT_PARTIAL)
+        x.contiguous(), tile_weight.contiguous(), None, None, None, row_ids, grid.in_sizes, grid.out_sizes, mvm_io(io),
+        key, call_index, readout, probes, OUTPUT_PARTIAL)
 
 
 def probe_mean_cpp(probes: torch.Tensor, weight: torch.Tensor, grid: TileGrid, io: IOConfig,

@@ -53,6 +53,23 @@ split_input = split_columns   # [B, in] -> [n_in_tiles, B, n_max]
 split_weight = split_columns  # [out, in] -> [n_in_tiles, out, n_max]
 
 
+def stacked_expert_tiles(gate_up_chips: list, down_chips: list, device: torch.device) -> dict[str, torch.Tensor]:
+    """The grouped experts kernel's operands: split tile weights [E, T, out, n_max] and out scales
+    [E, T, out] of every expert's gate_up and down chip (objects with ``grid``, ``state`` [out, in] and
+    ``out_scale``), on ``device``, split one expert at a time."""
+    def stack(chips: list) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = chips[0].grid
+        tiles = torch.empty(len(chips), len(grid.in_sizes), grid.out_features, max(grid.in_sizes),
+                            dtype=torch.float32, device=device)
+        for e, chip in enumerate(chips):
+            tiles[e].copy_(split_weight(chip.state.to(torch.float32), grid))
+        return tiles, torch.stack([chip.out_scale for chip in chips]).to(device)
+
+    gate_up, gate_up_scale = stack(gate_up_chips)
+    down, down_scale = stack(down_chips)
+    return dict(gate_up=gate_up, gate_up_scale=gate_up_scale, down=down, down_scale=down_scale)
+
+
 def _quantize(v: torch.Tensor, step: float) -> torch.Tensor:
     """Round to the nearest multiple of ``step`` (ties to even, as aihwkit's ``rint``); 0 = identity.
 
@@ -185,28 +202,28 @@ def _per_output_normals(seed: int, rows: torch.Tensor, n_tiles: int, out_feature
 
 def analog_linear(
     x: torch.Tensor,
-    split_w: torch.Tensor,
+    tile_weight: torch.Tensor,
     out_scale: torch.Tensor,
     bias: torch.Tensor | None,
     grid: TileGrid,
     io: IOConfig,
     stream_seed: StreamSeed | None,
-    abs_split_w: torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference forward of an analog linear layer on float32 CPU tensors.
 
-    ``x`` [B, in]; ``split_w`` the tile weights (tile units) split per input tile by
-    :func:`split_weight`, [n_in_tiles, out, n_max]; ``out_scale`` [n_in_tiles, out] the digital factor of
-    each input tile's partial output (weight scaling, drift compensation and ``io.out_scale``); ``bias``
-    [out] or None; ``row_ids`` the token index of each row in the noise streams (default 0..B-1).
+    ``x`` [B, in]; ``tile_weight`` the tile weights (tile units), the whole [out, in] matrix (any float
+    dtype; split per input tile for this call) or already split by :func:`split_weight`,
+    [n_in_tiles, out, n_max]; ``out_scale`` [n_in_tiles, out] the digital factor of each input tile's
+    partial output (weight scaling, drift compensation and ``io.out_scale``); ``bias`` [out] or None;
+    ``row_ids`` the token index of each row in the noise streams (default 0..B-1).
     Rows of ``x`` holding NaN or Inf give NaN rows and do not affect other rows.
     """
+    split_w = tile_weight if tile_weight.dim() == 3 else split_weight(tile_weight.to(torch.float32), grid)
     bad_rows = ~torch.isfinite(x).all(dim=-1)
     if bool(bad_rows.any()):
         x = x.masked_fill(bad_rows[:, None], 0.0)
-    partial = tiled_mvm(split_input(x, grid), split_w, grid.in_sizes, grid.out_sizes, io, stream_seed, abs_split_w,
-                        row_ids)
+    partial = tiled_mvm(split_input(x, grid), split_w, grid.in_sizes, grid.out_sizes, io, stream_seed, None, row_ids)
     y = (partial * out_scale[:, None, :]).sum(dim=0)
     if bias is not None:
         y = y + bias

@@ -31,6 +31,7 @@ from torch import nn
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.presets import resolve_config
 from romer_kernels.kernels.backends import resolve_backend
+from romer_kernels.kernels.reference import stacked_expert_tiles
 from romer_kernels.nn.analog_matrix import AnalogMatrix, check_seed
 from romer_kernels.nn.base import AnalogModule
 
@@ -91,7 +92,7 @@ class AnalogExperts(AnalogModule):
         self.dispatch = None
         self.extra_experts = None
         self.backend: str | None = None  # MVM backend; None = the process default (see kernels.backends)
-        self._stacked: tuple | None = None  # (splits they were made from, device, stacked tensors) for Triton
+        self._stacked: tuple | None = None  # (chip versions, device, split tiles on the device) for Triton
 
     @classmethod
     def from_experts(cls, experts: nn.Module, config: AnalogConfig | str | None = None, *, name: str = "experts",
@@ -172,7 +173,7 @@ class AnalogExperts(AnalogModule):
         self._ensure_programmed()
 
         def entries(matrices):
-            return [(m._split, m._abs_split, m._out_scale, m.chip.mvm_stream(call_index).key if m.mvm_noise else None)
+            return [(m.chip.state, None, m.chip.out_scale, m.chip.mvm_stream(call_index).key if m.mvm_noise else None)
                     for m in matrices]
 
         gate_up, down = entries(self.gate_up), entries(self.down)
@@ -191,16 +192,14 @@ class AnalogExperts(AnalogModule):
 
         self._ensure_programmed()
         device = hidden_states.device
-        splits = [m._split for m in self.gate_up + self.down]
+        versions = [id(m.chip) for m in self.gate_up + self.down] + [m.chip.version for m in self.gate_up + self.down]
         cached = self._stacked
-        if cached is None or cached[1] != device or any(a is not b for a, b in zip(cached[0], splits)):
-            stacked = dict(
-                gate_up=torch.stack([m._split for m in self.gate_up]).to(device),
-                gate_up_scale=torch.stack([m._out_scale for m in self.gate_up]).to(device),
-                down=torch.stack([m._split for m in self.down]).to(device),
-                down_scale=torch.stack([m._out_scale for m in self.down]).to(device),
-            )
-            self._stacked = cached = (splits, device, stacked)
+        if cached is None or cached[1] != device or cached[0] != versions:
+            # The grouped kernel reads every expert's tiles in a split layout: a copy on the accelerator,
+            # kept until a chip changes (the GPU path does not yet program the chip on the fly).
+            self._stacked = None
+            stacked = stacked_expert_tiles([m.chip for m in self.gate_up], [m.chip for m in self.down], device)
+            self._stacked = cached = (versions, device, stacked)
         io = self.config.io
         noisy = self.gate_up[0].mvm_noise
         seeds = {

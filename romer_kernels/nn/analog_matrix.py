@@ -17,7 +17,6 @@ import torch
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.kernels.backends import analog_linear, resolve_backend
-from romer_kernels.kernels.reference import split_weight
 from romer_kernels.nn.chip import LayerChip
 
 
@@ -28,7 +27,12 @@ def check_seed(seed: Any) -> int:
 
 
 class AnalogMatrix:
-    """The simulated chip behind one ``[out_features, in_features]`` weight."""
+    """The simulated chip behind one ``[out_features, in_features]`` weight.
+
+    Memory: the chip (``self.chip``) holds one weight-sized tensor, ``chip.state``, and a few
+    ``[n_in_tiles, out]`` vectors; the kernels read ``chip.state`` in place. Only the Triton path keeps a
+    copy on the accelerator (``device_tensors``), until the chip changes.
+    """
 
     def __init__(self, config: AnalogConfig, out_features: int, in_features: int, layer_id: int | str,
                  seed: int = 0, mvm_noise: bool = True) -> None:
@@ -44,13 +48,9 @@ class AnalogMatrix:
         self.t_inference: float | None = None
         self.chip = LayerChip(config, out_features, in_features, layer_id)
         self._version: tuple[int, int] | None = None
-        self._out_scale: torch.Tensor | None = None         # [n_in_tiles, out] digital factors
-        self._tile_weight: torch.Tensor | None = None        # [out, in] tile units: the chip's state, read only
-        self._split_cache: torch.Tensor | None = None        # tile weights split per input tile (lazy)
-        self._abs_cache: torch.Tensor | None = None          # |split|, for PCM-read noise / IR drop (lazy)
         self._pending_restore: tuple[bool, float | None, int] | None = None
         self.backend: str | None = None  # MVM backend of this matrix; None = the process default (see kernels.backends)
-        self._device_cache: tuple | None = None  # (device, tensors on that device) until the chip changes
+        self._device_cache: tuple | None = None  # (device, chip.version, tensors on that device)
 
     # -- life cycle -----------------------------------------------------------------------------
     @staticmethod
@@ -61,12 +61,12 @@ class AnalogMatrix:
         return self._version is not None and self._version == self._weight_version(weight)
 
     def program(self, weight: torch.Tensor, seed: int | None = None) -> None:
-        """Program ``weight`` with chip ``seed`` (programming noise, drift exponents, baseline)."""
+        """Program ``weight`` with chip ``seed`` (programming noise, compensation baseline)."""
         if seed is not None:
             self.seed = check_seed(seed)
         self._check_shape(weight)
-        self._release()
-        self._set(*self.chip.program(weight, self.seed, self.mvm_noise))
+        self._device_cache = None
+        self.chip.program(weight, self.seed, self.mvm_noise)
         self.t_inference = None
         self._version = self._weight_version(weight)
 
@@ -75,8 +75,8 @@ class AnalogMatrix:
         drift call ``drift_index``), and the drift-compensation factors of the simulated readout."""
         if not self.is_programmed(weight):
             self.program(weight)
-        self._release()
-        self._set(*self.chip.drift(t_inference, self.mvm_noise, drift_index=drift_index))
+        self._device_cache = None
+        self.chip.drift(weight, t_inference, self.mvm_noise, drift_index=drift_index)
         self.t_inference = float(t_inference)
 
     def ensure_programmed(self, weight: torch.Tensor) -> None:
@@ -92,34 +92,6 @@ class AnalogMatrix:
     @property
     def last_drift_index(self) -> int:
         return max(self.chip.drift_calls - 1, 0)
-
-    def _set(self, tile_weight: torch.Tensor, out_scale: torch.Tensor) -> None:
-        self._out_scale = out_scale
-        self._tile_weight = tile_weight
-
-    def _release(self) -> None:
-        """Drop every tensor derived from the chip's weights before the chip changes them: the chip reuses
-        its old state as output buffers only when nobody else holds it."""
-        self._tile_weight = self._split_cache = self._abs_cache = None
-        self._device_cache = None
-
-    @property
-    def _split(self) -> torch.Tensor | None:
-        """The tile weights split per input tile [n_in_tiles, out, n_max], made at first use after each
-        program/drift (the chip's own readout does not need them)."""
-        if self._split_cache is None and self._tile_weight is not None:
-            self._split_cache = split_weight(self._tile_weight, self.chip.grid)
-        return self._split_cache
-
-    @property
-    def _abs_split(self) -> torch.Tensor | None:
-        """|split| when the IO needs it (PCM-read weight noise, IR drop), else None."""
-        io = self.config.io
-        if io.is_perfect or not (io.w_noise_type == "pcm_read" or io.ir_drop > 0):
-            return None
-        if self._abs_cache is None and self._split is not None:
-            self._abs_cache = self._split.abs()
-        return self._abs_cache
 
     def _check_shape(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != (self.out_features, self.in_features):
@@ -145,28 +117,51 @@ class AnalogMatrix:
         streams = self.chip.mvm_stream(call_index) if self.mvm_noise else None
         backend = resolve_backend(backend or self.backend, x.device)
         device = x.device if backend == "triton" else torch.device("cpu")
-        split, out_scale, abs_split = self.device_tensors(device)
+        tile_weight, out_scale = self.device_tensors(device)
         with torch.no_grad():
             bias32 = None if bias is None else bias.detach().to(device=device, dtype=torch.float32)
-            y = analog_linear(x.detach().to(device=device, dtype=torch.float32), split, out_scale, bias32,
-                              self.chip.grid, self.config.io, streams, abs_split, row_ids, backend=backend)
+            y = analog_linear(x.detach().to(device=device, dtype=torch.float32), tile_weight, out_scale, bias32,
+                              self.chip.grid, self.config.io, streams, row_ids, backend=backend)
         return y.to(x.device)
 
-    def device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(split tile weights, out scales, |split| or None) on ``device``; copies to an accelerator are kept
-        until the chip changes."""
+    def device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tile weights [out, in], out scales [n_in_tiles, out]) on ``device``: the chip's own tensors on
+        the CPU (read only), copies on an accelerator, kept until the chip changes."""
+        chip = self.chip
         if device.type == "cpu":
-            return self._split, self._out_scale, self._abs_split
-        if self._device_cache is None or self._device_cache[0] != device:  # _release() clears it
-            self._device_cache = (device, (self._split.to(device), self._out_scale.to(device), None))
-        return self._device_cache[1]
+            return chip.state, chip.out_scale
+        cache = self._device_cache
+        if cache is None or cache[0] != device or cache[1] != chip.version:
+            self._device_cache = cache = (device, chip.version, (chip.state.to(device), chip.out_scale.to(device)))
+        return cache[2]
 
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """[out, in] weights the chip realises in digital units (tile weights x weight scaling x drift
         compensation x out_scale): what the layer computes with perfect periphery."""
         self.ensure_programmed(weight)
-        return torch.cat([self._tile_weight[:, cols] * self._out_scale[i][:, None]
+        state, out_scale = self.chip.state, self.chip.out_scale
+        return torch.cat([state[:, cols].float() * out_scale[i][:, None]
                           for i, cols in enumerate(self.chip.grid.in_slices())], dim=1)
+
+    def held_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this matrix and its chip hold, by attribute name (memory accounting, tests)."""
+        found: dict[str, torch.Tensor] = {}
+
+        def visit(name: str, value) -> None:
+            if isinstance(value, torch.Tensor):
+                found[name] = value
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    visit(f"{name}[{i}]", item)
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    visit(f"{name}[{key!r}]", item)
+
+        for owner, prefix in ((self, ""), (self.chip, "chip.")):
+            for name, value in vars(owner).items():
+                if name != "chip":
+                    visit(prefix + name, value)
+        return found
 
     @property
     def num_tiles(self) -> int:

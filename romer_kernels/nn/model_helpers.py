@@ -48,3 +48,39 @@ def reset_noise_counters(model: nn.Module) -> nn.Module:
     for layer in _require_analog(model):
         layer.reset_noise_counter()
     return model
+
+
+def analog_matrices(model: nn.Module) -> Iterator["AnalogMatrix"]:
+    """Every ``AnalogMatrix`` (one chip each) of the model's analog modules, each once."""
+    from romer_kernels.nn.analog_matrix import AnalogMatrix  # noqa: PLC0415  (analog_matrix imports kernels)
+
+    seen: set[int] = set()
+
+    def found(value):
+        if isinstance(value, AnalogMatrix) and id(value) not in seen:
+            seen.add(id(value))
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from found(item)
+
+    for module in model.modules():
+        for value in vars(module).values():
+            yield from found(value)
+        extra = getattr(module, "extra_experts", None)
+        if extra is not None and hasattr(extra, "matrices"):
+            for matrix, _ in extra.matrices():
+                yield from found(matrix)
+
+
+def chip_state_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor held by the model's chips (``AnalogMatrix.held_tensors``), each storage once.
+
+    The digital weights are not counted (the modules own them); a tensor shared by several chips (none
+    is, by design) would count once."""
+    storages: dict[int, int] = {}
+    for matrix in analog_matrices(model):
+        for tensor in matrix.held_tensors().values():
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(storages.values())

@@ -16,6 +16,11 @@ without ``seed`` still works and takes the torch path.
 Two steps, as on a chip and as aihwkit's ``program_analog_weights`` / ``drift_analog_weights``:
 ``program`` fixes the programming noise and the drift exponents once per chip; ``read`` gives the
 weights at ``t_inference`` seconds after programming, with freshly drawn read noise each call.
+
+Every per-device quantity (drift exponents, ReRAM target conductances) is a pure function of the target
+weights and the streams, so a chip need not keep it: ``program(..., with_drift_exponents=False)`` skips
+it and ``read(..., w_target=...)`` derives it again (same values). Both take ``out``, a float32 buffer
+the caller owns, to write their result into; ``read`` may write into ``programmed.weights`` itself.
 """
 from __future__ import annotations
 
@@ -62,16 +67,20 @@ class ProgrammedWeights:
     """What programming leaves on the chip: programmed weights and per-device drift exponents."""
 
     weights: torch.Tensor                   # W_P in weight units, same shape as the target
-    drift_nu: torch.Tensor | None = None    # [num_devices, *shape] drift exponents, None if no drift
+    drift_nu: torch.Tensor | None = None    # [num_devices, *shape] drift exponents (ReRAM: targets), None if
+                                            # the model has none or the caller asked not to keep them
 
 
 class DeviceNoiseModel(ABC):
     """Programming, drift and read noise of one device technology."""
 
     @abstractmethod
-    def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw) -> ProgrammedWeights:
-        """Programmed weights (and drift exponents) for the target weights."""
+    def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw, out: torch.Tensor | None = None,
+                with_drift_exponents: bool = True) -> ProgrammedWeights:
+        """Programmed weights (and, if asked, the per-device drift data) for the target weights."""
 
     @abstractmethod
-    def read(self, programmed: ProgrammedWeights, t_inference: float, grid: TileGrid, draw: Draw) -> torch.Tensor:
-        """Weights seen at ``t_inference`` seconds after programming (drift and read noise applied)."""
+    def read(self, programmed: ProgrammedWeights, t_inference: float, grid: TileGrid, draw: Draw,
+             out: torch.Tensor | None = None, w_target: torch.Tensor | None = None) -> torch.Tensor:
+        """Weights seen at ``t_inference`` seconds after programming (drift and read noise applied); the
+        per-device drift data from ``programmed`` or, when it was not kept, derived from ``w_target``."""

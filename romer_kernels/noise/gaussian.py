@@ -19,7 +19,7 @@ from romer_kernels.config.device_noise import GaussianNoiseConfig
 from romer_kernels.config.tiling import TileGrid
 from romer_kernels.noise.base import DeviceNoiseModel, Draw, ProgrammedWeights
 from romer_kernels.noise.fused import fused
-from romer_kernels.noise.pcm import check_time, elementwise, standard_normal
+from romer_kernels.noise.pcm import _inplace_buffer, check_time, elementwise, standard_normal
 from romer_kernels.rng import Purpose
 
 
@@ -37,20 +37,24 @@ class GaussianNoiseModel(DeviceNoiseModel):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
 
-    def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw) -> ProgrammedWeights:
+    def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw, out: torch.Tensor | None = None,
+                with_drift_exponents: bool = True) -> ProgrammedWeights:
+        """W_P (no drift exponents: this model does not drift); written into ``out`` when given."""
         w = w_target.detach().to(torch.float32).contiguous()
+        buffer = _inplace_buffer(out, w)
+        buffer = None if buffer is not None and buffer.data_ptr() == w.data_ptr() else buffer
         path = fused(w, draw)
         if path is not None:
             ops, seed = path
-            out = ops.noise_gaussian_program(
+            result = ops.noise_gaussian_program(
                 w, grid.in_sizes, self.sigma, self.multiplicative_sigma,
                 seed(Purpose.PROGRAM, 0) if self.sigma > 0.0 else None,
-                seed(Purpose.MULTIPLICATIVE, 0) if self.multiplicative_sigma > 0.0 else None)
-            return ProgrammedWeights(out, None)
+                seed(Purpose.MULTIPLICATIVE, 0) if self.multiplicative_sigma > 0.0 else None, buffer)
+            return ProgrammedWeights(result, None)
         w_max = grid.column_absmax(w) if self.sigma > 0.0 else None
         xi_add = standard_normal(draw, Purpose.PROGRAM, 0, w) if self.sigma > 0.0 else None
         xi_mul = standard_normal(draw, Purpose.MULTIPLICATIVE, 0, w) if self.multiplicative_sigma > 0.0 else None
-        out = torch.empty_like(w)
+        result = torch.empty_like(w) if buffer is None else buffer
 
         def chunk(w, w_max, xi_add, xi_mul, result):
             result.copy_(w)
@@ -59,19 +63,26 @@ class GaussianNoiseModel(DeviceNoiseModel):
             if xi_mul is not None:
                 result.add_(w.abs().mul_(self.multiplicative_sigma).mul_(xi_mul))
 
-        elementwise(chunk, [w, w_max, xi_add, xi_mul, out])
-        return ProgrammedWeights(out, None)
+        elementwise(chunk, [w, w_max, xi_add, xi_mul, result])
+        return ProgrammedWeights(result, None)
 
-    def read(self, programmed: ProgrammedWeights, t_inference: float, grid: TileGrid, draw: Draw) -> torch.Tensor:
+    def read(self, programmed: ProgrammedWeights, t_inference: float, grid: TileGrid, draw: Draw,
+             out: torch.Tensor | None = None, w_target: torch.Tensor | None = None) -> torch.Tensor:
+        """``W_P + read_sigma * w_max(W_P) * xi``; ``W_P`` itself when ``read_sigma = 0`` (copied into
+        ``out`` if another buffer is given). ``out`` may be ``programmed.weights`` (in place); ``w_target``
+        is not needed by this model."""
         check_time(t_inference)
         w_prog = programmed.weights
         if self.read_sigma == 0.0:
+            if out is not None and out.data_ptr() != w_prog.data_ptr():
+                return out.copy_(w_prog)
             return w_prog
         w_prog = w_prog.detach().to(torch.float32).contiguous()
         path = fused(w_prog, draw)
         if path is not None:
             ops, seed = path
-            return ops.noise_gaussian_read(w_prog, grid.in_sizes, self.read_sigma, seed(Purpose.READ, 0))
+            return ops.noise_gaussian_read(w_prog, grid.in_sizes, self.read_sigma, seed(Purpose.READ, 0),
+                                           _inplace_buffer(out, w_prog))
         w_max = grid.column_absmax(w_prog)
         xi = standard_normal(draw, Purpose.READ, 0, w_prog)
 
@@ -79,4 +90,5 @@ class GaussianNoiseModel(DeviceNoiseModel):
             w_max.mul_(self.read_sigma).mul_(xi).add_(w)
 
         elementwise(chunk, [w_prog, w_max, xi])
-        return w_max
+        result = _inplace_buffer(out, w_prog)
+        return w_max if result is None else result.copy_(w_max)

@@ -122,6 +122,17 @@ def _buffer(t: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor | None
     return t
 
 
+def _inplace_buffer(t: torch.Tensor | None, source: torch.Tensor) -> torch.Tensor | None:
+    """``t`` if a result of ``source``'s shape can be written into it: ``source`` itself (in place) or a
+    tensor that shares no memory with it; else None."""
+    buffer = _buffer(t, source.shape)
+    if buffer is None or buffer.data_ptr() == source.data_ptr():
+        return buffer
+    lo, hi = buffer.data_ptr(), buffer.data_ptr() + buffer.nbytes
+    src_lo, src_hi = source.data_ptr(), source.data_ptr() + source.nbytes
+    return buffer if hi <= src_lo or src_hi <= lo else None
+
+
 def check_time(t_inference: float) -> float:
     t = float(t_inference)
     if not (t >= 0.0 and math.isfinite(t)):
@@ -264,36 +275,33 @@ class PCMNoiseModel(DeviceNoiseModel):
         return mu.item(), sigma.item()
 
     # -- programming ----------------------------------------------------------------------------
-    def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw,
-                out: ProgrammedWeights | None = None) -> ProgrammedWeights:
+    def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw, out: torch.Tensor | None = None,
+                with_drift_exponents: bool = True) -> ProgrammedWeights:
         """Per device ``g_P = max(0, g_T + prog_noise_scale * sigma_prog(g_T) * xi)``, xi from
         (PROGRAM, slot), and ``nu = |mu_nu(g_T) + sigma_nu(g_T) * xi'| * drift_scale``, xi' from
         (DRIFT_NU, slot); ``W_P = (G+_P - G-_P) / s``.
 
-        ``out``: an earlier result of the same shape that nobody uses any more; the fused path writes
-        into its tensors (no fresh memory to fault in), the torch path ignores it. Values never depend
-        on it."""
+        ``out``: a float32 tensor of the target's shape to write W_P into (a chip's own state); values
+        never depend on it. ``with_drift_exponents=False`` skips the [2, *shape] drift exponents (a chip
+        draws them again at read time from the same streams, see :meth:`read`)."""
         w = w_target.detach().to(torch.float32).contiguous()
+        drifts = self.drift_scale != 0.0 and with_drift_exponents
         path = fused(w, draw)
         params = None if path is None else self.fused_params()
         if params is not None:
             ops, seed = path
-            drifts = self.drift_scale != 0.0
             weights, drift_nu = ops.noise_pcm_program(
                 w, grid.out_sizes, grid.in_sizes, params,
                 pair_seeds(seed, Purpose.PROGRAM, self.prog_noise_scale != 0.0),
-                pair_seeds(seed, Purpose.DRIFT_NU, drifts),
-                None if out is None else _buffer(out.weights, w.shape),
-                None if out is None or not drifts else _buffer(out.drift_nu, (2, *w.shape)))
+                pair_seeds(seed, Purpose.DRIFT_NU, drifts), _buffer(out, w.shape), None)
             return ProgrammedWeights(weights, drift_nu)
         scale = conductance_scale(w, grid, self.g_max)
         xi_prog = pair_normals(draw, Purpose.PROGRAM, w, self.prog_noise_scale != 0.0)
-        drifts = self.drift_scale != 0.0
         xi_nu = pair_normals(draw, Purpose.DRIFT_NU, w, drifts)
-        weights = torch.empty_like(w)
+        weights = _buffer(out, w.shape)
+        weights = torch.empty_like(w) if weights is None else weights
         drift_nu = torch.empty((2, *w.shape), dtype=torch.float32, device=w.device) if drifts else None
         sigma_off = at_zero(self.programming_sigma)
-        mu_off, sigma_nu_off = self.zero_target_drift_statistics()
 
         def chunk(w, s, xi_prog_plus, xi_prog_minus, xi_nu_plus, xi_nu_minus, out_w, out_nu_plus, out_nu_minus):
             a, plus = on_device(w, s, self.g_max)
@@ -302,47 +310,88 @@ class PCMNoiseModel(DeviceNoiseModel):
                                           lambda _: self.programming_sigma_at(x), sigma_off)
             torch.sub(g_plus, g_minus, out=out_w).div_(s)
             if out_nu_plus is not None:
-                xi_on, xi_off = route(plus, xi_nu_plus, xi_nu_minus)
-                mu, sigma = self.drift_statistics(x.clamp_min_(ZERO_CLIP))
-                nu_on = sigma.mul_(xi_on).add_(mu).abs_()
-                nu_off = xi_off.mul_(sigma_nu_off).add_(mu_off).abs_()
-                if self.drift_scale != 1.0:
-                    nu_on.mul_(self.drift_scale)
-                    nu_off.mul_(self.drift_scale)
-                route(plus, nu_on, nu_off, out=(out_nu_plus, out_nu_minus))
+                self._drift_pair(x, plus, xi_nu_plus, xi_nu_minus, out_nu_plus, out_nu_minus)
 
         nu_out = [None, None] if drift_nu is None else [drift_nu[0], drift_nu[1]]
         elementwise(chunk, [w, scale, *xi_prog, *xi_nu, weights, *nu_out])
         return ProgrammedWeights(weights, drift_nu)
 
+    def _drift_pair(self, x: torch.Tensor, plus: torch.Tensor, xi_plus: torch.Tensor, xi_minus: torch.Tensor,
+                    out_plus: torch.Tensor, out_minus: torch.Tensor) -> None:
+        """Drift exponents of (G+, G-) into ``out_plus`` / ``out_minus``: ``|mu + sigma xi|`` at the target
+        ``x = a / g_max`` for the device that holds the weight, the zero-target constants for the other."""
+        mu_off, sigma_nu_off = self.zero_target_drift_statistics()
+        xi_on, xi_off = route(plus, xi_plus, xi_minus)
+        mu, sigma = self.drift_statistics(x.clamp_min(ZERO_CLIP))
+        nu_on = sigma.mul_(xi_on).add_(mu).abs_()
+        nu_off = xi_off.mul_(sigma_nu_off).add_(mu_off).abs_()
+        if self.drift_scale != 1.0:
+            nu_on.mul_(self.drift_scale)
+            nu_off.mul_(self.drift_scale)
+        route(plus, nu_on, nu_off, out=(out_plus, out_minus))
+
+    def draw_drift_exponents(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw) -> torch.Tensor:
+        """The [2, *shape] drift exponents (G+, G-) that :meth:`program` draws for ``w_target`` (the same
+        values: same streams, same operations)."""
+        w = w_target.detach().to(torch.float32).contiguous()
+        path = fused(w, draw)
+        params = None if path is None else self.fused_params()
+        if params is not None:
+            ops, seed = path
+            _, drift_nu = ops.noise_pcm_program(w, grid.out_sizes, grid.in_sizes, params, None,
+                                                pair_seeds(seed, Purpose.DRIFT_NU), None, None)
+            return drift_nu
+        scale = conductance_scale(w, grid, self.g_max)
+        xi_nu = pair_normals(draw, Purpose.DRIFT_NU, w)
+        drift_nu = torch.empty((2, *w.shape), dtype=torch.float32, device=w.device)
+
+        def chunk(w, s, xi_plus, xi_minus, out_plus, out_minus):
+            a, plus = on_device(w, s, self.g_max)
+            self._drift_pair(a / self.g_max, plus, xi_plus, xi_minus, out_plus, out_minus)
+
+        elementwise(chunk, [w, scale, *xi_nu, drift_nu[0], drift_nu[1]])
+        return drift_nu
+
     # -- drift and read noise -------------------------------------------------------------------
     def read(self, programmed: ProgrammedWeights, t_inference: float, grid: TileGrid, draw: Draw,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, w_target: torch.Tensor | None = None) -> torch.Tensor:
         """Re-convert W_P to a pair with the scale s' of the programmed tile; per device
         ``g_D = g (t / t_0)^-nu`` if ``t = t_inference + t_0 > t_0`` (else ``g_D = g``), then
         ``max(0, g_D + |g_D| read_noise_scale Q_s(g) sqrt(ln((t + t_read) / (2 t_read))) xi)``, xi from
         (READ, slot); ``W = (G+ - G-) / s'``.
 
-        ``out``: an earlier read result of the same shape that nobody uses any more (not ``programmed``'s
-        memory); the fused path writes into it, the torch path ignores it."""
+        The drift exponents are ``programmed.drift_nu`` if programming kept them, else they are drawn again
+        from ``w_target`` (the weights programmed) and ``draw``'s DRIFT_NU streams -- the chip's way: it
+        keeps no exponents. ``out``: a float32 tensor to write the result into; it may be
+        ``programmed.weights`` itself (a read in place)."""
         t = check_time(t_inference) + self.t_0
         w_prog = programmed.weights.detach().to(torch.float32).contiguous()
         time_factor = math.sqrt(math.log((t + self.t_read) / (2.0 * self.t_read)))
-        nu_pair = None
-        if t > self.t_0 and programmed.drift_nu is not None:
-            nu_pair = programmed.drift_nu.detach().to(device=w_prog.device, dtype=torch.float32).contiguous()
+        drifts = t > self.t_0 and self.drift_scale != 0.0
+        stored = programmed.drift_nu if drifts else None
+        target = None
+        if drifts and stored is None:
+            if w_target is None:
+                raise ValueError("PCM read with drift needs the drift exponents: program with "
+                                 "with_drift_exponents=True, or pass w_target to draw them again")
+            target = w_target.detach().to(device=w_prog.device, dtype=torch.float32).contiguous()
         path = fused(w_prog, draw)
         params = None if path is None else self.fused_params()
-        if params is not None:
+        if params is not None and (not drifts or target is not None):
             ops, seed = path
-            return ops.noise_pcm_read(w_prog, nu_pair, grid.out_sizes, grid.in_sizes, params, t / self.t_0,
+            return ops.noise_pcm_read(w_prog, target, grid.out_sizes, grid.in_sizes, params, t / self.t_0,
                                       time_factor, self.read_noise_scale,
                                       pair_seeds(seed, Purpose.READ, self.read_noise_scale != 0.0),
-                                      _buffer(out, w_prog.shape))
+                                      pair_seeds(seed, Purpose.DRIFT_NU, drifts), _inplace_buffer(out, w_prog))
+        nu_pair = None
+        if drifts:
+            nu_pair = stored if stored is not None else self.draw_drift_exponents(target, grid, draw)
+            nu_pair = nu_pair.detach().to(device=w_prog.device, dtype=torch.float32).contiguous()
         scale = conductance_scale(w_prog, grid, self.g_max)
         nu = [None, None] if nu_pair is None else [nu_pair[0], nu_pair[1]]
         xi = pair_normals(draw, Purpose.READ, w_prog, self.read_noise_scale != 0.0)
-        out = torch.empty_like(w_prog)
+        result = _inplace_buffer(out, w_prog)
+        result = torch.empty_like(w_prog) if result is None else result
 
         def chunk(w, s, nu_plus, nu_minus, xi_plus, xi_minus, result):
             g_prog, plus = on_device(w, s, self.g_max)      # the off device is 0 and stays 0
@@ -355,7 +404,7 @@ class PCMNoiseModel(DeviceNoiseModel):
                 xi_on = torch.lerp(xi_minus, xi_plus, plus)
                 sigma = self.read_noise_q(g_prog).mul_(time_factor)
                 g_drift = g_drift.abs().mul_(self.read_noise_scale).mul_(sigma).mul_(xi_on).add_(g_drift)
-            signed(plus, g_drift.clamp_min(0.0), s, out=result)
+            signed(plus, g_drift.clamp_min(0.0), s, out=result)  # w's chunk is fully read by now (in place)
 
-        elementwise(chunk, [w_prog, scale, *nu, *xi, out])
-        return out
+        elementwise(chunk, [w_prog, scale, *nu, *xi, result])
+        return result

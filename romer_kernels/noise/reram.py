@@ -27,6 +27,7 @@ from romer_kernels.config.device_noise import RERAM_WAN2022_COEFF, ReRamWan2022N
 from romer_kernels.config.tiling import TileGrid
 from romer_kernels.noise.base import DeviceNoiseModel, Draw, ProgrammedWeights
 from romer_kernels.noise.pcm import (
+    _inplace_buffer,
     check_time,
     conductance_scale,
     elementwise,
@@ -65,45 +66,70 @@ class ReRamWan2022NoiseModel(DeviceNoiseModel):
         sigma = polynomial(g_target / self.g_max, RERAM_WAN2022_COEFF[t])
         return sigma.mul_(self.g_max / self.coeff_g_max_reference).mul_(self.noise_scale)
 
-    def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw) -> ProgrammedWeights:
+    def program(self, w_target: torch.Tensor, grid: TileGrid, draw: Draw, out: torch.Tensor | None = None,
+                with_drift_exponents: bool = True) -> ProgrammedWeights:
         """``g_P = max(0, g_T + noise_scale * sigma_1s(g_T) * xi)`` per device (aihwkit uses its smallest
         key, 1 s), xi from (PROGRAM, slot); the target pair (G+_T, G-_T) is stored in ``drift_nu``
-        (aihwkit's "drift coefficients" of this model)."""
+        (aihwkit's "drift coefficients" of this model) unless ``with_drift_exponents=False`` (a chip keeps
+        no targets: :meth:`read` derives them from ``w_target`` again). ``out``: a float32 tensor to write
+        W_P into."""
         w = w_target.detach().to(torch.float32).contiguous()
         scale = conductance_scale(w, grid, self.g_max)
         xi = pair_normals(draw, Purpose.PROGRAM, w, self.noise_scale != 0.0)
         t = min(self.fitted_times)
         sigma_off = self.sigma(torch.zeros(1), t).item()
-        weights = torch.empty_like(w)
-        targets = torch.empty((2, *w.shape), dtype=torch.float32, device=w.device)
+        weights = _inplace_buffer(out, w)
+        weights = torch.empty_like(w) if weights is None or weights.data_ptr() == w.data_ptr() else weights
+        targets = torch.empty((2, *w.shape), dtype=torch.float32, device=w.device) if with_drift_exponents else None
 
         def chunk(w, s, xi_plus, xi_minus, out_w, out_target_plus, out_target_minus):
             a, plus = on_device(w, s, self.g_max)
-            route(plus, a, torch.zeros_like(a), out=(out_target_plus, out_target_minus))
+            if out_target_plus is not None:
+                route(plus, a, torch.zeros_like(a), out=(out_target_plus, out_target_minus))
             g_plus, g_minus = sample_pair(a, plus, xi_plus, xi_minus, lambda g: self.sigma(g, t), sigma_off)
             torch.sub(g_plus, g_minus, out=out_w).div_(s)
 
-        elementwise(chunk, [w, scale, *xi, weights, targets[0], targets[1]])
+        target_out = [None, None] if targets is None else [targets[0], targets[1]]
+        elementwise(chunk, [w, scale, *xi, weights, *target_out])
         return ProgrammedWeights(weights, targets)
 
-    def read(self, programmed: ProgrammedWeights, t_inference: float, grid: TileGrid, draw: Draw) -> torch.Tensor:
-        """``g = max(0, g_T + noise_scale * sigma_t(g_T) * xi)`` per device around the stored targets, xi
-        from (READ, slot), converted back with the scale s' of the programmed tile (as aihwkit's
-        ``apply_drift_noise``): ``W = (G+ - G-) / s'``."""
+    def target_pair(self, w_target: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+        """[2, *shape] target conductances (G+_T, G-_T) of ``w_target``, as :meth:`program` stores them."""
+        w = w_target.detach().to(torch.float32).contiguous()
+        scale = conductance_scale(w, grid, self.g_max)
+        targets = torch.empty((2, *w.shape), dtype=torch.float32, device=w.device)
+
+        def chunk(w, s, out_plus, out_minus):
+            a, plus = on_device(w, s, self.g_max)
+            route(plus, a, torch.zeros_like(a), out=(out_plus, out_minus))
+
+        elementwise(chunk, [w, scale, targets[0], targets[1]])
+        return targets
+
+    def read(self, programmed: ProgrammedWeights, t_inference: float, grid: TileGrid, draw: Draw,
+             out: torch.Tensor | None = None, w_target: torch.Tensor | None = None) -> torch.Tensor:
+        """``g = max(0, g_T + noise_scale * sigma_t(g_T) * xi)`` per device around the targets (stored, or
+        derived from ``w_target``), xi from (READ, slot), converted back with the scale s' of the
+        programmed tile (as aihwkit's ``apply_drift_noise``): ``W = (G+ - G-) / s'``. ``out`` may be
+        ``programmed.weights`` (in place)."""
         t = check_time(t_inference)
         if t not in RERAM_WAN2022_COEFF:
             times = ", ".join(f"{time:g} s" for time in self.fitted_times)
             raise ValueError(f"ReRamWan2022 noise is fitted only at t_inference in ({times}), i.e. "
                              f"1 s, 1 day, 2 days; got {t_inference!r}")
         targets = programmed.drift_nu
+        if targets is None and w_target is not None:
+            targets = self.target_pair(w_target, grid)
         if targets is None or tuple(targets.shape) != (2, *programmed.weights.shape):
-            raise ValueError("ReRamWan2022NoiseModel.read needs the target conductances stored by its program()")
+            raise ValueError("ReRamWan2022NoiseModel.read needs the target conductances: stored by its program() "
+                             "or derived from w_target")
         w_prog = programmed.weights.detach().to(torch.float32).contiguous()
         targets = targets.detach().to(device=w_prog.device, dtype=torch.float32).contiguous()
         scale = conductance_scale(w_prog, grid, self.g_max)   # aihwkit converts back with the W_P scale
         xi = pair_normals(draw, Purpose.READ, w_prog, self.noise_scale != 0.0)
         sigma_off = self.sigma(torch.zeros(1), t).item()
-        out = torch.empty_like(w_prog)
+        result = _inplace_buffer(out, w_prog)
+        result = torch.empty_like(w_prog) if result is None else result
 
         def chunk(s, target_plus, target_minus, xi_plus, xi_minus, result):
             plus = torch.gt(target_plus, 0.0, out=torch.empty_like(target_plus))  # G+ holds the weight
@@ -111,5 +137,5 @@ class ReRamWan2022NoiseModel(DeviceNoiseModel):
             g_plus, g_minus = sample_pair(a, plus, xi_plus, xi_minus, lambda g: self.sigma(g, t), sigma_off)
             torch.sub(g_plus, g_minus, out=result).div_(s)
 
-        elementwise(chunk, [scale, targets[0], targets[1], *xi, out])
-        return out
+        elementwise(chunk, [scale, targets[0], targets[1], *xi, result])
+        return result

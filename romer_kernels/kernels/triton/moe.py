@@ -17,6 +17,7 @@ import torch
 
 from romer_kernels.config.analog import IOConfig
 from romer_kernels.config.tiling import TileGrid
+from romer_kernels.kernels.reference import stacked_expert_tiles
 from romer_kernels.kernels.triton._kernel import Blocks, run
 from romer_kernels.kernels.triton.mvm import check_grid, stream_seed_table
 
@@ -82,7 +83,7 @@ def moe_experts_triton(
     """Routed analog experts: ``hidden`` [M, H], ``top_k_index``/``top_k_weights`` [M, k] -> [M, H] float32.
 
     ``gate_up`` [E, T1, 2I, n1max] / ``gate_up_scale`` [E, T1, 2I]: each expert's gate_up tile weights
-    (``AnalogMatrix._split``, gate rows first) and digital scales (``_out_scale``) on ``grid_gate_up``
+    (``reference.split_weight`` of ``chip.state``, gate rows first) and digital scales (``chip.out_scale``) on ``grid_gate_up``
     (2I x H); ``down`` [E, T2, H, n2max] / ``down_scale`` [E, T2, H] on ``grid_down`` (H x I).
     ``seeds_gate_up`` / ``seeds_down``: int64 [E, 3, R] Philox keys of (INP_NOISE, W_NOISE, OUT_NOISE)
     per bound-management round r < R of each expert's chip for this call (:func:`stream_seed_table`
@@ -137,8 +138,7 @@ def analog_experts_arguments(experts, call_index: int) -> dict:
     gate_up, down = experts.gate_up, experts.down
     noisy = gate_up[0].mvm_noise
     return dict(
-        gate_up=torch.stack([m._split for m in gate_up]), gate_up_scale=torch.stack([m._out_scale for m in gate_up]),
-        down=torch.stack([m._split for m in down]), down_scale=torch.stack([m._out_scale for m in down]),
+        **stacked_expert_tiles([m.chip for m in gate_up], [m.chip for m in down], torch.device("cpu")),
         grid_gate_up=gate_up[0].chip.grid, grid_down=down[0].chip.grid, io=io,
         seeds_gate_up=stream_seed_table([m.chip.mvm_stream(call_index) for m in gate_up], io) if noisy else None,
         seeds_down=stream_seed_table([m.chip.mvm_stream(call_index) for m in down], io) if noisy else None,

@@ -7,7 +7,7 @@ import torch
 
 from romer_kernels.config.analog import IOConfig
 from romer_kernels.config.tiling import TileGrid
-from romer_kernels.kernels.reference import StreamSeed
+from romer_kernels.kernels.reference import StreamSeed, split_weight
 from romer_kernels.kernels.triton._kernel import Blocks, bm_rounds, run
 from romer_kernels.rng import Purpose
 
@@ -50,29 +50,30 @@ def check_grid(split_w: torch.Tensor, out_scale: torch.Tensor, grid: TileGrid, i
 
 def analog_linear_triton(
     x: torch.Tensor,
-    split_w: torch.Tensor,
+    tile_weight: torch.Tensor,
     out_scale: torch.Tensor,
     bias: torch.Tensor | None,
     grid: TileGrid,
     io: IOConfig,
     stream_seed: StreamSeed | None,
-    abs_split_w: torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
     *,
     blocks: Blocks | None = None,
 ) -> torch.Tensor:
     """``reference.analog_linear`` on the Triton kernel: ``x`` [B, in] -> [B, out] float32 on x's device.
 
-    ``split_w`` [n_in_tiles, out, n_max] tile weights, ``out_scale`` [n_in_tiles, out], ``bias`` [out] or
-    None, ``stream_seed(purpose, bm_round)`` the per-MVM Philox keys (None: no per-MVM noise), ``row_ids``
-    [B] token ids of the rows in the noise streams (default 0..B-1). ``abs_split_w`` is accepted for
-    signature compatibility and not read: the kernel takes |w| of the tile weights it loads. Every
-    IOConfig setting is supported, iterative bound management included (one launch per round).
+    ``tile_weight``: the whole [out, in] tile weights (split per input tile for this call: the kernel reads
+    a split layout) or their split [n_in_tiles, out, n_max]; ``out_scale`` [n_in_tiles, out], ``bias``
+    [out] or None, ``stream_seed(purpose, bm_round)`` the per-MVM Philox keys (None: no per-MVM noise),
+    ``row_ids`` [B] token ids of the rows in the noise streams (default 0..B-1). The kernel takes |w| of
+    the tile weights it loads. Every IOConfig setting is supported, iterative bound management included
+    (one launch per round).
     """
     device = x.device
     x = x.detach().to(torch.float32).contiguous()
     if x.dim() != 2:
         raise ValueError(f"x must be [B, in], got shape {tuple(x.shape)}")
+    split_w = tile_weight if tile_weight.dim() == 3 else split_weight(tile_weight.to(torch.float32), grid)
     check_grid(split_w, out_scale, grid, x.shape[1])
     batch = x.shape[0]
     rows = torch.arange(batch, device=device) if row_ids is None else row_ids.to(device=device, dtype=torch.int64)

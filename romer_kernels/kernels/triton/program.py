@@ -27,7 +27,7 @@ from romer_kernels.config.tiling import TileGrid
 from romer_kernels.kernels.reference import StreamSeed
 from romer_kernels.kernels.triton._kernel import Blocks, Program, run
 from romer_kernels.kernels.triton.mvm import round_seed_fn
-from romer_kernels.nn.chip import mapped_target, per_input_tile
+from romer_kernels.config.tiling import mapped_target, per_input_tile
 from romer_kernels.noise.pcm import PCMNoiseModel, at_zero, conductance_scale
 from romer_kernels.rng import Purpose
 from romer_kernels.rng.streams import stream_seed as chip_stream_seed
@@ -84,8 +84,8 @@ def analog_linear_programmed_triton(
     """``x`` [B, in] through the chip ``(config, chip_seed, layer_id)`` programmed with the digital
     ``weight`` [out, in], with the programmed weights generated inside the kernel.
 
-    Equals ``analog_linear(x, m._split, m._out_scale, bias, m.chip.grid, config.io, stream_seed,
-    m._abs_split, row_ids)`` for ``m = AnalogMatrix(config, out, in, layer_id, chip_seed)`` after
+    Equals ``analog_linear(x, m.chip.state, m.chip.out_scale, bias, m.chip.grid, config.io, stream_seed,
+    row_ids)`` for ``m = AnalogMatrix(config, out, in, layer_id, chip_seed)`` after
     ``m.program(weight)``, up to float rounding; ``stream_seed`` is the per-MVM key function (e.g.
     ``m.chip.mvm_stream(call_index)``) or None (no per-MVM noise).
     """
