@@ -32,12 +32,15 @@ setup(
     version="0.1.0",
     description="Fast analog in-memory-computing simulation for Mixture-of-Experts language models",
     packages=find_packages(include=["romer_kernels", "romer_kernels.*"]),
-    package_data={"romer_kernels": ["assets/corpus/*", "assets/models/*/*"]},
+    package_data={"romer_kernels": ["assets/corpus/*", "assets/models/*/*", "assets/configs/*.json"]},
     include_package_data=True,
     entry_points={"console_scripts": ["romer = romer_kernels.cli.main:main"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch==2.13.0",
+        # The lowest torch transformers 5 supports (its own floor); the APIs used here (untyped_storage,
+        # aminmax, the C++ extension API) are older. Tested with 2.13.0, which requirements.txt pins for
+        # `make` (an unpinned torch pulls a multi-GB CUDA build on this CPU machine).
+        "torch>=2.6",
         "numpy",
         "transformers>=5,<6",
         "safetensors",

@@ -173,6 +173,15 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    if args.memory:
+        return _info_memory(args)
+    given = [flag for flag, value in (("--dtype", args.dtype), ("--state-dtype", args.state_dtype),
+                                      ("--device", args.device), ("--fit", args.fit), ("--tokens", args.tokens))
+             if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to the memory estimate: "
+                         "add --memory")
+
     from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
     from romer_kernels.moe.convert import analogize_, placement_report  # noqa: PLC0415
 
@@ -189,6 +198,20 @@ def _info(args: argparse.Namespace) -> int:
         analog_params += row.parameters if row.kind.startswith("analog") else 0
     console.print(table)
     console.print(f"{analog_params:,} of {total:,} linear parameters analog, {tiles} tiles")
+    return 0
+
+
+def _info_memory(args: argparse.Namespace) -> int:
+    """romer info --memory: the memory estimate from the model's config on the meta device (no weights)."""
+    from romer_kernels.evaluation.memory import estimate_memory, parse_size  # noqa: PLC0415
+
+    limit = parse_size(args.fit) if args.fit is not None else None  # a bad size fails before any work
+    estimate = estimate_memory(args.model, args.preset, _placement(args), weight_dtype=args.dtype or "float32",
+                               state_dtype=args.state_dtype, device=args.device or "cpu",
+                               tokens=2048 if args.tokens is None else args.tokens)
+    print(estimate.table())
+    if limit is not None:
+        print(estimate.fit_line(args.fit))
     return 0
 
 
@@ -252,10 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_arguments(compare, "")
     compare.set_defaults(func=_compare, seeds=5, scales=[1.0, 2.0])
 
-    info = commands.add_parser("info", help="print which modules of a model are analog")
-    info.add_argument("--model", default=DEFAULT_MODEL)
+    info = commands.add_parser("info", help="print which modules of a model are analog, or (--memory) the memory "
+                                            "it needs")
+    info.add_argument("--model", default=DEFAULT_MODEL, help="bundled model or config name (e.g. olmoe-1b-7b), local "
+                      "folder, config.json file (--memory) or hub id")
     info.add_argument("--preset", default="rasch2023", choices=list(PRESETS))
     info.add_argument("--placement", help="JSON file with a Placement")
+    info.add_argument("--memory", action="store_true", help="estimate memory from the config alone (meta device, "
+                      "no weights loaded) instead of listing the placement")
+    info.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                      help="--memory: dtype of the digital weights (default float32)")
+    info.add_argument("--state-dtype", choices=["float32", "bfloat16", "float16"],
+                      help="--memory: dtype of the chip state (default: the preset's, float32)")
+    info.add_argument("--device", choices=["cpu", "cuda"], help="--memory: where the chips run (default cpu; cuda = "
+                      "the GPU path's design, chips programmed on the fly)")
+    info.add_argument("--fit", metavar="SIZE", help="--memory: say whether it fits in SIZE, e.g. 80GB (1e9 B), "
+                      "141GiB (2**30 B), 512MB")
+    info.add_argument("--tokens", type=int, help="--memory: tokens per forward for the activations (default 2048)")
     info.set_defaults(func=_info)
 
     layers = commands.add_parser("layers", help="error and speed of one analog layer under each preset")

@@ -7,8 +7,9 @@ number comes from the keyed Philox streams. So ``LayerChip`` keeps only what its
   programmed weights W_P after :meth:`LayerChip.program`, the read (drifted, read-noisy) weights after
   :meth:`LayerChip.drift`. The chip owns it and writes it in place at every program and drift; callers get
   it as a read-only view by contract (``snapshot()`` gives a copy that later calls never touch).
-* small per-column vectors ``[n_in_tiles, out]``: the weight scaling, the drift-compensation baseline and
-  the resulting digital scale of every input tile's partial output (``out_scale``).
+* small per-column vectors ``[n_in_tiles, out]`` float32: the drift-compensation baseline and the digital
+  scale of every input tile's partial output (``out_scale``: weight scaling x compensation x io.out_scale).
+  The weight scaling itself is recomputed from the digital weights when needed (one reduction pass).
 
 Drift exponents, programming noise and ReRAM target conductances are never stored: a drift draws them
 again from the digital weights and the programming streams (same values, see romer_kernels/noise/base.py).
@@ -57,7 +58,6 @@ class LayerChip:
         self.seed: int | None = None
         self.state: torch.Tensor | None = None       # [out, in] tile units: owned by the chip, written in place
         self.state_is_programmed = False             # state holds W_P (not yet read at any time)
-        self.scales: torch.Tensor | None = None      # [n_in_tiles, out] weight scaling s
         self.baseline: torch.Tensor | None = None    # [n_in_tiles, out] drift-compensation readout at t=0
         self.out_scale: torch.Tensor | None = None   # [n_in_tiles, out] digital factor of each partial output
         self.drift_calls = 0
@@ -121,15 +121,14 @@ class LayerChip:
         """Program the digital ``weight`` with chip ``seed``: ``state`` = W_P, baseline readout, out_scale."""
         self.seed = seed
         self.drift_calls = 0
-        target, self.scales = self._target(weight)
+        target, scales = self._target(weight)
         work = self._working_buffer()
         values = self._store(work, self._programmed_into(work, target))
         self.state_is_programmed = True
-        del target
         self.baseline = None
         if self.config.drift_compensation.kind != "none":
             self.baseline = self.readout(values, mvm_noise)
-        self.out_scale = self._out_scale(values, mvm_noise)
+        self.out_scale = self._out_scale(values, scales, mvm_noise)
 
     def drift(self, weight: torch.Tensor, t_inference: float, mvm_noise: bool, drift_index: int | None = None) -> None:
         """``state`` = the weights ``t_inference`` seconds after programming, with the read noise of drift
@@ -141,10 +140,10 @@ class LayerChip:
             raise ValueError(f"t_inference must be a finite time in seconds >= 0, got {t_inference}")
         index = self.drift_calls if drift_index is None else drift_index
         self.drift_calls = index + 1
+        target, scales = self._target(weight)
         if self.noise_model is None:
             values = self.state if self.state.dtype == torch.float32 else self.state.float()
         else:
-            target, _ = self._target(weight)
             work = self._working_buffer()
             if work is not self.state or not self.state_is_programmed:
                 programmed = self._programmed_into(work, target)  # W_P again, from the programming streams
@@ -152,10 +151,9 @@ class LayerChip:
                     work.copy_(programmed)
             result = self.noise_model.read(ProgrammedWeights(work), float(t_inference), self.grid,
                                            self._draw(drift_index=index), out=work, w_target=target)
-            del target
             values = self._store(work, result)
             self.state_is_programmed = False
-        self.out_scale = self._out_scale(values, mvm_noise, readout_index=index + 1)
+        self.out_scale = self._out_scale(values, scales, mvm_noise, readout_index=index + 1)
         self.version += 1
 
     # -- drift compensation ---------------------------------------------------------------------
@@ -175,8 +173,9 @@ class LayerChip:
             tile_mean[:, rows] = column_mean[:, rows].mean(dim=1, keepdim=True)
         return tile_mean.clamp_min(1e-4)
 
-    def _out_scale(self, tile_weight: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
-        scale = self.scales * self.config.io.out_scale
+    def _out_scale(self, tile_weight: torch.Tensor, scales: torch.Tensor, mvm_noise: bool,
+                   readout_index: int = 0) -> torch.Tensor:
+        scale = scales * self.config.io.out_scale
         if self.baseline is not None and readout_index > 0:
             scale = scale * (self.baseline / self.readout(tile_weight, mvm_noise, readout_index))
         return scale
