@@ -21,6 +21,7 @@ from torch import nn
 from romer_kernels.methods.romer import MoELayer, ReplicaDispatch, _noise_counters, calibration_pass, moe_layers
 from romer_kernels.nn.analog_experts import AnalogExperts
 from romer_kernels.nn.analog_matrix import AnalogMatrix
+from romer_kernels.moe.convert import require_digital_weights
 
 IMPORTANCE = ("wanda", "ablation")
 
@@ -294,6 +295,7 @@ class RQReport:
 def replicate_quantize_(model: nn.Module, calib_ids: torch.Tensor, config: RQConfig | None = None) -> RQReport:
     """Replicate-and-Quantize in place on a converted model; returns the report (LIS of the crossbar
     slots before and after on the calibration set). Raises if a layer's budget cannot be kept."""
+    require_digital_weights(model, "Replicate-and-Quantize")
     config = config or RQConfig()
     calib_ids = torch.as_tensor(calib_ids)
     if calib_ids.dim() == 1:

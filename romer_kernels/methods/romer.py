@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from romer_kernels.moe.convert import require_digital_weights
 from romer_kernels.moe.routing import load_imbalance_score, summarize, trace_routing
 from romer_kernels.nn.analog_experts import AnalogExperts
 from romer_kernels.nn.analog_matrix import AnalogMatrix
@@ -404,6 +405,7 @@ def apply_replacement_(layer: MoELayer, replaced: dict[int, int], mode: str = "a
 def replace_experts_(model: nn.Module, calib_ids: torch.Tensor | None = None, config: RomerConfig | None = None,
                      stats: dict[str, LayerStats] | None = None) -> list[Replacement]:
     """Stage 1 on every MoE layer; returns what was replaced (layers with no cold expert are untouched)."""
+    require_digital_weights(model, "ROMER expert replacement")
     config = config or RomerConfig()
     if stats is None:
         if calib_ids is None:

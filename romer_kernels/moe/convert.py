@@ -129,14 +129,29 @@ def categorize(name: str, module: nn.Module) -> str:
 
 
 def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, placement: Placement | None = None,
-               *, seed: int = 0, mvm_noise: bool = True) -> nn.Module:
+               *, seed: int = 0, mvm_noise: bool = True, t_inference: float | None = None,
+               keep_digital: bool = True) -> nn.Module:
     """Convert ``model`` in place to analog hardware; returns the model.
 
     ``config``: an ``AnalogConfig`` or a preset name. ``placement``: which modules are analog
-    (``Placement()`` by default). Raises ``ValueError`` if nothing was converted, or if a digital
-    override names a module that does not exist.
+    (``Placement()`` by default). The analog layers wrap the model's own parameters (no copy, dtype
+    kept). Chip state after the call: with ``t_inference=None`` nothing is programmed yet -- each chip is
+    programmed with ``seed`` at its first forward (or by ``program_analog_``) and stays at t = 0 (no
+    drift) until ``drift_analog_``; with ``t_inference`` every chip is programmed and drifted to that
+    time during the conversion, one layer at a time.
+
+    ``keep_digital=False`` frees the digital weights of the analog layers right after their chips are
+    programmed (and drifted, with ``t_inference``), layer by layer, so the model then holds about one
+    weight copy (the chips) instead of two; the chips are fixed from then on: ``program_analog_`` /
+    ``drift_analog_`` and methods that read digital weights raise. Routers keep their (small) digital
+    weights; fused experts with digital experts cannot drop theirs (``NotImplementedError``).
+
+    Raises ``ValueError`` if nothing was converted, or if a digital override names a module that does
+    not exist.
     """
     config = resolve_config(config)
+    if t_inference is not None and not (float(t_inference) >= 0 and float(t_inference) != float("inf")):
+        raise ValueError(f"t_inference must be a finite time in seconds >= 0 or None, got {t_inference!r}")
     placement = placement or Placement()
     if any(isinstance(m, AnalogModule) for m in model.modules()):
         raise ValueError("model is already analog; convert a fresh copy")
@@ -145,9 +160,21 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
     if missing:
         raise ValueError(f"Placement.digital_experts names unknown module(s): {', '.join(missing)}")
 
+    def finish(analog: AnalogModule) -> None:
+        if t_inference is not None:
+            analog.program_(seed).drift_(float(t_inference))
+        if not keep_digital:
+            analog.drop_digital_()
+
     converted = 0
-    for name, module in list(model.named_modules()):
+    # Names, not modules: a list of modules would keep every replaced module (and its weights) alive
+    # until the loop ends.
+    for name in [name for name, _ in model.named_modules()]:
         if not name or placement.is_digital(name):
+            continue
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # inside a module converted earlier in the loop
             continue
         category = categorize(name, module)
         if not getattr(placement, category):
@@ -158,21 +185,28 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
             analog = AnalogExperts.from_experts(module, config, name=name, seed=seed, mvm_noise=mvm_noise,
                                                 digital_experts=placement.digital_experts.get(name, ()))
             setattr(owner, child, analog)
+            del module
+            finish(analog)
             converted += 1
         elif isinstance(module, nn.Linear):
             match = _EXPERT_LINEAR.search(name + ".")
             if match and _expert_is_digital(name, match, placement):
                 continue
-            setattr(owner, child, AnalogLinear.from_linear(module, config, seed=seed, layer_id=name, mvm_noise=mvm_noise))
+            analog = AnalogLinear.from_linear(module, config, seed=seed, layer_id=name, mvm_noise=mvm_noise, copy=False)
+            setattr(owner, child, analog)
+            del module
+            finish(analog)
             converted += 1
         elif category == "router":
             make_router_analog(module, config, name=name, seed=seed, mvm_noise=mvm_noise)
+            if t_inference is not None:
+                module.analog.program_(seed).drift_(float(t_inference))
             converted += 1
     if converted == 0:
         raise ValueError(f"nothing in {type(model).__name__} was converted: no module matches the placement")
     # remembered so that save_analog() can write how to rebuild the same analog model
     model.romer_conversion = {"config": config.to_dict(), "placement": placement.to_dict(), "seed": seed,
-                              "mvm_noise": mvm_noise}
+                              "mvm_noise": mvm_noise, "keep_digital": keep_digital}
     return model
 
 
@@ -214,3 +248,11 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
 
 def _own_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def require_digital_weights(model: nn.Module, what: str) -> None:
+    """Raise a clear error when ``what`` (a method that reads digital weights) is applied to a model that
+    dropped them (``analogize_(..., keep_digital=False)``)."""
+    if not getattr(model, "romer_conversion", {}).get("keep_digital", True):
+        raise ValueError(f"{what} reads the digital weights, which this model dropped "
+                         "(analogize_(..., keep_digital=False)); convert with keep_digital=True")

@@ -28,6 +28,9 @@ def save_analog(model: nn.Module, directory: str | Path) -> Path:
     conversion = getattr(model, "romer_conversion", None)
     if conversion is None:
         raise ValueError("save_analog needs a model converted with analogize_ (it has no romer_conversion)")
+    if not conversion.get("keep_digital", True):
+        raise ValueError("save_analog needs the digital weights, which this model dropped "
+                         "(analogize_(..., keep_digital=False)); convert with keep_digital=True to save it")
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} has no save_pretrained; save its state_dict() instead")
     directory = Path(directory)

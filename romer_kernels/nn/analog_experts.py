@@ -33,7 +33,7 @@ from romer_kernels.config.presets import resolve_config
 from romer_kernels.kernels.backends import resolve_backend
 from romer_kernels.kernels.reference import stacked_expert_tiles
 from romer_kernels.nn.analog_matrix import AnalogMatrix, check_seed
-from romer_kernels.nn.base import AnalogModule
+from romer_kernels.nn.base import AnalogModule, meta_parameter
 
 
 # The C++ expert loop runs experts side by side (one thread each) when they average fewer (token, k)
@@ -132,6 +132,19 @@ class AnalogExperts(AnalogModule):
 
     def reset_noise_counter(self) -> None:
         self.forward_calls = 0
+
+    def drop_digital_(self) -> "AnalogExperts":
+        """Free the fused digital weights (every expert's chip is programmed first if nobody did)."""
+        if self.digital_experts or self.extra_experts is not None:
+            raise NotImplementedError(f"{self.name}: digital experts (or expert replicas) compute from the fused "
+                                      "digital weights, which therefore cannot be dropped")
+        for matrix, weight in self._matrices():
+            matrix.ensure_programmed(weight)
+        for matrix, _ in self._matrices():
+            matrix.mark_digital_dropped()
+        self.gate_up_proj = meta_parameter(self.gate_up_proj)
+        self.down_proj = meta_parameter(self.down_proj)
+        return self
 
     def set_mvm_noise(self, enabled: bool) -> None:
         extra = [m for m, _ in self.extra_experts.matrices()] if self.extra_experts is not None else []

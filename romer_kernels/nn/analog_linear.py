@@ -26,7 +26,7 @@ from torch import nn
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.presets import resolve_config
 from romer_kernels.nn.analog_matrix import AnalogMatrix, check_seed
-from romer_kernels.nn.base import AnalogModule
+from romer_kernels.nn.base import AnalogModule, meta_parameter
 
 
 class AnalogLinear(AnalogModule):
@@ -44,6 +44,8 @@ class AnalogLinear(AnalogModule):
         mvm_noise: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        _weight: nn.Parameter | None = None,
+        _bias: nn.Parameter | None = None,
     ) -> None:
         super().__init__()
         if in_features <= 0 or out_features <= 0:
@@ -51,22 +53,33 @@ class AnalogLinear(AnalogModule):
         self.in_features = in_features
         self.out_features = out_features
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+        if _weight is not None:  # wrap existing parameters (in-place conversion: no copy, no init)
+            if tuple(_weight.shape) != (out_features, in_features):
+                raise ValueError(f"_weight has shape {tuple(_weight.shape)}, expected ({out_features}, {in_features})")
+            self.weight = _weight
+            self.bias = _bias if bias else None
+        else:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+            self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
         self.analog = AnalogMatrix(resolve_config(config), out_features, in_features, layer_id, check_seed(seed),
                                    mvm_noise)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: AnalogConfig | str | None = None, *, seed: int = 0,
-                    layer_id: int | str = 0, mvm_noise: bool = True) -> "AnalogLinear":
-        """An analog copy of ``linear`` (weights copied, same device and dtype)."""
+                    layer_id: int | str = 0, mvm_noise: bool = True, copy: bool = True) -> "AnalogLinear":
+        """An analog version of ``linear``, same device and dtype: weights copied (``copy=True``), or
+        ``linear``'s own parameters shared (``copy=False``: what the in-place ``analogize_`` does, so a
+        conversion never holds two copies of a weight)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if not copy:
+            return cls(linear.in_features, linear.out_features, linear.bias is not None, config, seed=seed,
+                       layer_id=layer_id, mvm_noise=mvm_noise, _weight=linear.weight, _bias=linear.bias)
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config, seed=seed,
                     layer_id=layer_id, mvm_noise=mvm_noise, device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
@@ -119,6 +132,13 @@ class AnalogLinear(AnalogModule):
     def drift_(self, t_inference: float) -> "AnalogLinear":
         """Move the chip to ``t_inference`` seconds after programming (drift, new read noise, compensation)."""
         self.analog.drift(self.weight, t_inference)
+        return self
+
+    def drop_digital_(self) -> "AnalogLinear":
+        """Free the digital weight (the bias stays); programs the chip first if nobody did."""
+        self.analog.ensure_programmed(self.weight)
+        self.analog.mark_digital_dropped()
+        self.weight = meta_parameter(self.weight)
         return self
 
     def effective_weight(self) -> torch.Tensor:

@@ -51,6 +51,7 @@ class AnalogMatrix:
         self._pending_restore: tuple[bool, float | None, int] | None = None
         self.backend: str | None = None  # MVM backend of this matrix; None = the process default (see kernels.backends)
         self._device_cache: tuple | None = None  # (device, chip.version, tensors on that device)
+        self.digital_dropped = False  # the module freed the digital weight: the chip is fixed as it is
 
     # -- life cycle -----------------------------------------------------------------------------
     @staticmethod
@@ -58,10 +59,26 @@ class AnalogMatrix:
         return (weight.data_ptr(), weight._version)
 
     def is_programmed(self, weight: torch.Tensor) -> bool:
+        if self.digital_dropped:
+            return True
         return self._version is not None and self._version == self._weight_version(weight)
+
+    def _check_digital(self, what: str) -> None:
+        if self.digital_dropped:
+            when = "t=0" if self.t_inference is None else f"t={self.t_inference:g} s"
+            raise RuntimeError(f"cannot {what} the chip of {self.layer_id!r}: its digital weights were dropped "
+                               f"(analogize_(..., keep_digital=False)), so the chip stays as programmed (seed "
+                               f"{self.seed}, {when}); load the model again to program or drift another chip")
+
+    def mark_digital_dropped(self) -> None:
+        """The owner freed the digital weight: from now on the chip is fixed (program/drift raise)."""
+        if self.chip.state is None:
+            raise RuntimeError(f"{self.layer_id!r}: program the chip before dropping its digital weights")
+        self.digital_dropped = True
 
     def program(self, weight: torch.Tensor, seed: int | None = None) -> None:
         """Program ``weight`` with chip ``seed`` (programming noise, compensation baseline)."""
+        self._check_digital("program")
         if seed is not None:
             self.seed = check_seed(seed)
         self._check_shape(weight)
@@ -73,6 +90,7 @@ class AnalogMatrix:
     def drift(self, weight: torch.Tensor, t_inference: float, drift_index: int | None = None) -> None:
         """Weights ``t_inference`` seconds after programming, with new read noise (or replayed read noise of
         drift call ``drift_index``), and the drift-compensation factors of the simulated readout."""
+        self._check_digital("drift")
         if not self.is_programmed(weight):
             self.program(weight)
         self._device_cache = None

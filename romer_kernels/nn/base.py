@@ -29,3 +29,16 @@ class AnalogModule(nn.Module):
     @abstractmethod
     def num_tiles(self) -> int:
         """Crossbar tiles the module occupies."""
+
+    def drop_digital_(self) -> "AnalogModule":
+        """Free the digital weights of the analog matrices (their chips must be programmed): the module
+        keeps computing with its chips, which can no longer be programmed or drifted again."""
+        raise NotImplementedError(f"{type(self).__name__} cannot drop its digital weights")
+
+
+def meta_parameter(parameter: "nn.Parameter") -> "nn.Parameter":
+    """A parameter of the same shape and dtype on the meta device (no memory): what a dropped digital
+    weight is replaced by, so that module attributes and parameter names stay."""
+    import torch  # noqa: PLC0415
+
+    return nn.Parameter(torch.empty(parameter.shape, dtype=parameter.dtype, device="meta"), requires_grad=False)
