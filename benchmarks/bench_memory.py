@@ -3,6 +3,8 @@
     python -m benchmarks.bench_memory [--layers 1 2] [--presets ...] [--state-dtypes float32 bfloat16]
                                       [--dtype float32|bfloat16] [--tokens 128] [--timeout S] [--json PATH]
     python -m benchmarks.bench_memory --smoke     # shrunken model, every code path, < 1 min
+    python -m benchmarks.bench_memory --layers 16 --dtype bfloat16 --state-dtypes bfloat16 --presets rasch2023 \
+        --streaming                               # the whole OLMoE-1B-7B, digital weights dropped
 
 Every configuration runs in a fresh subprocess (``--worker``), so one run's allocator state and peak RSS
 do not leak into the next, and a child killed for memory or time becomes a table row, not a crash. The
@@ -11,6 +13,10 @@ child builds the digital model (random weights), then ``analogize_`` (everything
 (VmRSS) and seconds after each step, VmHWM at the end, and the bytes held by the analog chips.
 "RSS over digital / param" is (RSS after the step - RSS after building the digital model) / analog
 parameters: the simulation's own memory, per weight it simulates.
+
+``--streaming`` converts with ``analogize_(..., t_inference=3600, keep_digital=False)`` instead: each layer
+is programmed, drifted and freed of its digital weights during the conversion (one step, "convert"), so
+the RSS stays at about one weight copy; that is how a whole model fits this machine.
 """
 from __future__ import annotations
 
@@ -23,11 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-OLMOE_CONFIG = Path("/work/shared/reference/model-configs/olmoe-1b-7b/config.json")
+OLMOE_CONFIG = Path(__file__).resolve().parent.parent / "romer_kernels" / "assets" / "configs" / "olmoe-1b-7b.json"
 SMOKE_DIMS = {"hidden_size": 256, "intermediate_size": 128, "num_experts": 8, "vocab_size": 1000}
 PRESETS = ["aihwkit-default", "rasch2023", "lightning-8bit", "gaussian-chip"]
 STEPS = ["analogize", "program", "drift", "forward 1", "forward 2"]
-CHIP_TARGET_BYTES = {"float32": 4.0, "bfloat16": 2.0, "n/a": 4.0}  # n/a: the chip state is float32
+STREAMING_STEPS = ["convert", "forward 1", "forward 2"]
+CHIP_TARGET_BYTES = {"float32": 4.0, "bfloat16": 2.0}  # the weight-sized state tensor, per analog parameter
 T_INFERENCE = 3600.0
 GIB = 1024 ** 3
 
@@ -39,58 +46,6 @@ def proc_status_bytes(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
-
-
-def has_state_dtype() -> bool:
-    from romer_kernels.config.analog import AnalogConfig  # noqa: PLC0415
-    return "state_dtype" in {f.name for f in dataclasses.fields(AnalogConfig)}
-
-
-def analog_matrices(model):
-    """Every AnalogMatrix of the model, once: AnalogLinear.analog, AnalogExperts.gate_up / .down,
-    AnalogRouter.matrix (found by type in each module's attributes, so new holders are found too)."""
-    from romer_kernels.nn import AnalogMatrix  # noqa: PLC0415
-    seen = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            for item in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(item, AnalogMatrix):
-                    seen[id(item)] = item
-    return list(seen.values())
-
-
-def tensor_storages(obj, found: dict, visited: set) -> None:
-    """Add to ``found`` (storage pointer -> bytes) every tensor reachable through attributes of
-    dataclasses and plain containers; a storage shared by several tensors counts once."""
-    import torch  # noqa: PLC0415
-    if id(obj) in visited:
-        return
-    visited.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        storage = obj.untyped_storage()
-        found[storage.data_ptr()] = storage.nbytes()
-    elif isinstance(obj, (list, tuple, set)):
-        for item in obj:
-            tensor_storages(item, found, visited)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            tensor_storages(item, found, visited)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            tensor_storages(getattr(obj, f.name), found, visited)
-
-
-def chip_bytes(model, matrices) -> tuple[int, str]:
-    """(bytes of every tensor the analog chips hold, where that number comes from)."""
-    try:
-        from romer_kernels.nn import chip_state_bytes  # noqa: PLC0415
-    except ImportError:
-        found, visited = {}, set()
-        for matrix in matrices:
-            tensor_storages(vars(matrix), found, visited)
-            tensor_storages(vars(matrix.chip), found, visited)
-        return sum(found.values()), "fallback walk"
-    return int(chip_state_bytes(model)), "chip_state_bytes"
 
 
 def build_model(layers: int, dtype: str, smoke: bool):
@@ -107,13 +62,11 @@ def worker(spec: dict) -> dict:
     import torch  # noqa: PLC0415
     from romer_kernels import preset  # noqa: PLC0415
     from romer_kernels.moe.convert import Placement, analogize_  # noqa: PLC0415
-    from romer_kernels.nn import drift_analog_, program_analog_  # noqa: PLC0415
+    from romer_kernels.nn import analog_matrices, chip_state_bytes, drift_analog_, program_analog_  # noqa: PLC0415
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    config = preset(spec["preset"])
-    if spec["state_dtype"] != "n/a":
-        config = config.replace(state_dtype=spec["state_dtype"])
+    config = preset(spec["preset"]).replace(state_dtype=spec["state_dtype"])
     result = {"rss": {}, "seconds": {}, "chip_bytes": {}}
     start = time.perf_counter()
     model, vocab = build_model(spec["layers"], spec["dtype"], spec["smoke"])
@@ -126,23 +79,26 @@ def worker(spec: dict) -> dict:
         with torch.no_grad():
             model(input_ids)
 
-    steps = {
-        "analogize": lambda: analogize_(model, config, Placement(), seed=0),
-        "program": lambda: program_analog_(model, seed=1),
-        "drift": lambda: drift_analog_(model, T_INFERENCE),
-        "forward 1": forward,
-        "forward 2": forward,
-    }
-    matrices = None
+    if spec["streaming"]:
+        steps = {"convert": lambda: analogize_(model, config, Placement(), seed=1, t_inference=T_INFERENCE,
+                                               keep_digital=False)}
+    else:
+        steps = {
+            "analogize": lambda: analogize_(model, config, Placement(), seed=0),
+            "program": lambda: program_analog_(model, seed=1),
+            "drift": lambda: drift_analog_(model, T_INFERENCE),
+        }
+    steps.update({"forward 1": forward, "forward 2": forward})
     for name, step in steps.items():
         start = time.perf_counter()
         step()
         result["seconds"][name] = time.perf_counter() - start
         result["rss"][name] = proc_status_bytes("VmRSS")
-        matrices = matrices or analog_matrices(model)
-        result["chip_bytes"][name], result["chip_bytes_source"] = chip_bytes(model, matrices)
+        result["chip_bytes"][name] = chip_state_bytes(model)
         # a child killed later still tells the parent how far it got
         print("STEP " + json.dumps({"step": name, "rss": result["rss"][name]}), flush=True)
+    matrices = list(analog_matrices(model))
+    result["state_bytes"] = sum(m.chip.state.nbytes for m in matrices if m.chip.state is not None)
     result["analog_params"] = sum(m.out_features * m.in_features for m in matrices)
     result["digital_params"] = sum(p.numel() for p in model.parameters())
     result["peak_rss"] = proc_status_bytes("VmHWM")
@@ -186,30 +142,32 @@ def last_step(stdout) -> str | None:
 
 
 def targets(row: dict) -> str:
-    """The run went end to end (the target for 2 layers) and the chip state fits its state dtype's budget."""
+    """The run went end to end (the target for 2 layers) and the one weight-sized state tensor per chip
+    fits its state dtype's budget (the per-column vectors, ~0.02 B/param, are reported beside it)."""
     if row["status"] != "ok":
         return f"no: {row['status']}, last step done: {row.get('last_step') or 'none'}"
-    per_param = row["chip_bytes"]["forward 2"] / row["analog_params"]
+    per_param = row["state_bytes"] / row["analog_params"]
     limit = CHIP_TARGET_BYTES[row["state_dtype"]]
-    return "yes" if per_param <= limit else f"no (chip {per_param:.1f} > {limit:g} B/param)"
+    return "yes" if per_param <= limit else f"no (state {per_param:.2f} > {limit:g} B/param)"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], steps: list[str]) -> str:
     head = (["layers", "preset", "state", "analog params"]
-            + [f"RSS/p {step}" for step in STEPS]
-            + ["peak RSS (GiB)", "chip state (B/param)"]
-            + [f"s {step}" for step in ["build"] + STEPS] + ["child s", "targets met?"])
+            + [f"RSS/p {step}" for step in steps]
+            + ["peak RSS (GiB)", "chip state (B/param)", "of it per-column vectors"]
+            + [f"s {step}" for step in ["build"] + steps] + ["child s", "targets met?"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [str(row["layers"]), row["preset"], row["state_dtype"]]
         if row["status"] == "ok":
             params = row["analog_params"]
+            chip = row["chip_bytes"]["forward 2"]
             cells.append(f"{params / 1e6:.1f} M")
-            cells += [f"{(row['rss'][s] - row['rss']['build']) / params:.2f}" for s in STEPS]
-            cells += [f"{row['peak_rss'] / GIB:.2f}", f"{row['chip_bytes']['forward 2'] / params:.2f}"]
-            cells += [f"{row['seconds'][s]:.1f}" for s in ["build"] + STEPS]
+            cells += [f"{(row['rss'][s] - row['rss']['build']) / params:.2f}" for s in steps]
+            cells += [f"{row['peak_rss'] / GIB:.2f}", f"{chip / params:.3f}", f"{(chip - row['state_bytes']) / params:.3f}"]
+            cells += [f"{row['seconds'][s]:.1f}" for s in ["build"] + steps]
         else:
-            cells += ["-"] * (len(head) - 5)
+            cells += ["-"] * (len(head) - 6)
         cells += [f"{row['child_seconds']:.0f}", targets(row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -226,6 +184,9 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="save the raw numbers here")
     parser.add_argument("--smoke", "--quick", action="store_true",
                         help="shrunken OLMoE (hidden 256, 8 experts x 128, vocab 1000), 2 layers")
+    parser.add_argument("--streaming", action="store_true",
+                        help="analogize_(t_inference=3600, keep_digital=False): program, drift, drop the digital "
+                             "weights layer by layer during the conversion")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # JSON spec of one child run
     args = parser.parse_args(argv)
     if args.worker:
@@ -233,23 +194,24 @@ def main(argv=None):
         return None
 
     layers = [2] if args.smoke else args.layers
-    state_dtypes = args.state_dtypes if has_state_dtype() else ["n/a"]  # field not there yet: float32 only
+    state_dtypes = args.state_dtypes
     rows = []
     for n in layers:
         for name in args.presets:
             for state in state_dtypes:
                 spec = {"layers": n, "preset": name, "state_dtype": state, "dtype": args.dtype,
-                        "tokens": args.tokens, "smoke": args.smoke}
+                        "tokens": args.tokens, "smoke": args.smoke, "streaming": args.streaming}
                 rows.append(run_child(spec, args.timeout))
                 print(f"  {n} layer(s) {name} state {state}: {rows[-1]['status']} "
                       f"in {rows[-1]['child_seconds']:.0f} s", file=sys.stderr, flush=True)
     if args.smoke:  # the killed-child path: the last configuration again, given 0.5 s
         rows.append(run_child(spec, timeout=0.5) | {"preset": f"{spec['preset']} (kill check)"})
     model = "OLMoE-1B-7B shrunk (smoke)" if args.smoke else "OLMoE-1B-7B"
-    print(f"# Memory of the analog simulation: {model}, {args.dtype} digital weights, {args.tokens} tokens\n")
+    mode = ", streaming conversion (digital weights dropped)" if args.streaming else ""
+    print(f"# Memory of the analog simulation: {model}, {args.dtype} digital weights, {args.tokens} tokens{mode}\n")
     print(f"RSS/p: bytes of RSS over the {args.dtype} digital model, per analog parameter, after each step; "
           "chip state after forward 2; s: seconds per step; child s: the whole subprocess.\n")
-    print(table(rows))
+    print(table(rows, STREAMING_STEPS if args.streaming else STEPS))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows

@@ -16,6 +16,8 @@ _EXPORTS = {
     "preset": "romer_kernels.config",
     "AnalogLinear": "romer_kernels.nn",
     "analog_layers": "romer_kernels.nn",
+    "chip_state_bytes": "romer_kernels.nn",
+    "estimate_memory": "romer_kernels.evaluation.memory",
     "drift_analog_": "romer_kernels.nn",
     "program_analog_": "romer_kernels.nn",
     "reset_noise_counters": "romer_kernels.nn",

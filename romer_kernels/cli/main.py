@@ -115,7 +115,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, run_dir: str) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--windows", type=int, default=8, help="at most this many windows per trial (0 = all)")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="dtype of the digital weights; auto = the checkpoint's own (a bfloat16 checkpoint "
+                             "stays bfloat16, with no float32 copy)")
     parser.add_argument("--run-dir", default=run_dir)
 
 

@@ -103,15 +103,16 @@ def input_tile_scales(w: torch.Tensor, grid: TileGrid, mapping: "MappingConfig")
     return torch.where(absmax > 0, absmax / mapping.weight_scaling_omega, torch.ones_like(absmax))
 
 
-def mapped_target(w: torch.Tensor, grid: TileGrid, mapping: "MappingConfig") -> tuple[torch.Tensor, torch.Tensor]:
+def mapped_target(w: torch.Tensor, grid: TileGrid, mapping: "MappingConfig",
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(w / s, s): the weights the tiles are programmed to (tile units) and the digital scale s of every
     crossbar column, [n_in_tiles, out]. Without weight scaling s = 1 and the target is ``w`` itself (no
     pass over the weight); with it, w / s is divided per input tile from the [n_in_tiles, out] scales, the
-    same float32 divisions as with a weight-sized scale tensor, without making one."""
+    same float32 divisions as with a weight-sized scale tensor, without making one, into ``out`` if given."""
     scales = input_tile_scales(w, grid, mapping)
     if mapping.weight_scaling_omega <= 0:
         return w, scales
-    target = torch.empty_like(w)
+    target = torch.empty_like(w) if out is None else out
     for i, cols in enumerate(grid.in_slices()):
         torch.div(w[:, cols], scales[i][:, None], out=target[:, cols])
     return target, scales

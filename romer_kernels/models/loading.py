@@ -31,15 +31,18 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32") -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` in eval mode; errors name the model and say what went wrong."""
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` in eval mode; errors name the model and say what went wrong.
+
+    ``dtype``: "auto" loads the checkpoint in its own dtype, straight from the file (a bfloat16 checkpoint
+    never passes through float32); "float32" / "bfloat16" / "float16" load directly into that dtype."""
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     path = resolve_model_path(name_or_path)
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype, None)
+    if torch_dtype != "auto" and not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except ValueError as error:  # transformers: unrecognized configuration class / model type
