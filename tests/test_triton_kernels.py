@@ -46,6 +46,7 @@ def _on_device(fn, *args, **kwargs):
     out = fn(*(move(a) for a in args), **{k: move(v) for k, v in kwargs.items()})
     return out.cpu()
 OUT, IN, BATCH = 40, 70, 12
+HOUR_S, DAY_S = 3600.0, 86400.0
 
 
 def small_config(name: str, max_out: int = 16, **io_changes) -> AnalogConfig:
@@ -277,3 +278,67 @@ def test_on_the_fly_programming_rejects_other_device_models():
     config = dataclasses.replace(small_config("aihwkit-default"), noise=HermesNoiseConfig())
     with pytest.raises(NotImplementedError, match="hermes"):
         analog_linear_programmed_triton(torch.randn(2, IN), torch.randn(OUT, IN), None, config, 0, "x", None)
+
+
+# ------------------------------------------------------------------------------------------------------
+# on-the-fly chips: no weight-sized state, the whole life cycle (program, drift, readouts) in the kernel
+# ------------------------------------------------------------------------------------------------------
+ON_THE_FLY_CASES = {
+    "pcm-aihwkit-default": presets.aihwkit_default(),
+    "pcm-rasch2023": presets.rasch2023(),
+    "pcm-per-column": dataclasses.replace(presets.aihwkit_default(),
+                                          drift_compensation=DriftCompensationConfig("per_column")),
+    "gaussian-read-noise": dataclasses.replace(presets.gaussian_chip(0.04, 0.02),
+                                               noise=GaussianNoiseConfig(0.04, 0.02, read_sigma=0.01)),
+    "no-noise-lightning": dataclasses.replace(presets.lightning_8bit(), noise=None),
+}
+
+
+@pytest.mark.parametrize("case", list(ON_THE_FLY_CASES))
+def test_on_the_fly_chip_matches_the_stored_chip(case):
+    """An OnTheFlyChip (seed + per-column vectors) gives the stored chip's outputs after programming,
+    after a drift and after a second drift of the same programming, within float rounding."""
+    config = dataclasses.replace(ON_THE_FLY_CASES[case], tile=TileConfig(32, 16))
+    torch.manual_seed(40 + list(ON_THE_FLY_CASES).index(case))
+    weight = torch.randn(OUT, IN) * 0.2
+    x, bias = inputs(seed=3), torch.randn(OUT)
+    row_ids = torch.arange(BATCH) * 2 + 5
+    stored = AnalogMatrix(config, OUT, IN, "otf", seed=11)
+    stored.on_the_fly = False
+    fly = AnalogMatrix(config, OUT, IN, "otf", seed=11)
+    fly.on_the_fly, fly.backend = True, "triton"
+    on_device = weight.to(DEVICE)
+    stored.program(weight)
+    fly.program(on_device)
+    assert fly.chip.state is None and not any(t.numel() >= OUT * IN for t in fly.held_tensors().values())
+    for step, t in enumerate((None, HOUR_S, DAY_S)):
+        if t is not None:
+            stored.drift(weight, t)
+            fly.drift(on_device, t)
+        ref = stored.matmul(x, weight, bias, row_ids, call_index=step, backend="reference")
+        out = fly.matmul(x.to(DEVICE), on_device, bias.to(DEVICE), row_ids.to(DEVICE), call_index=step).cpu()
+        torch.testing.assert_close(fly.chip.out_scale.cpu(), stored.chip.out_scale, rtol=2e-4, atol=1e-6)
+        assert_matches(out, ref, adc_tolerance(x, config.io, stored.chip.out_scale, 3), max_fraction=0.03,
+                       rtol=2e-4, atol=2e-4)
+
+
+def test_on_the_fly_experts_match_the_stored_experts():
+    from romer_kernels.nn.analog_experts import AnalogExperts
+
+    config = dataclasses.replace(presets.aihwkit_default(), tile=TileConfig(32, 16))
+    experts, hidden, inter = 3, 40, 24
+    torch.manual_seed(5)
+    gate_up = torch.nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.2)
+    down = torch.nn.Parameter(torch.randn(experts, hidden, inter) * 0.2)
+    tokens, index, weights = torch.randn(10, hidden), torch.randint(0, experts, (10, 2)), torch.rand(10, 2)
+    outputs = []
+    for on_the_fly in (False, True):
+        module = AnalogExperts(gate_up, down, torch.nn.SiLU(), config, seed=2)
+        module.backend = "triton" if on_the_fly else "reference"
+        for matrix in module.gate_up + module.down:
+            matrix.on_the_fly = on_the_fly
+        module.program_(seed=2).drift_(HOUR_S)
+        outputs.append(module(tokens, index, weights))
+        if on_the_fly:
+            assert all(matrix.chip.state is None for matrix in module.gate_up + module.down)
+    assert_matches(outputs[1], outputs[0], 0.05, max_fraction=0.05, rtol=2e-4, atol=2e-4)

@@ -33,6 +33,7 @@ from romer_kernels.config.presets import resolve_config
 from romer_kernels.kernels.backends import resolve_backend
 from romer_kernels.kernels.reference import stacked_expert_tiles
 from romer_kernels.nn.analog_matrix import AnalogMatrix, check_seed
+from romer_kernels.nn.chip import OnTheFlyChip
 from romer_kernels.nn.base import AnalogModule, meta_parameter
 
 
@@ -239,7 +240,9 @@ class AnalogExperts(AnalogModule):
         self.forward_calls += 1
         backend = resolve_backend(self.backend, hidden_states.device)
         all_analog = not self.digital_experts and self.extra_experts is None
-        if backend == "triton" and all_analog:
+        self._ensure_programmed()
+        on_the_fly = any(isinstance(matrix.chip, OnTheFlyChip) for matrix, _ in self._matrices())
+        if backend == "triton" and all_analog and not on_the_fly:  # the grouped kernel reads stored tiles
             return self._forward_triton(hidden_states, top_k_index, top_k_weights, call_index)
         if backend == "cpp" and all_analog and self.dispatch is None and _is_silu(self.act_fn):
             return self._forward_cpp(hidden_states, top_k_index, top_k_weights, call_index)

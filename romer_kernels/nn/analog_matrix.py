@@ -17,7 +17,7 @@ import torch
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.kernels.backends import analog_linear, resolve_backend
-from romer_kernels.nn.chip import LayerChip
+from romer_kernels.nn.chip import LayerChip, OnTheFlyChip
 
 
 def check_seed(seed: Any) -> int:
@@ -30,8 +30,9 @@ class AnalogMatrix:
     """The simulated chip behind one ``[out_features, in_features]`` weight.
 
     Memory: the chip (``self.chip``) holds one weight-sized tensor, ``chip.state``, and a few
-    ``[n_in_tiles, out]`` vectors; the kernels read ``chip.state`` in place. Only the Triton path keeps a
-    copy on the accelerator (``device_tensors``), until the chip changes.
+    ``[n_in_tiles, out]`` vectors; the kernels read ``chip.state`` in place. With ``on_the_fly`` (the
+    default for CUDA weights on the Triton backend) the chip is an ``OnTheFlyChip``: no weight-sized
+    tensor at all, the kernel generates the chip's weights from the digital ones in every MVM.
     """
 
     def __init__(self, config: AnalogConfig, out_features: int, in_features: int, layer_id: int | str,
@@ -52,6 +53,9 @@ class AnalogMatrix:
         self.backend: str | None = None  # MVM backend of this matrix; None = the process default (see kernels.backends)
         self._device_cache: tuple | None = None  # (device, chip.version, tensors on that device)
         self.digital_dropped = False  # the module freed the digital weight: the chip is fixed as it is
+        # True: OnTheFlyChip (Triton); False: LayerChip (one state tensor); None: on-the-fly for CUDA weights
+        # when the backend resolves to triton. Decided at each program().
+        self.on_the_fly: bool | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
     @staticmethod
@@ -72,6 +76,9 @@ class AnalogMatrix:
 
     def mark_digital_dropped(self) -> None:
         """The owner freed the digital weight: from now on the chip is fixed (program/drift raise)."""
+        if isinstance(self.chip, OnTheFlyChip):
+            raise RuntimeError(f"{self.layer_id!r}: an on-the-fly chip computes from the digital weights, which "
+                               "therefore cannot be dropped")
         if self.chip.state is None:
             raise RuntimeError(f"{self.layer_id!r}: program the chip before dropping its digital weights")
         self.digital_dropped = True
@@ -83,6 +90,7 @@ class AnalogMatrix:
             self.seed = check_seed(seed)
         self._check_shape(weight)
         self._device_cache = None
+        self._select_chip(weight)
         self.chip.program(weight, self.seed, self.mvm_noise)
         self.t_inference = None
         self._version = self._weight_version(weight)
@@ -111,6 +119,14 @@ class AnalogMatrix:
     def last_drift_index(self) -> int:
         return max(self.chip.drift_calls - 1, 0)
 
+    def _select_chip(self, weight: torch.Tensor) -> None:
+        on_the_fly = self.on_the_fly
+        if on_the_fly is None:
+            on_the_fly = weight.device.type == "cuda" and resolve_backend(self.backend, weight.device) == "triton"
+        wanted = OnTheFlyChip if on_the_fly else LayerChip
+        if type(self.chip) is not wanted:
+            self.chip = wanted(self.config, self.out_features, self.in_features, self.layer_id)
+
     def _check_shape(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit an analog matrix of "
@@ -133,6 +149,10 @@ class AnalogMatrix:
             call_index = self.forward_calls
             self.forward_calls += 1
         streams = self.chip.mvm_stream(call_index) if self.mvm_noise else None
+        if isinstance(self.chip, OnTheFlyChip):
+            with torch.no_grad():
+                y = self.chip.matmul(x.detach().to(weight.device), weight, bias, streams, row_ids)
+            return y.to(x.device)
         backend = resolve_backend(backend or self.backend, x.device)
         device = x.device if backend == "triton" else torch.device("cpu")
         tile_weight, out_scale = self.device_tensors(device)
@@ -157,6 +177,9 @@ class AnalogMatrix:
         """[out, in] weights the chip realises in digital units (tile weights x weight scaling x drift
         compensation x out_scale): what the layer computes with perfect periphery."""
         self.ensure_programmed(weight)
+        if isinstance(self.chip, OnTheFlyChip):
+            raise NotImplementedError(f"{self.layer_id!r}: an on-the-fly chip keeps no weights to return; program it "
+                                      "with on_the_fly=False to inspect them")
         state, out_scale = self.chip.state, self.chip.out_scale
         return torch.cat([state[:, cols].float() * out_scale[i][:, None]
                           for i, cols in enumerate(self.chip.grid.in_slices())], dim=1)

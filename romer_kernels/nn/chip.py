@@ -19,6 +19,7 @@ or the digital weights are not float32) and, for a bfloat16/float16 state, one f
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -69,6 +70,17 @@ class ChipScratch:
 
 
 SCRATCH = ChipScratch()
+
+
+def compensation_readout(column_mean: torch.Tensor, grid: TileGrid, kind: str) -> torch.Tensor:
+    """The readout value per crossbar column (per_column) or per tile (global) from the mean |output| of
+    each column [T, out], clamped at 1e-4 as aihwkit does."""
+    if kind == "per_column":
+        return column_mean.clamp_min(1e-4)
+    tile_mean = torch.empty_like(column_mean)
+    for rows in grid.out_slices():
+        tile_mean[:, rows] = column_mean[:, rows].mean(dim=1, keepdim=True)
+    return tile_mean.clamp_min(1e-4)
 
 
 @functools.lru_cache(maxsize=16)
@@ -208,12 +220,7 @@ class LayerChip:
         seeds = self.mvm_stream(readout_index, readout=True) if mvm_noise else None
         probes = readout_probes(tuple(grid.in_sizes))
         column_mean = readout_column_mean(tile_weight, grid, self.config.io, seeds, probes)  # [T, out]
-        if self.config.drift_compensation.kind == "per_column":
-            return column_mean.clamp_min(1e-4)
-        tile_mean = torch.empty_like(column_mean)
-        for rows in grid.out_slices():
-            tile_mean[:, rows] = column_mean[:, rows].mean(dim=1, keepdim=True)
-        return tile_mean.clamp_min(1e-4)
+        return compensation_readout(column_mean, grid, self.config.drift_compensation.kind)
 
     def _out_scale(self, tile_weight: torch.Tensor, scales: torch.Tensor, mvm_noise: bool,
                    readout_index: int = 0) -> torch.Tensor:
@@ -221,3 +228,96 @@ class LayerChip:
         if self.baseline is not None and readout_index > 0:
             scale = scale * (self.baseline / self.readout(tile_weight, mvm_noise, readout_index))
         return scale
+
+
+class OnTheFlyChip:
+    """A chip with no weight-sized tensor at all: the Triton kernel generates its weights from the digital
+    weights and the chip's streams inside every MVM (programming noise, and after a drift the read step:
+    re-conversion, drift exponents drawn again, 1/f read noise; romer_kernels/kernels/triton/program.py).
+
+    It holds only [n_in_tiles, out] vectors: the per-column scales of the programming plan, the
+    re-conversion scales of the read step, the compensation baseline and ``out_scale``. Same interface as
+    ``LayerChip`` (``state`` is None). The readout runs the same kernel on one-hot probes. Supported device
+    models: none, Gaussian and PCM (the on-the-fly programming's); others raise NotImplementedError.
+    Results equal ``LayerChip``'s within float rounding (Triton's ln / exp / normals vs the C++ ones).
+    """
+
+    state = None
+    state_is_programmed = False
+
+    def __init__(self, config: AnalogConfig, out_features: int, in_features: int, layer_id: int | str):
+        self.config = config
+        self.layer_id = layer_id
+        self.grid = TileGrid(out_features, in_features, config.tile.max_input_size, config.tile.max_output_size)
+        self.seed: int | None = None
+        self.drift_calls = 0
+        self.version = 0
+        self.baseline: torch.Tensor | None = None
+        self.out_scale: torch.Tensor | None = None
+        self._base_scale: torch.Tensor | None = None   # weight scaling x io.out_scale, [T, out]
+        self._plan = None                              # kernels.triton Program, its weight left out
+        self._key: tuple[int, int] | None = None
+
+    mvm_stream = LayerChip.mvm_stream
+
+    @staticmethod
+    def _weight32(weight: torch.Tensor) -> torch.Tensor:
+        return weight.detach().to(torch.float32).contiguous()   # a copy only for a non-float32 weight
+
+    def _with_weight(self, weight: torch.Tensor):
+        return dataclasses.replace(self._plan, weight=self._weight32(weight))
+
+    def _keep(self, plan) -> None:
+        self._plan = dataclasses.replace(plan, weight=torch.empty(0, device=plan.weight.device))
+        self.version += 1
+
+    def program(self, weight: torch.Tensor, seed: int, mvm_noise: bool) -> None:
+        from romer_kernels.kernels.triton.program import program_plan  # noqa: PLC0415  (needs triton)
+
+        self.seed = seed
+        self.drift_calls = 0
+        plan, self._base_scale = program_plan(self._weight32(weight), self.config, seed, self.layer_id, self.grid)
+        self._keep(plan)
+        self.baseline = None
+        if self.config.drift_compensation.kind != "none":
+            self.baseline = self.readout(weight, mvm_noise)
+        self.out_scale = self._base_scale
+
+    def drift(self, weight: torch.Tensor, t_inference: float, mvm_noise: bool, drift_index: int | None = None) -> None:
+        from romer_kernels.kernels.triton.program import with_read  # noqa: PLC0415
+
+        if self._plan is None:
+            raise RuntimeError("drift needs a programmed chip: call program first")
+        if not t_inference >= 0 or t_inference == float("inf"):
+            raise ValueError(f"t_inference must be a finite time in seconds >= 0, got {t_inference}")
+        index = self.drift_calls if drift_index is None else drift_index
+        self.drift_calls = index + 1
+        self._keep(with_read(self._with_weight(weight), self.config, self.seed, self.layer_id, self.grid,
+                             float(t_inference), index))
+        scale = self._base_scale
+        if self.baseline is not None:
+            scale = scale * (self.baseline / self.readout(weight, mvm_noise, index + 1))
+        self.out_scale = scale
+
+    def readout(self, weight: torch.Tensor, mvm_noise: bool, readout_index: int = 0) -> torch.Tensor:
+        """LayerChip.readout through the on-the-fly kernel: per-tile outputs of the one-hot probes."""
+        from romer_kernels.kernels.triton.program import programmed_linear  # noqa: PLC0415
+
+        grid = self.grid
+        plan = self._with_weight(weight)
+        device = plan.weight.device
+        probes = readout_probes(tuple(grid.in_sizes)).to(device)
+        seeds = self.mvm_stream(readout_index, readout=True) if mvm_noise else None
+        ones = torch.ones(len(grid.in_sizes), grid.out_features, device=device)
+        part = programmed_linear(probes, plan, ones, None, grid, self.config.io, seeds, partial=True)
+        sizes = torch.tensor(grid.in_sizes, device=device)
+        valid = (torch.arange(probes.shape[0], device=device)[None, :] < sizes[:, None]).to(part.dtype)
+        column_mean = (part.abs() * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)
+        return compensation_readout(column_mean, grid, self.config.drift_compensation.kind)
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, streams,
+               row_ids: torch.Tensor | None) -> torch.Tensor:
+        from romer_kernels.kernels.triton.program import programmed_linear  # noqa: PLC0415
+
+        return programmed_linear(x, self._with_weight(weight), self.out_scale, bias, self.grid, self.config.io,
+                                 streams, row_ids)

@@ -88,10 +88,11 @@ def _absmax_kernel(x_ptr, stride_xm, amax_ptr, bad_ptr, toff_ptr, tsize_ptr, B, 
 
 @triton.jit
 def _tile_weight(w_base, stride_wt, stride_wo, stride_wk, i, off, k, kvalid, cols64, cvalid, IN, OUT,
-                 wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1,
+                 wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1, rd_ptr, rp_ptr, rs_ptr,
                  g_sigma, g_msig, g_max, c0, c1, c2, c3, p_ratio, p_scale, sigma_off,
                  PROGRAM: tl.constexpr, MAP_SCALE: tl.constexpr, G_ADD: tl.constexpr, G_MUL: tl.constexpr,
-                 N_COEFF: tl.constexpr, P_RATIO: tl.constexpr, P_SCALE: tl.constexpr, PROG_NOISE: tl.constexpr):
+                 N_COEFF: tl.constexpr, P_RATIO: tl.constexpr, P_SCALE: tl.constexpr, PROG_NOISE: tl.constexpr,
+                 READ: tl.constexpr, DRIFTS: tl.constexpr, READ_NOISE: tl.constexpr):
     """[BLOCK_K, BLOCK_N] tile weights (tile units) of input tile ``i``, zero outside the tile."""
     m = kvalid[:, None] & cvalid[None, :]
     if PROGRAM == 0:
@@ -145,8 +146,81 @@ def _tile_weight(w_base, stride_wt, stride_wo, stride_wk, i, off, k, kvalid, col
             g_plus = tl.where(plus, g_on, g_off)
             g_minus = tl.where(plus, g_off, g_on)
             w = tl.math.div_rn(g_plus - g_minus, s)
+            if READ == 2:  # PCM read at t: re-conversion with the programmed tile's scale, drift, 1/f noise
+                w = _pcm_read(w, a, plus, e, i, cols64, cvalid, OUT, g_max, rd_ptr, rp_ptr, rs_ptr, DRIFTS, READ_NOISE)
+        if READ == 1:      # Gaussian read: W_P + (read_sigma * w_max(W_P)) * xi
+            rd = tl.load(rd_ptr + i * OUT + cols64, mask=cvalid, other=0.0)
+            w = rd[None, :] * normal_at(tl.load(rs_ptr + 2), e) + w
         w = tl.where(m, w, 0.0)
     return w
+
+
+@triton.jit
+def _pcm_read(w, a, plus, e, i, cols64, cvalid, OUT, g_max, rd_ptr, rp_ptr, rs_ptr,
+              DRIFTS: tl.constexpr, READ_NOISE: tl.constexpr):
+    """noise/pcm.py ``read`` of programmed weights ``w`` (tile units) whose target's on-device conductance
+    is ``a`` (G+ holds it where ``plus``): the drift exponents are drawn again from ``a`` and the DRIFT_NU
+    streams, as the programming drew them. ``rd`` [T, out]: the re-conversion scale s' of the programmed
+    tile; ``rp``: the fitted constants (see program.py READ_PARAMS); ``rs``: DRIFT_NU 0/1, READ 0/1 keys."""
+    s2 = tl.load(rd_ptr + i * OUT + cols64, mask=cvalid, other=1.0)[None, :]
+    g = tl.minimum(tl.abs(w * s2), g_max)
+    on_plus = w >= 0.0                       # the device holding the programmed weight (the other is 0)
+    gd = g
+    if DRIFTS:
+        xb = tl.maximum(tl.math.div_rn(a, g_max), 1e-7)
+        lg = tl.log(xb)
+        mu = tl.minimum(tl.maximum(lg * tl.load(rp_ptr + 0) + tl.load(rp_ptr + 1), tl.load(rp_ptr + 2)),
+                        tl.load(rp_ptr + 3))
+        sg = tl.minimum(tl.maximum(lg * tl.load(rp_ptr + 4) + tl.load(rp_ptr + 5), tl.load(rp_ptr + 6)),
+                        tl.load(rp_ptr + 7))
+        mu_off = tl.load(rp_ptr + 8)
+        sg_off = tl.load(rp_ptr + 9)
+        ds = tl.load(rp_ptr + 10)
+        n0 = normal_at(tl.load(rs_ptr + 0), e)
+        n1 = normal_at(tl.load(rs_ptr + 1), e)
+        nu_on = tl.abs(sg * tl.where(plus, n0, n1) + mu) * ds
+        nu_off = tl.abs(tl.where(plus, n1, n0) * sg_off + mu_off) * ds
+        nu_plus = tl.where(plus, nu_on, nu_off)
+        nu_minus = tl.where(plus, nu_off, nu_on)
+        nu = tl.where(on_plus, nu_plus, nu_minus)
+        gd = tl.exp(-nu * tl.load(rp_ptr + 11)) * g          # (t / t_0)^-nu, rp[11] = ln(t / t_0)
+    if READ_NOISE:
+        xq = tl.math.div_rn(g, g_max)
+        # x^0.65; below 1e-30 it is far under the floor, as 0 would be (and ln stays finite)
+        q = tl.exp(tl.load(rp_ptr + 12) * tl.log(tl.maximum(xq, 1e-30)))
+        q = tl.minimum(tl.math.div_rn(1.0, tl.maximum(q, tl.load(rp_ptr + 13))) * tl.load(rp_ptr + 14),
+                       tl.load(rp_ptr + 15))
+        xi = tl.where(on_plus, normal_at(tl.load(rs_ptr + 2), e), normal_at(tl.load(rs_ptr + 3), e))
+        gd = ((tl.abs(gd) * tl.load(rp_ptr + 16)) * (q * tl.load(rp_ptr + 17))) * xi + gd
+    quotient = tl.math.div_rn(tl.maximum(gd, 0.0), s2)
+    return tl.where(on_plus, quotient, -quotient)
+
+
+@triton.jit
+def _programmed_rowmax_kernel(amax_ptr, toff_ptr, tsize_ptr, IN, OUT,
+                              wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1,
+                              g_sigma, g_msig, g_max, c0, c1, c2, c3, p_ratio, p_scale, sigma_off,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              PROGRAM: tl.constexpr, MAP_SCALE: tl.constexpr, G_ADD: tl.constexpr,
+                              G_MUL: tl.constexpr, N_COEFF: tl.constexpr, P_RATIO: tl.constexpr,
+                              P_SCALE: tl.constexpr, PROG_NOISE: tl.constexpr):
+    """max |W_P| of every (input tile, output row) [T, out], W_P generated as the MVM kernel generates it:
+    the crossbar-column abs-max of the programmed weights, for the read step's scales."""
+    i = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cvalid = cols < OUT
+    cols64 = cols.to(tl.int64)
+    off = tl.load(toff_ptr + i)
+    size = tl.load(tsize_ptr + i)
+    amax = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, size, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        w = _tile_weight(wd_ptr, 0, 0, 0, i, off, k, k < size, cols64, cvalid, IN, OUT,
+                         wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1, pa_ptr, pa_ptr, pa_ptr,
+                         g_sigma, g_msig, g_max, c0, c1, c2, c3, p_ratio, p_scale, sigma_off,
+                         PROGRAM, MAP_SCALE, G_ADD, G_MUL, N_COEFF, P_RATIO, P_SCALE, PROG_NOISE, 0, False, False)
+        amax = tl.maximum(amax, tl.max(tl.abs(w), axis=0))
+    tl.store(amax_ptr + i * OUT + cols64, amax, mask=cvalid)
 
 
 @triton.jit
@@ -154,14 +228,15 @@ def _tile_output(x_ptr, stride_xm, xrow, rvalid, bad, insc, rid, i, off, size, i
                  w_base, stride_wt, stride_wo, stride_wk, cols64, cvalid,
                  s_inp, s_w, s_out, IN, OUT, T,
                  inp_step, inp_bound, inp_noise, out_step, out_bound, w_noise, out_noise, ir_drop,
-                 wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1,
+                 wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1, rd_ptr, rp_ptr, rs_ptr,
                  g_sigma, g_msig, g_max, c0, c1, c2, c3, p_ratio, p_scale, sigma_off,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  PERFECT: tl.constexpr, INP_Q: tl.constexpr, OUT_Q: tl.constexpr, CLAMP: tl.constexpr,
                  NEG_TEST: tl.constexpr, INP_NOISE: tl.constexpr, W_NOISE: tl.constexpr, OUT_NOISE: tl.constexpr,
                  IR_DROP: tl.constexpr,
                  PROGRAM: tl.constexpr, MAP_SCALE: tl.constexpr, G_ADD: tl.constexpr, G_MUL: tl.constexpr,
-                 N_COEFF: tl.constexpr, P_RATIO: tl.constexpr, P_SCALE: tl.constexpr, PROG_NOISE: tl.constexpr):
+                 N_COEFF: tl.constexpr, P_RATIO: tl.constexpr, P_SCALE: tl.constexpr, PROG_NOISE: tl.constexpr,
+                 READ: tl.constexpr, DRIFTS: tl.constexpr, READ_NOISE: tl.constexpr):
     """(z / input_scale, clipped) of input tile ``i`` for the block: the reference's per-tile pipeline."""
     z = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     cur = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -176,9 +251,9 @@ def _tile_output(x_ptr, stride_xm, xrow, rvalid, bad, insc, rid, i, off, size, i
         x = tl.load(x_ptr + xrow[:, None] * stride_xm + (off + k)[None, :], mask=xm, other=0.0)
         x = tl.where(bad[:, None], 0.0, x)
         w = _tile_weight(w_base, stride_wt, stride_wo, stride_wk, i, off, k, kvalid, cols64, cvalid, IN, OUT,
-                         wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1,
+                         wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1, rd_ptr, rp_ptr, rs_ptr,
                          g_sigma, g_msig, g_max, c0, c1, c2, c3, p_ratio, p_scale, sigma_off,
-                         PROGRAM, MAP_SCALE, G_ADD, G_MUL, N_COEFF, P_RATIO, P_SCALE, PROG_NOISE)
+                         PROGRAM, MAP_SCALE, G_ADD, G_MUL, N_COEFF, P_RATIO, P_SCALE, PROG_NOISE, READ, DRIFTS, READ_NOISE)
         if PERFECT:
             xd = x
         else:
@@ -234,7 +309,7 @@ def _analog_mm_kernel(
     toff_ptr, tsize_ptr, ira_ptr,
     P, IN, OUT, T, X_DIV, RID_DIV,
     inp_step, inp_bound, inp_noise, out_step, out_bound, w_noise, out_noise, ir_drop,
-    wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1,
+    wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1, rd_ptr, rp_ptr, rs_ptr,
     g_sigma, g_msig, g_max, c0, c1, c2, c3, p_ratio, p_scale, sigma_off,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PERFECT: tl.constexpr, INP_Q: tl.constexpr, OUT_Q: tl.constexpr, CLAMP: tl.constexpr, NEG_TEST: tl.constexpr,
@@ -243,6 +318,7 @@ def _analog_mm_kernel(
     MUL_RW: tl.constexpr,
     PROGRAM: tl.constexpr, MAP_SCALE: tl.constexpr, G_ADD: tl.constexpr, G_MUL: tl.constexpr,
     N_COEFF: tl.constexpr, P_RATIO: tl.constexpr, P_SCALE: tl.constexpr, PROG_NOISE: tl.constexpr,
+                 READ: tl.constexpr, DRIFTS: tl.constexpr, READ_NOISE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -294,10 +370,10 @@ def _analog_mm_kernel(
                 x_ptr, stride_xm, xrow, rvalid, bad, insc, rid, i, off, size, ira,
                 w_base, stride_wt, stride_wo, stride_wk, cols64, cvalid, s_inp, s_w, s_out, IN, OUT, T,
                 inp_step, inp_bound, inp_noise, out_step, out_bound, w_noise, out_noise, ir_drop,
-                wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1,
+                wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1, rd_ptr, rp_ptr, rs_ptr,
                 g_sigma, g_msig, g_max, c0, c1, c2, c3, p_ratio, p_scale, sigma_off,
                 BLOCK_M, BLOCK_N, BLOCK_K, PERFECT, INP_Q, OUT_Q, CLAMP, NEG_TEST, INP_NOISE, W_NOISE,
-                OUT_NOISE, IR_DROP, PROGRAM, MAP_SCALE, G_ADD, G_MUL, N_COEFF, P_RATIO, P_SCALE, PROG_NOISE)
+                OUT_NOISE, IR_DROP, PROGRAM, MAP_SCALE, G_ADD, G_MUL, N_COEFF, P_RATIO, P_SCALE, PROG_NOISE, READ, DRIFTS, READ_NOISE)
             if ROUNDS:
                 out_base = (i * P + p) * OUT
                 tl.store(part_ptr + out_base[:, None] + cols64[None, :], z * osc[None, :], mask=pend)
@@ -333,6 +409,13 @@ class Program:
     p_ratio: float = 1.0
     p_scale: float = 1.0
     sigma_off: float = 0.0
+    # the read step (drift and read noise at t), after programming: 0 none, 1 Gaussian, 2 PCM
+    read: int = 0
+    read_scale: torch.Tensor | None = None   # [T, out]: PCM re-conversion scale s' / Gaussian read_sigma * w_max
+    read_params: torch.Tensor | None = None  # float32 constants of the PCM read (program.py READ_PARAMS order)
+    read_seeds: torch.Tensor | None = None   # int64 [4]: DRIFT_NU slot 0/1, READ slot 0/1 (Gaussian: READ in [2])
+    drifts: bool = False
+    read_noise: bool = False
 
 
 @dataclass
@@ -396,8 +479,11 @@ def run(
     routing_weights: torch.Tensor | None = None,
     program: Program | None = None,
     blocks: Blocks = Blocks(),
+    partial: bool = False,
 ) -> torch.Tensor:
-    """Analog MVM of ``x`` [BX, in] (fp32, contiguous) -> [P, out] (see the module docstring).
+    """Analog MVM of ``x`` [BX, in] (fp32, contiguous) -> [P, out] (see the module docstring); with
+    ``partial`` the per-input-tile outputs times ``out_scale`` [T, P, out] instead (the drift-compensation
+    readout), before bias and NaN rows.
 
     ``w_split`` [E, T, out, n_max] tile weights (ignored with ``program``), ``out_scale`` [E, T, out],
     ``seeds(r)`` an int64 tensor [E, 3] (INP_NOISE, W_NOISE, OUT_NOISE keys of round r) on x's device
@@ -419,9 +505,9 @@ def run(
     n_slots = sorted_ids.numel() if gather else n_rows
     y = torch.zeros(n_rows, out_features, dtype=torch.float32, device=device)
     if n_slots == 0 or n_rows == 0:
-        return y
+        return torch.zeros(n_tiles, n_rows, out_features, dtype=torch.float32, device=device) if partial else y
     grid_launch = (triton.cdiv(n_slots, blocks.m), triton.cdiv(out_features, blocks.n))
-    rounds_mode = iterative(io)
+    rounds_mode = iterative(io) or partial  # the rounds path stores per-tile outputs
     noisy = seeds is not None
     perfect = io.is_perfect
     f32, i8, i32, i64 = torch.float32, torch.int8, torch.int32, torch.int64
@@ -443,10 +529,15 @@ def run(
         P_RATIO=pr is not None and pr.p_ratio != 1.0,
         P_SCALE=pr is not None and pr.p_scale != 1.0,
         PROG_NOISE=pr is not None and pr.mode == 2 and pr.p_scale != 0.0,
+        READ=0 if pr is None else pr.read,
+        DRIFTS=pr is not None and pr.drifts,
+        READ_NOISE=pr is not None and pr.read_noise,
     )
     if consts["N_COEFF"] > 4:
         raise NotImplementedError("on-the-fly PCM programming supports polynomials of at most 4 coefficients")
     coeffs = (list(pr.coeffs) if pr is not None else []) + [0.0] * 4
+    read_args = ((pr.read_scale, pr.read_params, pr.read_seeds) if pr is not None and pr.read
+                 else (_dummy(device, f32), _dummy(device, f32), _dummy(device, i64)))
     if pr is None:
         wd, pa, pm = _dummy(device, f32), _dummy(device, f32), _dummy(device, f32)
         w_args = (w_split, w_split.stride(0), w_split.stride(1), w_split.stride(2), w_split.stride(3))
@@ -469,7 +560,7 @@ def run(
             routing_weights if routing_weights is not None else _dummy(device, f32),
             toff, tsize, ira, n_rows, in_features, out_features, n_tiles, x_div, rid_div,
             io.inp_step, io.inp_bound, io.inp_noise, io.out_step, io.out_bound, io.w_noise, io.out_noise, io.ir_drop,
-            wd, wd.stride(0), wd.stride(-1), pa, pm, pr.seed0 if pr else 0, pr.seed1 if pr else 0,
+            wd, wd.stride(0), wd.stride(-1), pa, pm, pr.seed0 if pr else 0, pr.seed1 if pr else 0, *read_args,
             pr.g_sigma if pr else 0.0, pr.g_msig if pr else 0.0, pr.g_max if pr else 1.0,
             float(coeffs[0]), float(coeffs[1]), float(coeffs[2]), float(coeffs[3]),
             pr.p_ratio if pr else 1.0, pr.p_scale if pr else 1.0, pr.sigma_off if pr else 0.0,
@@ -489,11 +580,13 @@ def run(
     for bm_round in range(MAX_BM_ROUNDS):
         flags = torch.zeros(n_tiles, n_rows, n_out_tiles, dtype=i32, device=device)
         launch(bm_round, scale_of_round(bm_round), pending, flags, part)
-        if bm_limit_reached(float(2 ** bm_round), io):
+        if not iterative(io) or bm_limit_reached(float(2 ** bm_round), io):
             break
         pending = (pending.bool() & (flags > 0)).to(i8)
         if not bool(pending.any()):
             break
+    if partial:
+        return part
     y = part.sum(dim=0)
     if bias is not None:
         y = y + bias
@@ -502,3 +595,24 @@ def run(
     bad_out = bad[torch.arange(n_rows, device=device) // x_div].bool()
     return y.masked_fill(bad_out[:, None], float("nan"))
 
+
+
+def programmed_rowmax(program: "Program", grid: TileGrid, blocks: Blocks = Blocks()) -> torch.Tensor:
+    """max |W_P| per (input tile, output row) [T, out] of an on-the-fly programmed chip (no read step)."""
+    device = program.weight.device
+    out_features, in_features = program.weight.shape
+    toff, tsize = tile_meta(grid, device)
+    amax = torch.zeros(len(grid.in_sizes), out_features, dtype=torch.float32, device=device)
+    pr = program
+    coeffs = list(pr.coeffs) + [0.0] * 4
+    pm = pr.map_scale if pr.map_scale is not None else _dummy(device, torch.float32)
+    _programmed_rowmax_kernel[(len(grid.in_sizes), triton.cdiv(out_features, blocks.n))](
+        amax, toff, tsize, in_features, out_features,
+        pr.weight, pr.weight.stride(0), pr.weight.stride(-1), pr.pa, pm, pr.seed0, pr.seed1,
+        pr.g_sigma, pr.g_msig, pr.g_max, float(coeffs[0]), float(coeffs[1]), float(coeffs[2]), float(coeffs[3]),
+        pr.p_ratio, pr.p_scale, pr.sigma_off,
+        BLOCK_N=blocks.n, BLOCK_K=blocks.k, PROGRAM=pr.mode, MAP_SCALE=pr.map_scale is not None,
+        G_ADD=pr.mode == 1 and pr.g_sigma > 0, G_MUL=pr.mode == 1 and pr.g_msig > 0, N_COEFF=len(pr.coeffs),
+        P_RATIO=pr.p_ratio != 1.0, P_SCALE=pr.p_scale != 1.0, PROG_NOISE=pr.mode == 2 and pr.p_scale != 0.0,
+        num_warps=4, enable_fp_fusion=False)
+    return amax
