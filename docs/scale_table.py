@@ -44,7 +44,7 @@ def _fits(estimate, memories) -> str:
 
 def summary() -> list[str]:
     """One line per model: the smallest CPU setting that keeps the digital weights, and the GPU (Triton) path."""
-    lines = ["| model | parameters | analog | CPU, bf16 weights + bf16 state | fits 24 GiB | GPU (Triton path), bf16 weights "
+    lines = ["| model | parameters | analog | CPU, bf16 weights + bf16 state | fits 24 GiB | GPU (on-the-fly chips), bf16 weights "
              "| fits 80 GB | fits 141 GB |", "|---|---|---|---|---|---|---|---|"]
     for key, title in MODELS.items():
         cpu = estimate_memory(key, PRESETS[0], weight_dtype="bfloat16", state_dtype="bfloat16", device="cpu",
@@ -73,7 +73,7 @@ def tables() -> str:
             main = estimates[PRESETS[0]]
             memories = (CPU_MEMORY,) if device == "cpu" else GPU_MEMORIES
             weights_label = weights if keep_digital else f"{weights}, analog ones dropped"
-            state_label = state if device == "cpu" else "float32 device copy"
+            state_label = state if device == "cpu" else "none (on the fly)"
             lines.append(f"| {device} | {weights_label} | {state_label} | {format_bytes(main.digital_bytes)} "
                          f"| {format_bytes(main.chip_bytes)} | {format_bytes(main.activation_bytes)} "
                          f"| {format_bytes(main.total_bytes)} | {format_bytes(estimates[PRESETS[1]].total_bytes)} "

@@ -60,21 +60,21 @@ TEMPORARIES_ROW = "per-call temporaries"
 
 
 # -- state model ---------------------------------------------------------------------------------------
-# Per analog matrix [out, in]: ONE state tensor of out*in elements in the state dtype (the programmed and
-# drifted weights; programming noise, drift exponents and read noise are regenerated from the seed rather
-# than stored), plus per-column float32 vectors [n_in_tiles, out]: the output scales, and the
+# On "cpu" each analog matrix [out, in] is a LayerChip: ONE state tensor of out*in elements in the state
+# dtype (the programmed, then drifted weights; programming noise, drift exponents and read noise are drawn
+# again from the seed, never stored), plus float32 vectors [n_in_tiles, out]: the output scales, and the
 # drift-compensation baseline when the config compensates drift.
-def per_column_vectors(config: AnalogConfig) -> int:
-    return 1 + (config.drift_compensation.kind != "none")
+# On "cuda" (Triton backend) it is an OnTheFlyChip: NO weight-sized tensor, the kernel generates the
+# chip's weights from the digital ones in every MVM; it keeps only [n_in_tiles, out] vectors: the
+# programming plan's scale, the weight-scaling and output scales, the read step's scales, the baseline.
+def per_column_vectors(config: AnalogConfig, device: str = "cpu") -> int:
+    compensates = config.drift_compensation.kind != "none"
+    if device == "cuda":
+        return (3 + compensates + (config.mapping.weight_scaling_omega > 0)
+                + (config.noise is not None))
+    return 1 + compensates
 
 
-# On "cuda" the Triton path keeps a float32 copy of every chip's state on the device (the layers program
-# their chips on the host; the kernel that programs on the fly, with no weight-sized state, is not wired
-# into the layers yet), so the device holds 4 bytes per analog parameter whatever the state dtype.
-DEVICE_COPY_BYTES = 4
-# Programming or drifting one matrix makes about this many float32 weight-sized temporaries (the mapped
-# target, the noisy result, the readout's working copy); matrices are programmed one at a time.
-PROGRAMMING_FLOAT32_COPIES = 3
 # Residual stream, its normalised copy, attention output and MLP output, float32, per token.
 HIDDEN_FLOAT32_BUFFERS = 4
 
@@ -85,34 +85,37 @@ def input_tiles(in_features: int, config: AnalogConfig) -> int:
     return 1 if max_in <= 0 else math.ceil(in_features / max_in)
 
 
-def per_column_vector_bytes(out_features: int, in_features: int, config: AnalogConfig) -> int:
-    """The small float32 vectors one analog matrix always holds, on every device."""
-    return per_column_vectors(config) * input_tiles(in_features, config) * out_features * FLOAT32_BYTES
+def per_column_vector_bytes(out_features: int, in_features: int, config: AnalogConfig, device: str = "cpu") -> int:
+    """The small float32 vectors one analog matrix holds on ``device``."""
+    return per_column_vectors(config, device) * input_tiles(in_features, config) * out_features * FLOAT32_BYTES
 
 
 def chip_state_bytes(out_features: int, in_features: int, config: AnalogConfig, state_dtype: str,
                      device: str) -> int:
     """Bytes one programmed analog matrix holds between calls on ``device``: on "cpu" its state tensor
-    and per-column vectors; on "cuda" the float32 device copy the Triton path keeps (the host holds the
-    state tensor as on "cpu", see :func:`host_chip_state_bytes`)."""
-    vectors = per_column_vector_bytes(out_features, in_features, config)
+    and per-column vectors; on "cuda" (on-the-fly chip) the per-column vectors only."""
+    vectors = per_column_vector_bytes(out_features, in_features, config, device)
     if device == "cuda":
-        return out_features * in_features * DEVICE_COPY_BYTES + vectors
+        return vectors
     return out_features * in_features * STATE_DTYPES[state_dtype].itemsize + vectors
 
 
 def per_call_temporaries(matrices: list["AnalogMatrixShape"], config: AnalogConfig, state_dtype: str,
-                         device: str) -> list[tuple[str, int]]:
-    """(what, bytes) of the float32 temporaries one call needs, for the largest analog matrix (one matrix
-    is worked on at a time, so they are counted once, not per matrix)."""
+                         device: str, weight_dtype: str = "float32") -> list[tuple[str, int]]:
+    """(what, bytes) of the float32 temporaries of one call, for the largest analog matrix (one matrix is
+    worked on at a time, so they are counted once, not per matrix)."""
     if not matrices:
         return []
     largest = max(matrices, key=lambda m: m.out_features * m.in_features)
     largest_bytes = largest.out_features * largest.in_features * FLOAT32_BYTES
     shape = f"{largest.out_features}x{largest.in_features}"
     temporaries = []
-    if device == "cpu" and state_dtype != "float32":
-        # the MVM reads a float32 copy of a reduced-precision state (on cuda there is no state tensor)
+    if device == "cuda":
+        if weight_dtype != "float32":  # the kernel reads float32 digital weights: one matrix converted per call
+            temporaries.append((f"float32 copy of one {weight_dtype} digital matrix ({shape})", largest_bytes))
+        return temporaries
+    if state_dtype != "float32":
+        # the MVM reads a float32 copy of a reduced-precision state
         temporaries.append((f"float32 copy of the {state_dtype} state ({shape})", largest_bytes))
     io = config.io
     if not io.is_perfect and (io.ir_drop > 0 or io.w_noise_type == "pcm_read"):
@@ -120,8 +123,12 @@ def per_call_temporaries(matrices: list["AnalogMatrixShape"], config: AnalogConf
         tile_bytes = tile.out_features * _tile_inputs(tile.in_features, config) * FLOAT32_BYTES
         temporaries.append((f"|W| of one tile ({tile.out_features}x{_tile_inputs(tile.in_features, config)}, "
                             "IR drop / PCM read noise)", tile_bytes))
-    temporaries.append((f"programming/drift of one matrix ({PROGRAMMING_FLOAT32_COPIES} float32 copies of {shape})",
-                        PROGRAMMING_FLOAT32_COPIES * largest_bytes))
+    # nn.chip.ChipScratch: float32 copy of a non-float32 digital weight, the weight-scaled target, the
+    # working copy of a reduced-precision state; kept by the process, sized to the largest matrix
+    copies = (weight_dtype != "float32") + (config.mapping.weight_scaling_omega > 0) + (state_dtype != "float32")
+    if copies:
+        temporaries.append((f"chip scratch ({copies} float32 copies of {shape}, programming / drift)",
+                            copies * largest_bytes))
     return temporaries
 
 
@@ -224,8 +231,8 @@ class MemoryEstimate:
             out.append("per-call temporaries (largest matrix, counted once):")
             out += [f"  {what}: {format_bytes(size)}" for what, size in self.temporaries]
         if self.device == "cuda":
-            out.append("chip state on cuda: the float32 copy of each chip the Triton path keeps on the device; "
-                       "the chips are programmed on the host, which holds their state tensors as on cpu")
+            out.append("chip state on cuda: on-the-fly chips (Triton), per-column vectors only; the kernel "
+                       "generates each chip's weights from the digital weights in every MVM")
         return "\n".join(out)
 
 
@@ -445,8 +452,7 @@ def estimate_memory(model_or_config: Any, config: AnalogConfig | str | None = No
     (only its config is used). ``config``: an ``AnalogConfig`` or preset name (default aihwkit-default).
     ``placement``: a ``Placement`` (default: everything analog but lm_head). ``state_dtype``: the chip
     state's dtype (default ``config.state_dtype``, float32 where the config has no such field).
-    ``device``: "cpu" (chips hold their state) or "cuda" (device memory: the Triton path's float32 copy
-    of every chip, the digital weights and the activations). ``tokens``: tokens in one forward (batch x sequence) for the activations.
+    ``device``: "cpu" (chips hold their state) or "cuda" (on-the-fly chips: per-column vectors only). ``tokens``: tokens in one forward (batch x sequence) for the activations.
     """
     from romer_kernels.moe.convert import CATEGORIES, Placement, analogize_  # noqa: PLC0415
 
@@ -460,7 +466,8 @@ def estimate_memory(model_or_config: Any, config: AnalogConfig | str | None = No
     if device_type is None:
         raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
     if device_type == "cuda" and not keep_digital:
-        raise ValueError("keep_digital=False cannot hold on device 'cuda': the GPU path needs the digital weights")
+        raise ValueError("keep_digital=False cannot hold on device 'cuda': on-the-fly chips compute from the "
+                         "digital weights")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens must be a positive int, got {tokens!r}")
 
@@ -495,7 +502,7 @@ def estimate_memory(model_or_config: Any, config: AnalogConfig | str | None = No
     hidden = getattr(text_config, "hidden_size", 0) or 0
     hidden_states = MemoryRow(HIDDEN_STATES_ROW,
                               activation_bytes=HIDDEN_FLOAT32_BUFFERS * tokens * hidden * FLOAT32_BYTES)
-    temporaries = per_call_temporaries(all_matrices, analog_config, state_name, device_type)
+    temporaries = per_call_temporaries(all_matrices, analog_config, state_name, device_type, weight_name)
     temporary_row = MemoryRow(TEMPORARIES_ROW, activation_bytes=sum(size for _, size in temporaries))
     name = model_or_config if isinstance(model_or_config, (str, Path)) else getattr(model_config, "model_type", "model")
     return MemoryEstimate(model=str(name), preset=preset_name, weight_dtype=weight_name, state_dtype=state_name,
