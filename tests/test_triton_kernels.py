@@ -339,6 +339,7 @@ def test_on_the_fly_experts_match_the_stored_experts():
             matrix.on_the_fly = on_the_fly
         module.program_(seed=2).drift_(HOUR_S)
         outputs.append(module(tokens, index, weights))
-        if on_the_fly:
+        if on_the_fly:  # the grouped kernel, generating every expert's tiles from the fused digital weights
             assert all(matrix.chip.state is None for matrix in module.gate_up + module.down)
+            assert module._stacked[2]["gate_up"] is None and module._stacked[2]["program_gate_up"].weight.dim() == 3
     assert_matches(outputs[1], outputs[0], 0.05, max_fraction=0.05, rtol=2e-4, atol=2e-4)

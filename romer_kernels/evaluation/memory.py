@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from romer_kernels.config.analog import AnalogConfig
+from romer_kernels.kernels.backends import supports_on_the_fly
 from romer_kernels.config.presets import resolve_config
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ def chip_state_bytes(out_features: int, in_features: int, config: AnalogConfig, 
     and per-column vectors; on "cuda" (on-the-fly chip) the per-column vectors only."""
     vectors = per_column_vector_bytes(out_features, in_features, config, device)
     if device == "cuda":
+        if not supports_on_the_fly(config):  # a stored chip: its float32 copy on the device
+            return out_features * in_features * FLOAT32_BYTES + per_column_vector_bytes(out_features, in_features, config)
         return vectors
     return out_features * in_features * STATE_DTYPES[state_dtype].itemsize + vectors
 

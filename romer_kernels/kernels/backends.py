@@ -61,6 +61,16 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
+def supports_on_the_fly(config) -> bool:
+    """Whether the Triton kernel can generate an ``AnalogConfig``'s chips on the fly (kernels/triton/program.py):
+    no device noise, Gaussian, or PCM with a sigma polynomial of at most 4 coefficients."""
+    from romer_kernels.config.device_noise import GaussianNoiseConfig, PCMNoiseConfig  # noqa: PLC0415
+
+    noise = config.noise
+    return (noise is None or type(noise) is GaussianNoiseConfig
+            or (type(noise) is PCMNoiseConfig and len(noise.prog_coeff) <= 4))
+
+
 def get_backend() -> str:
     """The process-wide default backend name (possibly ``auto``)."""
     return _default

@@ -209,10 +209,22 @@ class AnalogExperts(AnalogModule):
         versions = [id(m.chip) for m in self.gate_up + self.down] + [m.chip.version for m in self.gate_up + self.down]
         cached = self._stacked
         if cached is None or cached[1] != device or cached[0] != versions:
-            # The grouped kernel reads every expert's tiles in a split layout: a copy on the accelerator,
-            # kept until a chip changes (the GPU path does not yet program the chip on the fly).
             self._stacked = None
-            stacked = stacked_expert_tiles([m.chip for m in self.gate_up], [m.chip for m in self.down], device)
+            if isinstance(self.gate_up[0].chip, OnTheFlyChip):
+                # on-the-fly chips: the kernel reads the fused digital weights in place and generates every
+                # expert's tiles; only the per-column vectors are stacked
+                from romer_kernels.kernels.triton.moe import stacked_plan  # noqa: PLC0415
+
+                stacked = dict(
+                    gate_up=None, down=None,
+                    gate_up_scale=torch.stack([m.chip.out_scale for m in self.gate_up]).to(device),
+                    down_scale=torch.stack([m.chip.out_scale for m in self.down]).to(device),
+                    program_gate_up=stacked_plan([m.chip.plan for m in self.gate_up], self.gate_up_proj.to(device)),
+                    program_down=stacked_plan([m.chip.plan for m in self.down], self.down_proj.to(device)))
+            else:
+                # stored chips: every expert's tiles in the kernel's split layout, a copy on the accelerator
+                # kept until a chip changes
+                stacked = stacked_expert_tiles([m.chip for m in self.gate_up], [m.chip for m in self.down], device)
             self._stacked = cached = (versions, device, stacked)
         io = self.config.io
         noisy = self.gate_up[0].mvm_noise
@@ -241,8 +253,8 @@ class AnalogExperts(AnalogModule):
         backend = resolve_backend(self.backend, hidden_states.device)
         all_analog = not self.digital_experts and self.extra_experts is None
         self._ensure_programmed()
-        on_the_fly = any(isinstance(matrix.chip, OnTheFlyChip) for matrix, _ in self._matrices())
-        if backend == "triton" and all_analog and not on_the_fly:  # the grouped kernel reads stored tiles
+        on_the_fly = [isinstance(matrix.chip, OnTheFlyChip) for matrix, _ in self._matrices()]
+        if (backend == "triton" or all(on_the_fly)) and all_analog and len(set(on_the_fly)) == 1:
             return self._forward_triton(hidden_states, top_k_index, top_k_weights, call_index)
         if backend == "cpp" and all_analog and self.dispatch is None and _is_silu(self.act_fn):
             return self._forward_cpp(hidden_states, top_k_index, top_k_weights, call_index)

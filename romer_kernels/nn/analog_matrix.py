@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from romer_kernels.config.analog import AnalogConfig
-from romer_kernels.kernels.backends import analog_linear, resolve_backend
+from romer_kernels.kernels.backends import analog_linear, resolve_backend, supports_on_the_fly
 from romer_kernels.nn.chip import LayerChip, OnTheFlyChip
 
 
@@ -123,6 +123,7 @@ class AnalogMatrix:
         on_the_fly = self.on_the_fly
         if on_the_fly is None:
             on_the_fly = weight.device.type == "cuda" and resolve_backend(self.backend, weight.device) == "triton"
+            on_the_fly = on_the_fly and supports_on_the_fly(self.config)  # else a stored chip (HERMES, ReRAM)
         wanted = OnTheFlyChip if on_the_fly else LayerChip
         if type(self.chip) is not wanted:
             self.chip = wanted(self.config, self.out_features, self.in_features, self.layer_id)

@@ -267,6 +267,11 @@ class OnTheFlyChip:
     def _with_weight(self, weight: torch.Tensor):
         return dataclasses.replace(self._plan, weight=self._weight32(weight))
 
+    @property
+    def plan(self):
+        """The kernel's programming (and read) plan, without the digital weight (given at each call)."""
+        return self._plan
+
     def _keep(self, plan) -> None:
         self._plan = dataclasses.replace(plan, weight=torch.empty(0, device=plan.weight.device))
         self.version += 1

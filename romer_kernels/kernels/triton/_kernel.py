@@ -309,7 +309,7 @@ def _analog_mm_kernel(
     toff_ptr, tsize_ptr, ira_ptr,
     P, IN, OUT, T, X_DIV, RID_DIV,
     inp_step, inp_bound, inp_noise, out_step, out_bound, w_noise, out_noise, ir_drop,
-    wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1, rd_ptr, rp_ptr, rs_ptr,
+    wd_ptr, stride_wde, stride_wdo, stride_wdi, pa_ptr, pm_ptr, ps_ptr, rd_ptr, rp_ptr, rs_ptr,
     g_sigma, g_msig, g_max, c0, c1, c2, c3, p_ratio, p_scale, sigma_off,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PERFECT: tl.constexpr, INP_Q: tl.constexpr, OUT_Q: tl.constexpr, CLAMP: tl.constexpr, NEG_TEST: tl.constexpr,
@@ -344,6 +344,18 @@ def _analog_mm_kernel(
     s_out = tl.load(seed_ptr + ex * stride_se + 2)
     w_base = w_ptr + ex * stride_we
     osc_base = osc_ptr + ex * stride_oe
+    # on-the-fly chips: this expert's digital weights, per-column vectors and stream keys
+    wd_e = wd_ptr + ex * stride_wde
+    pa_e = pa_ptr + ex * T * OUT
+    pm_e = pm_ptr + ex * T * OUT
+    rd_e = rd_ptr + ex * T * OUT
+    rs_e = rs_ptr + ex * 4
+    if PROGRAM == 0:
+        pseed0 = ex * 0
+        pseed1 = ex * 0
+    else:
+        pseed0 = tl.load(ps_ptr + ex * 2)
+        pseed1 = tl.load(ps_ptr + ex * 2 + 1)
     if ROUNDS:
         ot = tl.load(ot_ptr + cols, mask=cvalid, other=0).to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -370,7 +382,7 @@ def _analog_mm_kernel(
                 x_ptr, stride_xm, xrow, rvalid, bad, insc, rid, i, off, size, ira,
                 w_base, stride_wt, stride_wo, stride_wk, cols64, cvalid, s_inp, s_w, s_out, IN, OUT, T,
                 inp_step, inp_bound, inp_noise, out_step, out_bound, w_noise, out_noise, ir_drop,
-                wd_ptr, stride_wdo, stride_wdi, pa_ptr, pm_ptr, pseed0, pseed1, rd_ptr, rp_ptr, rs_ptr,
+                wd_e, stride_wdo, stride_wdi, pa_e, pm_e, pseed0, pseed1, rd_e, rp_ptr, rs_e,
                 g_sigma, g_msig, g_max, c0, c1, c2, c3, p_ratio, p_scale, sigma_off,
                 BLOCK_M, BLOCK_N, BLOCK_K, PERFECT, INP_Q, OUT_Q, CLAMP, NEG_TEST, INP_NOISE, W_NOISE,
                 OUT_NOISE, IR_DROP, PROGRAM, MAP_SCALE, G_ADD, G_MUL, N_COEFF, P_RATIO, P_SCALE, PROG_NOISE, READ, DRIFTS, READ_NOISE)
@@ -416,6 +428,9 @@ class Program:
     read_seeds: torch.Tensor | None = None   # int64 [4]: DRIFT_NU slot 0/1, READ slot 0/1 (Gaussian: READ in [2])
     drifts: bool = False
     read_noise: bool = False
+    # grouped experts: ``weight`` [E, out, in], every [T, out] tensor stacked to [E, T, out], read_seeds
+    # [E, 4], and the programming keys per expert here (int64 [E, 2]: seed0, seed1)
+    seed_table: torch.Tensor | None = None
 
 
 @dataclass
@@ -540,10 +555,15 @@ def run(
                  else (_dummy(device, f32), _dummy(device, f32), _dummy(device, i64)))
     if pr is None:
         wd, pa, pm = _dummy(device, f32), _dummy(device, f32), _dummy(device, f32)
+        wd_strides = (0, 0, 0)
+        program_seeds = _dummy(device, i64)
         w_args = (w_split, w_split.stride(0), w_split.stride(1), w_split.stride(2), w_split.stride(3))
     else:
         wd, pa = pr.weight, pr.pa
         pm = pr.map_scale if pr.map_scale is not None else _dummy(device, f32)
+        wd_strides = (wd.stride(0) if wd.dim() == 3 else 0, wd.stride(-2), wd.stride(-1))
+        program_seeds = (pr.seed_table if pr.seed_table is not None
+                         else torch.tensor([[pr.seed0, pr.seed1]], dtype=i64, device=device)).contiguous()
         w_args = (_dummy(device, f32), 0, 0, 0, 0)
     out_tile = torch.repeat_interleave(torch.arange(len(out_sizes), dtype=i32), torch.tensor(out_sizes)).to(device)
     n_out_tiles = len(out_sizes)
@@ -560,7 +580,7 @@ def run(
             routing_weights if routing_weights is not None else _dummy(device, f32),
             toff, tsize, ira, n_rows, in_features, out_features, n_tiles, x_div, rid_div,
             io.inp_step, io.inp_bound, io.inp_noise, io.out_step, io.out_bound, io.w_noise, io.out_noise, io.ir_drop,
-            wd, wd.stride(0), wd.stride(-1), pa, pm, pr.seed0 if pr else 0, pr.seed1 if pr else 0, *read_args,
+            wd, *wd_strides, pa, pm, program_seeds, *read_args,
             pr.g_sigma if pr else 0.0, pr.g_msig if pr else 0.0, pr.g_max if pr else 1.0,
             float(coeffs[0]), float(coeffs[1]), float(coeffs[2]), float(coeffs[3]),
             pr.p_ratio if pr else 1.0, pr.p_scale if pr else 1.0, pr.sigma_off if pr else 0.0,

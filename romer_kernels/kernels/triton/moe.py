@@ -11,6 +11,7 @@ are dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from romer_kernels.config.analog import IOConfig
 from romer_kernels.config.tiling import TileGrid
 from romer_kernels.kernels.reference import stacked_expert_tiles
-from romer_kernels.kernels.triton._kernel import Blocks, run
+from romer_kernels.kernels.triton._kernel import Blocks, Program, run
 from romer_kernels.kernels.triton.mvm import check_grid, stream_seed_table
 
 
@@ -79,6 +80,8 @@ def moe_experts_triton(
     act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu,
     *,
     blocks: Blocks | None = None,
+    program_gate_up: Program | None = None,
+    program_down: Program | None = None,
 ) -> torch.Tensor:
     """Routed analog experts: ``hidden`` [M, H], ``top_k_index``/``top_k_weights`` [M, k] -> [M, H] float32.
 
@@ -91,6 +94,10 @@ def moe_experts_triton(
     to the gate half. Expert ids < 0 drop the assignment. Per expert and pair this equals
     ``AnalogExperts.expert_forward`` (reference ``analog_linear`` with row ids = token index); the
     k contributions of a token are summed in k order (the reference adds them in expert order).
+
+    ``program_gate_up`` / ``program_down``: on-the-fly chips (stacked plans, :func:`stacked_plan`); the
+    kernel then generates every expert's tile weights from the digital weights and ``gate_up`` / ``down``
+    are not read (pass None).
     """
     blocks = blocks or Blocks()
     device = hidden.device
@@ -100,11 +107,18 @@ def moe_experts_triton(
         raise ValueError(f"expected hidden [M, H] and top_k_index/top_k_weights [M, k], got {tuple(x.shape)}, "
                          f"{tuple(top_k_index.shape)}, {tuple(top_k_weights.shape)}")
     n_tokens, top_k = top_k_index.shape
-    n_experts = gate_up.shape[0]
     inter = grid_gate_up.out_features // 2
-    check_grid(gate_up, gate_up_scale, grid_gate_up, x.shape[1])
-    check_grid(down, down_scale, grid_down, inter)
-    if grid_down.out_features != x.shape[1] or down.shape[0] != n_experts:
+    placeholder = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=device)
+    if program_gate_up is not None:
+        gate_up = placeholder.expand(gate_up_scale.shape[0], *placeholder.shape[1:])
+    else:
+        check_grid(gate_up, gate_up_scale, grid_gate_up, x.shape[1])
+    if program_down is not None:
+        down = placeholder.expand(down_scale.shape[0], *placeholder.shape[1:])
+    else:
+        check_grid(down, down_scale, grid_down, inter)
+    n_experts = gate_up_scale.shape[0]
+    if grid_down.out_features != x.shape[1] or down_scale.shape[0] != n_experts:
         raise ValueError("down weights do not fit the hidden size or the number of experts")
     n_pairs = n_tokens * top_k
     if n_pairs == 0:
@@ -115,12 +129,13 @@ def moe_experts_triton(
     common = dict(n_out_rows=n_pairs, sorted_ids=sorted_ids, expert_ids=expert_ids, rid_div=top_k, blocks=blocks)
     h = run(x, gate_up.detach().to(device=device, dtype=f32).contiguous(),
             gate_up_scale.detach().to(device=device, dtype=f32).contiguous(), grid_gate_up, io,
-            _seed_fn(seeds_gate_up, device), tokens, x_div=top_k, **common)            # [P, 2I]
+            _seed_fn(seeds_gate_up, device), tokens, x_div=top_k, program=program_gate_up, **common)  # [P, 2I]
     h = (act(h[:, :inter]) * h[:, inter:]).contiguous()                                # [P, I]
     weights = top_k_weights.detach().to(device=device, dtype=f32).reshape(-1).contiguous()
     y = run(h, down.detach().to(device=device, dtype=f32).contiguous(),
             down_scale.detach().to(device=device, dtype=f32).contiguous(), grid_down, io,
-            _seed_fn(seeds_down, device), tokens, x_div=1, routing_weights=weights, **common)  # [P, H]
+            _seed_fn(seeds_down, device), tokens, x_div=1, routing_weights=weights, program=program_down,
+            **common)  # [P, H]
     return y.view(n_tokens, top_k, -1).sum(dim=1)
 
 
@@ -144,3 +159,22 @@ def analog_experts_arguments(experts, call_index: int) -> dict:
         seeds_down=stream_seed_table([m.chip.mvm_stream(call_index) for m in down], io) if noisy else None,
         act=experts.act_fn,
     )
+
+
+def stacked_plan(plans: list[Program], weights: torch.Tensor) -> Program:
+    """One grouped-experts plan from the per-expert plans of on-the-fly chips in the same life-cycle state
+    (same config, time and drift call) and their digital weights ``weights`` [E, out, in] (read in place
+    when float32 and contiguous)."""
+    base = plans[0]
+    if any(p.mode != base.mode or p.read != base.read or p.drifts != base.drifts for p in plans):
+        raise ValueError("the experts' chips are not in the same state (program / drift them together)")
+    device = weights.device
+
+    def stack(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in plans]
+        return None if values[0] is None else torch.stack([v.to(device) for v in values]).contiguous()
+
+    return dataclasses.replace(
+        base, weight=weights.detach().to(torch.float32).contiguous(), pa=stack("pa"), map_scale=stack("map_scale"),
+        read_scale=stack("read_scale") if base.read else None, read_seeds=stack("read_seeds") if base.read else None,
+        seed_table=torch.tensor([[p.seed0, p.seed1] for p in plans], dtype=torch.int64, device=device))
