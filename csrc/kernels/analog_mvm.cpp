@@ -89,9 +89,14 @@ void few_rows_products_t(const float* wp, const std::vector<int64_t>& w_base, in
                          int64_t nmax, const std::vector<int64_t>& in_sizes,
                          const float* xap, const float* xbp, int64_t M, const std::vector<std::vector<int64_t>>& rows,
                          float* zap, float* zbp, int nt) {
-#pragma omp parallel for collapse(2) num_threads(nt) schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t c = 0; c < N; ++c) {
+  // Visit the weight in memory order: (tile, row) for the split layout, (row, tile) for the whole [out, in]
+  // weight (row c holds all tiles side by side), so each thread streams one contiguous range.
+  const bool row_major = ld != nmax || T == 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t item = 0; item < T * N; ++item) {
+    {
+      const int64_t t = row_major ? item % T : item / N;
+      const int64_t c = row_major ? item / T : item % N;
       const float* w = wp + w_base[t] + c * ld;
       const int64_t size = in_sizes[t];
       const int64_t used = static_cast<int64_t>(rows[t].size());
@@ -311,7 +316,13 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
   }
 
   at::Tensor partial;
-  const at::Tensor w_t = whole ? at::Tensor() : split_w.transpose(1, 2);
+  // Equal input tiles (in divisible by the tile size): the whole weight IS a [T, N, size] strided view (tile
+  // t = columns [t size, (t + 1) size) of every row), so one batched GEMM reads it in place -- the same call
+  // and sums as on a split copy. Ragged tiles take one GEMM per tile on strided views.
+  const bool equal_tiles =
+      whole && std::all_of(in_sizes.begin(), in_sizes.end(), [&](int64_t v) { return v == in_sizes[0]; });
+  const auto tiles_view = [&](const at::Tensor& whole_w) { return whole_w.as_strided({T, N, nmax}, {nmax, K, 1}); };
+  const at::Tensor w_t = !whole ? split_w.transpose(1, 2) : (equal_tiles ? tiles_view(w).transpose(1, 2) : at::Tensor());
   if (io.is_perfect) {
     at::Tensor xs = at::zeros({T, B, nmax}, f32);
     float* xsp = xs.data_ptr<float>();
@@ -322,7 +333,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
         std::copy_n(xp + b * K + in_off[t], in_sizes[t], xsp + (t * B + b) * nmax);
       }
     }
-    if (whole) {
+    if (!w_t.defined()) {
       partial = at::empty({T, B, N}, f32);
       for (int64_t t = 0; t < T; ++t) {
         at::Tensor part = partial.select(0, t);
@@ -645,7 +656,7 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
       } else if (!probes) {
         za = scratch(workspace.za, {T, na * M, N}, false);
         if (nb > 0) zb = scratch(workspace.zb, {T, nb * M, N}, false);
-        if (whole) {
+        if (!w_t.defined()) {
           for (int64_t t = 0; t < T; ++t) {
             at::Tensor za_t = za.select(0, t);
             at::mm_out(za_t, xa.select(0, t).narrow(1, 0, in_sizes[t]), tile_t(t));
@@ -657,8 +668,8 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
           }
         } else {
           at::bmm_out(za, xa, w_t);
-          if (nb > 0) {
-            const at::Tensor abs_w = abs_split_w.has_value() ? *abs_split_w : split_w.abs();
+          if (nb > 0) {  // |W|: a temporary of this call (the whole weight's |w|, viewed as its tiles)
+            const at::Tensor abs_w = whole ? tiles_view(w.abs()) : (abs_split_w.has_value() ? *abs_split_w : split_w.abs());
             at::bmm_out(zb, xb, abs_w.transpose(1, 2));
           }
         }
