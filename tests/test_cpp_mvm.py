@@ -39,16 +39,35 @@ def _matrix(config, out_features, in_features, tile_in, tile_out, seed=3):
 def _both(matrix, x, bias=None, row_ids=None, call_index=5, noise=True):
     streams = matrix.chip.mvm_stream(call_index) if noise else None
     args = (x, matrix.chip.state, matrix.chip.out_scale, bias, matrix.chip.grid, matrix.config.io, streams, row_ids)
-    return reference.analog_linear(*args), cpp.analog_linear_cpp(*args)
+    return reference.analog_linear(*args), cpp.analog_linear_cpp(*args), _summation_bound(matrix, x)
 
 
-def _assert_matches(expected, actual):
-    """Same NaN rows; elements equal to float rounding, except for rare ADC codes flipped by a GEMM sum that
-    differs by an ulp (none on this machine, where the products are the same MKL calls)."""
+def _summation_bound(matrix, x):
+    """How far two float32 summation orders of the tile products can differ, in output units: a sum of n
+    terms computed in any order is within (n - 1) 2^-24 sum |terms| of the exact one, so two orders are
+    within 2 n 2^-24 sum_k |x_k| |w_k| per tile, times the tile's digital scale (x stands in for the DAC'd
+    input, which noise management scales back; the factor 2 covers the DAC's rounding of x)."""
+    grid = matrix.chip.grid
+    w, scale = matrix.chip.state.double().abs(), matrix.chip.out_scale.double().abs()
+    xa = x.nan_to_num(0.0, 0.0, 0.0).double().abs()
+    bound = torch.zeros(x.shape[0], grid.out_features, dtype=torch.float64)
+    for i, cols in enumerate(grid.in_slices()):
+        n = cols.stop - cols.start
+        bound += 4 * n * 2.0**-24 * (xa[:, cols] @ w[:, cols].T) * scale[i]
+    return bound.float()
+
+
+def _assert_matches(expected, actual, bound):
+    """Same NaN rows; elements equal within float rounding of the tile products: the C++ kernel reads the
+    whole weight in place, and with ragged input tiles its per-tile GEMMs sum over the tile's own width
+    where the reference sums over a zero-padded one (different summation order; equal tiles take the same
+    batched GEMM and are bit-identical). Such a difference can also flip an ADC code next to a rounding
+    boundary: at most 1 % of the elements (or one) may differ by more."""
     assert torch.equal(expected.isnan(), actual.isnan())
     e, a = expected.nan_to_num(), actual.nan_to_num()
-    close = torch.isclose(a, e, rtol=1e-5, atol=1e-6)
-    assert float(close.float().mean()) >= 0.99, float((a - e).abs().max())
+    close = (a - e).abs() <= 1e-5 * e.abs() + 1e-6 + bound
+    off = int((~close).sum())
+    assert off <= max(1, close.numel() // 100), (off, float((a - e).abs().max()))
 
 
 @pytest.mark.parametrize("variant", sorted(IO_VARIANTS))
@@ -63,8 +82,8 @@ def test_cpp_matches_reference_on_every_io_variant(variant):
     x[6, 2] = float("nan")
     rows = torch.randperm(50)[:9]
     bias = torch.randn(40)
-    expected, actual = _both(matrix, x, bias, rows)
-    _assert_matches(expected, actual)
+    expected, actual, bound = _both(matrix, x, bias, rows)
+    _assert_matches(expected, actual, bound)
     assert actual[6].isnan().all() and not actual[[0, 1, 2, 3, 4, 5, 7, 8]].isnan().any()
     if not config.io.is_perfect:
         quiet = _both(matrix, x, bias, rows, noise=False)
@@ -228,7 +247,7 @@ def test_cpp_result_does_not_depend_on_the_thread_count(batch):
     if batch <= 4:
         assert torch.equal(outputs[0], outputs[1])
     else:  # the GEMMs are MKL's, whose sums may depend on the thread count
-        _assert_matches(outputs[0], outputs[1])
+        _assert_matches(outputs[0], outputs[1], _summation_bound(matrix, x))
 
 
 @pytest.mark.parametrize("name, scale, inp_noise", [("aihwkit-default", 1.0, 0.0), ("aihwkit-default", 30.0, 0.0),
