@@ -11,6 +11,7 @@ identical chip without storing any noisy tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -198,6 +199,9 @@ class AnalogMatrix:
             elif isinstance(value, dict):
                 for key, item in value.items():
                     visit(f"{name}[{key!r}]", item)
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. an on-the-fly plan
+                for item in dataclasses.fields(value):
+                    visit(f"{name}.{item.name}", getattr(value, item.name))
 
         for owner, prefix in ((self, ""), (self.chip, "chip.")):
             for name, value in vars(owner).items():
