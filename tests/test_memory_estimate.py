@@ -99,7 +99,7 @@ def test_temporaries_follow_the_preset_and_state_dtype(olmoe_fp32, olmoe_bf16):
     # |W| of one tile; scratch: the float32 weight and the weight-scaled target
     assert [size for _, size in rasch.temporaries] == [2048 * 512 * 4, 2 * largest]
     on_gpu = estimate_memory(OLMOE, "rasch2023", weight_dtype="bfloat16", state_dtype="float32", device="cuda")
-    assert [size for _, size in on_gpu.temporaries] == [largest]  # the float32 copy of one bfloat16 matrix
+    assert on_gpu.temporaries == []  # on-the-fly chips read the bfloat16 weights in place
     assert rasch.row("per-call temporaries").activation_bytes == sum(size for _, size in rasch.temporaries)
 
 

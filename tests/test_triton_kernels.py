@@ -294,13 +294,15 @@ ON_THE_FLY_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(ON_THE_FLY_CASES))
-def test_on_the_fly_chip_matches_the_stored_chip(case):
+@pytest.mark.parametrize("case,weight_dtype", [(case, torch.float32) for case in ON_THE_FLY_CASES]
+                         + [("pcm-rasch2023", torch.bfloat16)])
+def test_on_the_fly_chip_matches_the_stored_chip(case, weight_dtype):
     """An OnTheFlyChip (seed + per-column vectors) gives the stored chip's outputs after programming,
-    after a drift and after a second drift of the same programming, within float rounding."""
+    after a drift and after a second drift of the same programming, within float rounding; a bfloat16
+    digital weight is read by the kernel as it is (no float32 copy)."""
     config = dataclasses.replace(ON_THE_FLY_CASES[case], tile=TileConfig(32, 16))
     torch.manual_seed(40 + list(ON_THE_FLY_CASES).index(case))
-    weight = torch.randn(OUT, IN) * 0.2
+    weight = (torch.randn(OUT, IN) * 0.2).to(weight_dtype)
     x, bias = inputs(seed=3), torch.randn(OUT)
     row_ids = torch.arange(BATCH) * 2 + 5
     stored = AnalogMatrix(config, OUT, IN, "otf", seed=11)
@@ -322,14 +324,15 @@ def test_on_the_fly_chip_matches_the_stored_chip(case):
                        rtol=2e-4, atol=2e-4)
 
 
-def test_on_the_fly_experts_match_the_stored_experts():
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_on_the_fly_experts_match_the_stored_experts(weight_dtype):
     from romer_kernels.nn.analog_experts import AnalogExperts
 
     config = dataclasses.replace(presets.aihwkit_default(), tile=TileConfig(32, 16))
     experts, hidden, inter = 3, 40, 24
     torch.manual_seed(5)
-    gate_up = torch.nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.2)
-    down = torch.nn.Parameter(torch.randn(experts, hidden, inter) * 0.2)
+    gate_up = torch.nn.Parameter((torch.randn(experts, 2 * inter, hidden) * 0.2).to(weight_dtype))
+    down = torch.nn.Parameter((torch.randn(experts, hidden, inter) * 0.2).to(weight_dtype))
     tokens, index, weights = torch.randn(10, hidden), torch.randint(0, experts, (10, 2)), torch.rand(10, 2)
     outputs = []
     for on_the_fly in (False, True):
@@ -341,5 +344,7 @@ def test_on_the_fly_experts_match_the_stored_experts():
         outputs.append(module(tokens, index, weights))
         if on_the_fly:  # the grouped kernel, generating every expert's tiles from the fused digital weights
             assert all(matrix.chip.state is None for matrix in module.gate_up + module.down)
-            assert module._stacked[2]["gate_up"] is None and module._stacked[2]["program_gate_up"].weight.dim() == 3
+            plan = module._stacked[2]["program_gate_up"]
+            assert module._stacked[2]["gate_up"] is None and plan.weight.dim() == 3
+            assert plan.weight.data_ptr() == gate_up.data_ptr()  # the fused digital weights, read in place
     assert_matches(outputs[1], outputs[0], 0.05, max_fraction=0.05, rtol=2e-4, atol=2e-4)

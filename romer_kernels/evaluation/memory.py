@@ -113,9 +113,7 @@ def per_call_temporaries(matrices: list["AnalogMatrixShape"], config: AnalogConf
     largest_bytes = largest.out_features * largest.in_features * FLOAT32_BYTES
     shape = f"{largest.out_features}x{largest.in_features}"
     temporaries = []
-    if device == "cuda":
-        if weight_dtype != "float32":  # the kernel reads float32 digital weights: one matrix converted per call
-            temporaries.append((f"float32 copy of one {weight_dtype} digital matrix ({shape})", largest_bytes))
+    if device == "cuda":  # on-the-fly chips read the digital weights in place, in their own dtype
         return temporaries
     if state_dtype != "float32":
         # the MVM reads a float32 copy of a reduced-precision state

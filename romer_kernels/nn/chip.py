@@ -262,10 +262,11 @@ class OnTheFlyChip:
 
     @staticmethod
     def _weight32(weight: torch.Tensor) -> torch.Tensor:
-        return weight.detach().to(torch.float32).contiguous()   # a copy only for a non-float32 weight
+        return weight.detach().to(torch.float32).contiguous()   # programming: a temporary for non-float32
 
     def _with_weight(self, weight: torch.Tensor):
-        return dataclasses.replace(self._plan, weight=self._weight32(weight))
+        """The plan with the digital weight as the kernel reads it: in place, in its own dtype."""
+        return dataclasses.replace(self._plan, weight=weight.detach().contiguous())
 
     @property
     def plan(self):

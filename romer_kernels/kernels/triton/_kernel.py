@@ -99,7 +99,9 @@ def _tile_weight(w_base, stride_wt, stride_wo, stride_wk, i, off, k, kvalid, col
         w = tl.load(w_base + i * stride_wt + cols64[None, :] * stride_wo + k[:, None] * stride_wk, mask=m, other=0.0)
     else:
         gk = (off + k).to(tl.int64)
+        # the digital weights in their own dtype (a bfloat16 model is read as it is), computed in float32
         wd = tl.load(wd_ptr + cols64[None, :] * stride_wdo + gk[:, None] * stride_wdi, mask=m, other=0.0)
+        wd = wd.to(tl.float32)
         if MAP_SCALE:   # target = w / weight-scaling s
             ms = tl.load(pm_ptr + i * OUT + cols64, mask=cvalid, other=1.0)
             t = tl.math.div_rn(wd, ms[None, :])

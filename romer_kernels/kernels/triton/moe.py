@@ -163,8 +163,8 @@ def analog_experts_arguments(experts, call_index: int) -> dict:
 
 def stacked_plan(plans: list[Program], weights: torch.Tensor) -> Program:
     """One grouped-experts plan from the per-expert plans of on-the-fly chips in the same life-cycle state
-    (same config, time and drift call) and their digital weights ``weights`` [E, out, in] (read in place
-    when float32 and contiguous)."""
+    (same config, time and drift call) and their digital weights ``weights`` [E, out, in] (read in place,
+    in their own dtype, when contiguous)."""
     base = plans[0]
     if any(p.mode != base.mode or p.read != base.read or p.drifts != base.drifts for p in plans):
         raise ValueError("the experts' chips are not in the same state (program / drift them together)")
@@ -175,6 +175,6 @@ def stacked_plan(plans: list[Program], weights: torch.Tensor) -> Program:
         return None if values[0] is None else torch.stack([v.to(device) for v in values]).contiguous()
 
     return dataclasses.replace(
-        base, weight=weights.detach().to(torch.float32).contiguous(), pa=stack("pa"), map_scale=stack("map_scale"),
+        base, weight=weights.detach().contiguous(), pa=stack("pa"), map_scale=stack("map_scale"),
         read_scale=stack("read_scale") if base.read else None, read_seeds=stack("read_seeds") if base.read else None,
         seed_table=torch.tensor([[p.seed0, p.seed1] for p in plans], dtype=torch.int64, device=device))
