@@ -259,8 +259,8 @@ at::Tensor analog_mvm(const at::Tensor& x, const at::Tensor& w, const std::optio
   const int64_t ld = whole ? K : nmax;
   std::vector<int64_t> w_base(T);
   for (int64_t t = 0; t < T; ++t) w_base[t] = whole ? in_off[t] : t * N * nmax;
-  // tile t of the weight as a [N, in_sizes[t]] view, transposed for the products: [in_sizes[t], N]
-  const auto tile_t = [&](int64_t t) { return whole ? w.narrow(1, in_off[t], in_sizes[t]).t() : w[t].narrow(1, 0, in_sizes[t]).t(); };
+  // tile t of the whole weight as a [N, in_sizes[t]] view, transposed for the products: [in_sizes[t], N]
+  const auto tile_t = [&](int64_t t) { return w.narrow(1, in_off[t], in_sizes[t]).t(); };
   std::vector<int64_t> out_tile_of(N);
   int64_t n_ot = 0, total_out = 0;
   for (int64_t s : out_sizes) {

@@ -30,6 +30,7 @@ from torch import nn
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.kernels.backends import supports_on_the_fly
+from romer_kernels.nn.chip import STATE_DTYPES
 from romer_kernels.config.presets import resolve_config
 
 if TYPE_CHECKING:
@@ -41,8 +42,7 @@ if TYPE_CHECKING:
 CONFIG_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "configs"
 
 FLOAT32_BYTES = 4
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPES = STATE_DTYPES  # the same three dtypes for digital weights and chip state
 DEVICES = ("cpu", "cuda")
 
 # Rows of the table, in order: the conversion's categories with "other" split into embeddings and the rest.

@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 
 from romer_kernels.config.analog import IOConfig
+from romer_kernels.config.device_noise import GaussianNoiseConfig, PCMNoiseConfig
 from romer_kernels.config.tiling import TileGrid
 from romer_kernels.kernels import cpp, reference
 from romer_kernels.rng import MvmStreams
@@ -64,8 +65,6 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def supports_on_the_fly(config) -> bool:
     """Whether the Triton kernel can generate an ``AnalogConfig``'s chips on the fly (kernels/triton/program.py):
     no device noise, Gaussian, or PCM with a sigma polynomial of at most 4 coefficients."""
-    from romer_kernels.config.device_noise import GaussianNoiseConfig, PCMNoiseConfig  # noqa: PLC0415
-
     noise = config.noise
     return (noise is None or type(noise) is GaussianNoiseConfig
             or (type(noise) is PCMNoiseConfig and len(noise.prog_coeff) <= 4))
@@ -166,5 +165,12 @@ def readout_column_mean(
         y = reference.tiled_mvm(reference.split_input(probes, grid),
                                 reference.split_weight(tile_weight.to(torch.float32), grid),
                                 grid.in_sizes, grid.out_sizes, io, streams)
-    valid = (torch.arange(y.shape[1])[None, :] < torch.tensor(grid.in_sizes)[:, None]).to(y.dtype)  # [T, n_max]
-    return (y.abs() * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)
+    return probe_column_mean(y, grid)
+
+
+def probe_column_mean(partial: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """[T, out]: mean over each input tile's own probes (rows b < in_sizes[t]) of |partial[t, b, :]|, from
+    the per-tile outputs [T, n_max, out] of the one-hot probes."""
+    sizes = torch.tensor(grid.in_sizes, device=partial.device)
+    valid = (torch.arange(partial.shape[1], device=partial.device)[None, :] < sizes[:, None]).to(partial.dtype)
+    return (partial.abs() * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)

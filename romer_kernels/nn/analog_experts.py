@@ -184,7 +184,6 @@ class AnalogExperts(AnalogModule):
         """The whole expert loop in C++ (csrc/kernels/analog_experts.cpp): same results as the Python loop."""
         from romer_kernels.kernels import cpp  # noqa: PLC0415
 
-        self._ensure_programmed()
 
         def entries(matrices):
             return [(m.chip.state, None, m.chip.out_scale, m.chip.mvm_stream(call_index).key if m.mvm_noise else None)
@@ -204,7 +203,6 @@ class AnalogExperts(AnalogModule):
         """All experts in two grouped Triton launches (vLLM-style dispatch, analog epilogues)."""
         from romer_kernels.kernels.triton import moe_experts_triton, stream_seed_table  # noqa: PLC0415
 
-        self._ensure_programmed()
         device = hidden_states.device
         versions = [id(m.chip) for m in self.gate_up + self.down] + [m.chip.version for m in self.gate_up + self.down]
         cached = self._stacked
@@ -252,7 +250,7 @@ class AnalogExperts(AnalogModule):
         self.forward_calls += 1
         backend = resolve_backend(self.backend, hidden_states.device)
         all_analog = not self.digital_experts and self.extra_experts is None
-        self._ensure_programmed()
+        self._ensure_programmed()  # before choosing a path: programming decides each chip's kind
         on_the_fly = [isinstance(matrix.chip, OnTheFlyChip) for matrix, _ in self._matrices()]
         if (backend == "triton" or all(on_the_fly)) and all_analog and len(set(on_the_fly)) == 1:
             return self._forward_triton(hidden_states, top_k_index, top_k_weights, call_index)

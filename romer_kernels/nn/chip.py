@@ -27,7 +27,7 @@ import torch
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.tiling import TileGrid, mapped_target
-from romer_kernels.kernels.backends import readout_column_mean
+from romer_kernels.kernels.backends import probe_column_mean, readout_column_mean
 from romer_kernels.noise import build_noise_model
 from romer_kernels.noise.base import ProgrammedWeights, StreamDraw
 from romer_kernels.rng import MvmStreams, Purpose, chip_key, stream_seed
@@ -316,10 +316,7 @@ class OnTheFlyChip:
         seeds = self.mvm_stream(readout_index, readout=True) if mvm_noise else None
         ones = torch.ones(len(grid.in_sizes), grid.out_features, device=device)
         part = programmed_linear(probes, plan, ones, None, grid, self.config.io, seeds, partial=True)
-        sizes = torch.tensor(grid.in_sizes, device=device)
-        valid = (torch.arange(probes.shape[0], device=device)[None, :] < sizes[:, None]).to(part.dtype)
-        column_mean = (part.abs() * valid[:, :, None]).sum(dim=1) / valid.sum(dim=1, keepdim=True)
-        return compensation_readout(column_mean, grid, self.config.drift_compensation.kind)
+        return compensation_readout(probe_column_mean(part, grid), grid, self.config.drift_compensation.kind)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, streams,
                row_ids: torch.Tensor | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from romer_kernels.config.device_noise import GaussianNoiseConfig
 from romer_kernels.config.tiling import TileGrid
 from romer_kernels.noise.base import DeviceNoiseModel, Draw, ProgrammedWeights
 from romer_kernels.noise.fused import fused
-from romer_kernels.noise.pcm import _inplace_buffer, check_time, elementwise, standard_normal
+from romer_kernels.noise.pcm import _inplace_buffer, _separate_buffer, check_time, elementwise, standard_normal
 from romer_kernels.rng import Purpose
 
 
@@ -41,8 +41,7 @@ class GaussianNoiseModel(DeviceNoiseModel):
                 with_drift_exponents: bool = True) -> ProgrammedWeights:
         """W_P (no drift exponents: this model does not drift); written into ``out`` when given."""
         w = w_target.detach().to(torch.float32).contiguous()
-        buffer = _inplace_buffer(out, w)
-        buffer = None if buffer is not None and buffer.data_ptr() == w.data_ptr() else buffer
+        buffer = _separate_buffer(out, w)
         path = fused(w, draw)
         if path is not None:
             ops, seed = path

@@ -133,6 +133,13 @@ def _inplace_buffer(t: torch.Tensor | None, source: torch.Tensor) -> torch.Tenso
     return buffer if hi <= src_lo or src_hi <= lo else None
 
 
+def _separate_buffer(t: torch.Tensor | None, source: torch.Tensor) -> torch.Tensor | None:
+    """``t`` if a result of ``source``'s shape can be written into it while ``source`` is still read
+    (no shared memory at all), else None."""
+    buffer = _inplace_buffer(t, source)
+    return None if buffer is not None and buffer.data_ptr() == source.data_ptr() else buffer
+
+
 def check_time(t_inference: float) -> float:
     t = float(t_inference)
     if not (t >= 0.0 and math.isfinite(t)):
@@ -293,12 +300,12 @@ class PCMNoiseModel(DeviceNoiseModel):
             weights, drift_nu = ops.noise_pcm_program(
                 w, grid.out_sizes, grid.in_sizes, params,
                 pair_seeds(seed, Purpose.PROGRAM, self.prog_noise_scale != 0.0),
-                pair_seeds(seed, Purpose.DRIFT_NU, drifts), _buffer(out, w.shape), None)
+                pair_seeds(seed, Purpose.DRIFT_NU, drifts), _separate_buffer(out, w), None)
             return ProgrammedWeights(weights, drift_nu)
         scale = conductance_scale(w, grid, self.g_max)
         xi_prog = pair_normals(draw, Purpose.PROGRAM, w, self.prog_noise_scale != 0.0)
         xi_nu = pair_normals(draw, Purpose.DRIFT_NU, w, drifts)
-        weights = _buffer(out, w.shape)
+        weights = _separate_buffer(out, w)
         weights = torch.empty_like(w) if weights is None else weights
         drift_nu = torch.empty((2, *w.shape), dtype=torch.float32, device=w.device) if drifts else None
         sigma_off = at_zero(self.programming_sigma)

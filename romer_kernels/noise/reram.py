@@ -28,6 +28,7 @@ from romer_kernels.config.tiling import TileGrid
 from romer_kernels.noise.base import DeviceNoiseModel, Draw, ProgrammedWeights
 from romer_kernels.noise.pcm import (
     _inplace_buffer,
+    _separate_buffer,
     check_time,
     conductance_scale,
     elementwise,
@@ -78,8 +79,8 @@ class ReRamWan2022NoiseModel(DeviceNoiseModel):
         xi = pair_normals(draw, Purpose.PROGRAM, w, self.noise_scale != 0.0)
         t = min(self.fitted_times)
         sigma_off = self.sigma(torch.zeros(1), t).item()
-        weights = _inplace_buffer(out, w)
-        weights = torch.empty_like(w) if weights is None or weights.data_ptr() == w.data_ptr() else weights
+        weights = _separate_buffer(out, w)
+        weights = torch.empty_like(w) if weights is None else weights
         targets = torch.empty((2, *w.shape), dtype=torch.float32, device=w.device) if with_drift_exponents else None
 
         def chunk(w, s, xi_plus, xi_minus, out_w, out_target_plus, out_target_minus):
