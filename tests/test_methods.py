@@ -232,8 +232,11 @@ def test_replacement_replaces_planted_cold_experts():
         assert sorted(rep.replaced.values()) == sorted(hottest)
         experts = layer.experts
         for slot, donor in rep.replaced.items():
-            assert torch.equal(experts.gate_up_proj[slot], experts.gate_up_proj[donor])
-            assert torch.equal(experts.down_proj[slot], experts.down_proj[donor])
+            # the slot computes with the donor's rows (views, no copy); the model's own weights are untouched
+            gate_up, down = experts.expert_params(slot)
+            assert gate_up.data_ptr() == experts.gate_up_proj[donor].data_ptr()
+            assert down.data_ptr() == experts.down_proj[donor].data_ptr()
+            assert not torch.equal(experts.gate_up_proj[slot], experts.gate_up_proj[donor])
             chip_slot, chip_donor = experts.expert_weights(slot)[0], experts.expert_weights(donor)[0]
             assert not torch.allclose(chip_slot, chip_donor)      # own, independent noise draw
             assert not torch.allclose(chip_slot, chips_before[layer.experts_name][slot])  # reprogrammed
@@ -387,7 +390,8 @@ def test_replicate_quantize_keeps_budget_and_lowers_lis_on_planted_skew():
     donor = experts0.gate_up[2].effective_weight(experts0.gate_up_proj[2])
     assert not torch.allclose(replica, donor)  # own tiles, own noise
     scale = weight5.abs().amax(1, keepdim=True) / 127
-    assert torch.allclose(experts0.down_proj[5].detach(), (weight5 / scale).round() * scale, atol=1e-6)
+    assert torch.allclose(experts0.expert_params(5)[1].detach(), (weight5 / scale).round() * scale, atol=1e-6)
+    assert torch.equal(experts0.down_proj[5].detach(), weight5)  # the model's own weights are untouched
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
     with pytest.raises(ValueError, match="already has replicas"):

@@ -8,7 +8,8 @@ from moe_models import build
 
 from romer_kernels.config import preset
 from romer_kernels.evaluation.lm_eval import evaluate_lm, windows
-from romer_kernels.evaluation.montecarlo import ResultsStore, Trial, grid, run_sweep, summarize_trials
+from romer_kernels.evaluation.executors import FunctionSession, run_trials
+from romer_kernels.evaluation.montecarlo import ResultsStore, Trial, grid, summarize_trials
 from romer_kernels.evaluation.sweep import SweepSettings, noise_sweep
 from romer_kernels.moe.routing import (
     coefficient_of_variation,
@@ -88,11 +89,11 @@ def test_interrupted_sweep_resumes_without_losing_or_duplicating_trials(tmp_path
 
     store = ResultsStore(tmp_path / "results.sqlite", {"model": "m"})
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(store, trials, run_trial, progress=False)
+        run_trials(store, trials, FunctionSession(run_trial), progress=False)
     store.close()
     store = ResultsStore(tmp_path / "results.sqlite", {"model": "m"})
     assert len(store.done()) == 3
-    ran = run_sweep(store, trials, lambda t: {"ppl": 10.0 + t.seed + t.noise_scale}, progress=False)
+    ran = run_trials(store, trials, FunctionSession(lambda t: {"ppl": 10.0 + t.seed + t.noise_scale}), progress=False)
     assert ran == 3
     rows = store.rows()
     assert sorted(t.key for t, _ in rows) == sorted(t.key for t in trials)

@@ -19,23 +19,6 @@ DEFAULT_MODEL = "tiny-olmoe"
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
-def _tokens(tokenizer, data: str, split: str):
-    import torch  # noqa: PLC0415
-
-    from romer_kernels.evaluation import corpus  # noqa: PLC0415
-
-    if data == "bundled":
-        text = corpus.load_corpus(split)
-    elif data.startswith("hf:"):
-        parts = data[3:].split(":")
-        if len(parts) not in (2, 3):
-            raise ValueError("--data hf:NAME:CONFIG[:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:test")
-        text = corpus.load_hf_dataset_text(parts[0], parts[1], parts[2] if len(parts) == 3 else split)
-    else:
-        text = corpus.load_corpus(split, path=data)
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-
-
 def _placement(args):
     from romer_kernels.moe.convert import Placement  # noqa: PLC0415
 
@@ -63,23 +46,44 @@ def _fmt(cell, digits=3):
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
-    from romer_kernels.evaluation.lm_eval import evaluate_lm  # noqa: PLC0415
-    from romer_kernels.evaluation.montecarlo import Trial  # noqa: PLC0415
-    from romer_kernels.evaluation.sweep import analog_copy, noise_sweep, plot_sweep  # noqa: PLC0415
-    from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
+def _executor(args):
+    from romer_kernels.evaluation.executors import make_executor  # noqa: PLC0415
 
-    model, tokenizer = load_model_and_tokenizer(model_name, args.dtype)
-    tokens = _tokens(tokenizer, args.data, args.split)
+    options = dict(address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                   gpus_per_worker=args.gpus_per_worker)
+    if args.executor == "local":
+        given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --executor ray")
+    return make_executor(args.executor, **options)
+
+
+def _workload(args, model_name: str, calib_split: str | None = None):
+    from romer_kernels.evaluation.runner import Workload  # noqa: PLC0415
+
+    device = "cuda" if (args.gpus_per_worker or 0) > 0 else "cpu"
+    return Workload(model_name, args.data, args.split, calib_split, args.dtype, device)
+
+
+def _print_clean(clean) -> None:
+    routing = f", LIS {clean.routing.lis:.3f}" if clean.routing else ""
+    console.print(f"clean: PPL {clean.perplexity:.2f}{routing} on {clean.tokens} scored tokens")
+
+
+def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
+    from romer_kernels.evaluation.montecarlo import Trial  # noqa: PLC0415
+    from romer_kernels.evaluation.sweep import noise_sweep, plot_sweep  # noqa: PLC0415
+
     settings = _settings(args, _placement(args))
+    executor = _executor(args)
     console.print(f"[bold]{title}[/]: model {model_name}, preset {args.preset}, {args.seeds} chip seeds x noise "
-                  f"scales {args.scales} x t {args.times} s, {tokens.numel()} tokens of {args.data}/{args.split}, "
-                  f"windows of {args.seq_len} (at most {args.windows}), run folder {run_dir}")
+                  f"scales {args.scales} x t {args.times} s on {args.data}/{args.split}, windows of {args.seq_len} "
+                  f"(at most {args.windows}), run folder {run_dir}, executor {executor.describe()}")
     start = time.perf_counter()
-    result = noise_sweep(model, tokens, settings, run_dir, model_id=model_name, data_id=f"{args.data}:{args.split}",
-                         on_clean=lambda clean: console.print(
-                             f"clean: PPL {clean.perplexity:.2f}, LIS {clean.routing.lis:.3f}" if clean.routing
-                             else f"clean: PPL {clean.perplexity:.2f}"))
+    worst = Trial(0, max(args.scales), max(args.times))
+    noisy = {}
+    result = noise_sweep(_workload(args, model_name), None, settings, run_dir, on_clean=_print_clean,
+                         executor=executor, on_session=lambda session: noisy.update(trace=session.evaluate(worst).trace))
     table = Table(title=f"{model_name} on analog hardware ({args.preset}), mean ± std over chip seeds")
     for column in ("noise scale", "t (s)", "n", "PPL", "LIS", "flip rate", "top-k overlap", "KL(noisy‖clean)"):
         table.add_column(column, justify="right")
@@ -91,10 +95,7 @@ def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
                       _fmt(row.get("lis")), _fmt(row.get("flip_rate")), _fmt(row.get("overlap")),
                       _fmt(row.get("kl_to_clean"), 4))
     console.print(table)
-    worst = Trial(0, max(args.scales), max(args.times))
-    noisy = evaluate_lm(analog_copy(model, settings, worst), tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                        max_windows=args.windows)
-    plot = plot_sweep(result, noisy.trace, run_dir / "sweep.png",
+    plot = plot_sweep(result, noisy["trace"], run_dir / "sweep.png",
                       f"{model_name}, {args.preset}; expert load at noise scale {worst.noise_scale:g}")
     (run_dir / "summary.json").write_text(json.dumps(
         {"clean": {"ppl": clean.perplexity, "lis": clean.routing.lis if clean.routing else None},
@@ -119,6 +120,17 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, run_dir: str) -> None:
                         help="dtype of the digital weights; auto = the checkpoint's own (a bfloat16 checkpoint "
                              "stays bfloat16, with no float32 copy)")
     parser.add_argument("--run-dir", default=run_dir)
+    parser.add_argument("--executor", default="local", choices=["local", "ray"],
+                        help="where the trials run: local = this process (default), ray = Ray workers that each "
+                             "load the model once (pip install 'romer_kernels[ray]'); results are the same")
+    parser.add_argument("--address", help="--executor ray: auto (the cluster this machine is part of) or HOST:PORT "
+                        "of a head node (default: start a local Ray)")
+    parser.add_argument("--workers", type=int, help="--executor ray: workers (default: one per cluster CPU / "
+                        "--cpus-per-worker)")
+    parser.add_argument("--cpus-per-worker", type=float, help="--executor ray: CPUs (and torch threads) per worker "
+                        "(default 1)")
+    parser.add_argument("--gpus-per-worker", type=float, help="--executor ray: GPUs per worker (default 0; > 0 runs "
+                        "each worker's model on its GPU)")
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -135,22 +147,20 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from romer_kernels.evaluation.compare import compare_methods, plot_compare  # noqa: PLC0415
-    from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
 
     if args.placement:
         raise ValueError("romer compare sets the placement per variant; --placement is not used here")
     args.windows = args.windows or None
     run_dir = Path(args.run_dir or f"runs/compare-{Path(args.model).name}-{args.preset}")
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
-    eval_ids = _tokens(tokenizer, args.data, args.split)
-    calib_ids = _tokens(tokenizer, args.data, args.calib_split)
     settings = _settings(args)
+    executor = _executor(args)
     console.print(f"[bold]romer compare[/]: {args.model}, preset {args.preset}, variants {', '.join(args.variants)}, "
                   f"{args.seeds} chip seeds x scales {args.scales} x t {args.times} s; calibration on "
-                  f"{args.calib_windows} windows of the {args.calib_split} split, evaluation on {args.split}")
+                  f"{args.calib_windows} windows of the {args.calib_split} split, evaluation on {args.split}; "
+                  f"executor {executor.describe()}")
     start = time.perf_counter()
-    result = compare_methods(model, eval_ids, calib_ids, settings, tuple(args.variants), run_dir, args.model,
-                             f"{args.data}:{args.split}", calib_windows=args.calib_windows)
+    result = compare_methods(_workload(args, args.model, args.calib_split), None, None, settings, tuple(args.variants),
+                             run_dir, calib_windows=args.calib_windows, executor=executor)
     table = Table(title=f"{args.model} ({args.preset}): methods, mean ± std over {args.seeds} chip seeds")
     for column in ("noise scale", "t (s)", "variant", "n", "PPL", "LIS", "flip rate"):
         table.add_column(column, justify="left" if column == "variant" else "right")
@@ -328,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             resolve_backend(args.backend)  # fail now, with the reason, if it cannot run here
             set_backend(args.backend)
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, NotImplementedError, TypeError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, ImportError, NotImplementedError, TypeError, RuntimeError,
+            ConnectionError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
 

@@ -1,92 +1,28 @@
 """Compare the robustness methods on the same chips: clean, noisy, and noisy + each method.
 
-Every trial (chip seed x noise scale x drift time x variant) converts a fresh copy of the clean model
-with the variant's placement, programs and drifts it with the trial's seed, applies the variant's method
-with calibration tokens (never the evaluation tokens), and evaluates perplexity and routing against the
-clean model on the evaluation windows. Trials go to the same resumable SQLite store as ``noise_sweep``,
-with the variant in the key. Variants share the chip seed, so their differences are paired.
+Every trial (chip seed x noise scale x drift time x variant) is the model converted with the variant's
+placement, programmed and drifted with the trial's seed, with the variant's method applied using
+calibration tokens (never the evaluation tokens), evaluated for perplexity and routing against the clean
+model on the evaluation windows. The trials run like ``noise_sweep``'s (one model re-programmed in
+place per trial, on the local or the Ray executor) and go to the same resumable SQLite store, with the
+variant in the key. Variants share the chip seed, so their differences are paired. The variants
+themselves are in ``variants``.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from romer_kernels.evaluation.lm_eval import LMEval, evaluate_lm, windows
-from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, Trial, grid, run_sweep, summarize_trials
-from romer_kernels.evaluation.sweep import SweepSettings, analog_copy, errorbar_vs_scale, finish_axis, save_figure, trial_metrics
-from romer_kernels.methods import RomerConfig, RQConfig, digital_placement, replicate_quantize_, romer_
-from romer_kernels.moe.convert import Placement
-
-PlacementFn = Callable[[nn.Module, torch.Tensor], Placement]
-MethodFn = Callable[[nn.Module, torch.Tensor], None]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A robustness method: how the model is placed, and what is done to the chip after programming."""
-
-    name: str
-    placement: PlacementFn
-    method: MethodFn | None = None
-    description: str = ""
-
-
-def _all_analog(model: nn.Module, calib: torch.Tensor) -> Placement:
-    return Placement()
-
-
-def _digital(fraction: float, score: str) -> PlacementFn:
-    def placement(model: nn.Module, calib: torch.Tensor) -> Placement:
-        return digital_placement(model, fraction, score, calib_ids=calib, seed=0)
-    return placement
-
-
-def _romer(*stages: str) -> MethodFn:
-    def method(model: nn.Module, calib: torch.Tensor) -> None:
-        romer_(model, calib, RomerConfig(stages=stages))
-    return method
-
-
-def _rq(model: nn.Module, calib: torch.Tensor) -> None:
-    replicate_quantize_(model, calib, RQConfig())
-
-
-VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("noisy", _all_analog, None, "everything analog but lm_head, no method"),
-    Variant("dense-digital", _digital(0.0, "maxnn"), None, "attention, shared experts, dense MLPs digital"),
-    Variant("maxnn-12.5", _digital(0.125, "maxnn"), None, "dense digital + top 12.5% experts by MaxNNScore digital"),
-    Variant("random-12.5", _digital(0.125, "random"), None, "dense digital + random 12.5% experts digital"),
-    Variant("frequency-12.5", _digital(0.125, "frequency"), None, "dense digital + most used 12.5% experts digital"),
-    Variant("romer-replace", _all_analog, _romer("replace"), "ROMER stage 1: cold experts become copies"),
-    Variant("romer-recal", _all_analog, _romer("recalibrate"), "ROMER stage 2: percentile router recalibration"),
-    Variant("romer", _all_analog, _romer("replace", "recalibrate"), "ROMER stages 1 + 2"),
-    Variant("rq", _all_analog, _rq, "Replicate-and-Quantize (1 int8 replica per layer)"),
-    Variant("maxnn-12.5+romer", _digital(0.125, "maxnn"), _romer("replace", "recalibrate"), "MaxNN placement + ROMER"),
-)}
-DEFAULT_VARIANTS = ("noisy", "maxnn-12.5", "random-12.5", "romer-recal", "romer", "rq")
-
-
-def calibration_windows(token_ids: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
-    """[count, seq_len] non-overlapping windows from the start of ``token_ids`` (the calibration set)."""
-    spans = windows(int(torch.as_tensor(token_ids).numel()), seq_len)[:count]
-    return torch.stack([torch.as_tensor(token_ids)[start:end] for start, end, _ in spans])
-
-
-def variant_model(model: nn.Module, settings: SweepSettings, trial: Trial, calib: torch.Tensor) -> nn.Module:
-    """The analog copy of ``model`` for one trial, with the variant's placement and method applied."""
-    try:
-        variant = VARIANTS[trial.variant]
-    except KeyError:
-        raise ValueError(f"unknown variant {trial.variant!r}; known: {', '.join(VARIANTS)}") from None
-    analog = analog_copy(model, settings, trial, variant.placement(model, calib))
-    if variant.method is not None:
-        variant.method(analog, calib)
-    return analog
+from romer_kernels.evaluation.executors import LocalExecutor, RayExecutor, run_trials
+from romer_kernels.evaluation.lm_eval import LMEval
+from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, grid, summarize_trials
+from romer_kernels.evaluation.runner import SweepSettings, Workload, trial_metrics
+from romer_kernels.evaluation.sweep import errorbar_vs_scale, finish_axis, open_session, save_figure, workload_of
+from romer_kernels.evaluation.variants import DEFAULT_VARIANTS, VARIANTS, Variant, calibration_windows  # noqa: F401
 
 
 @dataclass
@@ -97,30 +33,35 @@ class CompareResult:
     trials_run: int
 
 
-def compare_methods(model: nn.Module, eval_ids: torch.Tensor, calib_ids: torch.Tensor, settings: SweepSettings,
-                    variants: tuple[str, ...], run_dir: str | Path, model_id: str, data_id: str,
-                    calib_windows: int = 8, progress: bool = True) -> CompareResult:
-    """Clean evaluation plus every (seed, noise scale, time, variant) trial; resumable like ``noise_sweep``."""
+def compare_methods(model: nn.Module | Workload, eval_ids: torch.Tensor | None, calib_ids: torch.Tensor | None,
+                    settings: SweepSettings, variants: tuple[str, ...], run_dir: str | Path,
+                    model_id: str | None = None, data_id: str | None = None, calib_windows: int = 8,
+                    progress: bool = True, executor: LocalExecutor | RayExecutor | None = None) -> CompareResult:
+    """Clean evaluation plus every (seed, noise scale, time, variant) trial; resumable like ``noise_sweep``.
+
+    ``model``: a model object with its ``eval_ids`` / ``calib_ids`` (local executor), or a ``Workload``
+    with a ``calib_split`` (any executor)."""
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if isinstance(model, Workload) and model.calib_split is None:
+        raise ValueError("compare_methods needs calibration tokens: give the Workload a calib_split")
+    if not isinstance(model, Workload) and calib_ids is None:
+        raise ValueError("compare_methods needs calib_ids")
+    workload, model_id, data_id = workload_of(model, eval_ids, calib_ids, model_id, data_id)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    calib = calibration_windows(calib_ids, settings.seq_len, calib_windows)
-    eval_args = dict(seq_len=settings.seq_len, batch_size=settings.batch_size, max_windows=settings.max_windows)
-    clean = evaluate_lm(model, eval_ids, **eval_args)
-    (run_dir / "clean.json").write_text(json.dumps(trial_metrics(clean), indent=1))
+    trials = grid(settings.seeds, settings.noise_scales, settings.times, variants)
     fingerprint = settings.fingerprint(model_id, data_id) | {"calib_windows": calib_windows}
     store = ResultsStore(run_dir / "results.sqlite", fingerprint)
     try:
-        def run_trial(trial: Trial) -> dict[str, float]:
-            with torch.no_grad():
-                analog = variant_model(model, settings, trial, calib)
-            return trial_metrics(evaluate_lm(analog, eval_ids, clean=clean.trace, **eval_args))
-
-        trials = grid(settings.seeds, settings.noise_scales, settings.times, variants)
-        ran = run_sweep(store, trials, run_trial, progress=progress)
+        session = open_session(executor, workload, settings, calib_windows)
+        try:
+            clean = session.clean
+            (run_dir / "clean.json").write_text(json.dumps(trial_metrics(clean), indent=1))
+            ran = run_trials(store, trials, session, progress=progress)
+        finally:
+            session.close()
         summaries = summarize_trials(store.rows())
     finally:
         store.close()

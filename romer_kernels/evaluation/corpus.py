@@ -109,6 +109,26 @@ def load_hf_dataset_text(name: str, config: str | None = None, split: str = "tes
     return "\n\n".join(str(row) for row in dataset[column])
 
 
+def load_text(data: str = "bundled", split: str = "test") -> str:
+    """The text a data spec names: ``bundled`` (this corpus' ``split``), ``hf:NAME:CONFIG[:SPLIT]`` (a
+    Hugging Face dataset; its own split, else ``split``) or the path of a text file."""
+    if data == "bundled":
+        return load_corpus(split)
+    if data.startswith("hf:"):
+        parts = data[3:].split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError("--data hf:NAME:CONFIG[:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:test")
+        return load_hf_dataset_text(parts[0], parts[1], parts[2] if len(parts) == 3 else split)
+    return load_corpus(split, path=data)
+
+
+def load_tokens(tokenizer, data: str = "bundled", split: str = "test"):
+    """1-D int64 token ids of ``load_text(data, split)`` under ``tokenizer``."""
+    import torch  # noqa: PLC0415
+
+    return torch.tensor(tokenizer(load_text(data, split))["input_ids"], dtype=torch.long)
+
+
 # -- building ----------------------------------------------------------------------------------------
 def iter_pages(bz2_path: str | Path):
     """(title, namespace, is_redirect, wikitext) of every page of a MediaWiki XML dump (.bz2)."""

@@ -5,7 +5,7 @@ in its own transaction, to an SQLite file in the run folder; the trial's key is 
 interrupted sweep run again with the same settings skips the trials already stored, so no trial is lost
 or counted twice. The store also keeps a fingerprint of everything else that defines the sweep (model,
 config, data, evaluation settings): resuming with other settings is refused with a clear error instead
-of mixing results.
+of mixing results. The driver loop that fills the store is ``executors.run_trials``.
 """
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ import math
 import sqlite3
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from scipy import stats
-from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -90,27 +89,6 @@ class ResultsStore:
 
     def close(self) -> None:
         self.connection.close()
-
-
-def run_sweep(store: ResultsStore, trials: list[Trial], run_trial: Callable[[Trial], dict[str, float]],
-              progress: bool = True) -> int:
-    """Run the trials not yet in ``store``; each result is committed as soon as it is known.
-
-    Returns the number of trials run now. ``run_trial`` returns a dict of float metrics.
-    """
-    keys = [trial.key for trial in trials]
-    if len(set(keys)) != len(keys):
-        raise ValueError("the sweep lists the same trial twice")
-    done = store.done()
-    todo = [trial for trial in trials if trial.key not in done]
-    for trial in tqdm(todo, desc="trials", disable=not progress or not todo, leave=False):
-        start = time.perf_counter()
-        metrics = run_trial(trial)
-        bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float))}
-        if bad:
-            raise TypeError(f"trial metrics must be numbers, got {bad}")
-        store.add(trial, {k: float(v) for k, v in metrics.items()}, time.perf_counter() - start)
-    return len(todo)
 
 
 @dataclass

@@ -1,48 +1,28 @@
 """The field's question in one call: what analog noise does to an MoE LM's perplexity and expert load.
 
 ``noise_sweep`` evaluates the clean model once, then every trial (chip seed x noise scale x drift time)
-on a fresh analog copy of it, with the same token windows, and stores each finished trial in the run
-folder's SQLite store (resumable, see ``montecarlo``). ``plot_sweep`` draws PPL and LIS against the noise
-scale and the per-layer expert load of the clean and of one noisy model.
+with the same token windows, and stores each finished trial in the run folder's SQLite store (resumable,
+see ``montecarlo``). The trials run on an executor (``executors``): in this process on the one model,
+re-programmed in place per trial (``runner.TrialRunner``), or on Ray workers that each load the model
+once. ``plot_sweep`` draws PPL and LIS against the noise scale and the per-layer expert load of the
+clean and of one noisy model.
 """
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from romer_kernels.config.analog import AnalogConfig
-from romer_kernels.config.scaling import scale_noise
-from romer_kernels.evaluation.lm_eval import LMEval, evaluate_lm
-from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, Trial, grid, run_sweep, summarize_trials
-from romer_kernels.moe.convert import Placement, analogize_
+from romer_kernels.evaluation.executors import LoadedWorkload, LocalExecutor, RayExecutor, Session, run_trials
+from romer_kernels.evaluation.lm_eval import LMEval
+from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, grid, summarize_trials
+from romer_kernels.evaluation.runner import METRICS, SweepSettings, Workload, trial_metrics  # noqa: F401  (API)
 from romer_kernels.moe.routing import RoutingTrace
-from romer_kernels.nn.model_helpers import drift_analog_, program_analog_
-
-METRICS = ("ppl", "lis", "flip_rate", "overlap", "kl_to_clean", "cv", "entropy")
-
-
-@dataclass
-class SweepSettings:
-    config: AnalogConfig
-    placement: Placement = field(default_factory=Placement)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    noise_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
-    times: tuple[float, ...] = (3600.0,)
-    seq_len: int = 256
-    batch_size: int = 8
-    max_windows: int | None = 16
-
-    def fingerprint(self, model_id: str, data_id: str) -> dict[str, Any]:
-        return {"model": model_id, "data": data_id, "config": self.config.to_dict(),
-                "placement": self.placement.to_dict(), "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "max_windows": self.max_windows}
 
 
 @dataclass
@@ -63,49 +43,55 @@ class SweepResult:
         return list(rows.values())
 
 
-def analog_copy(model: nn.Module, settings: SweepSettings, trial: Trial, placement: Placement | None = None) -> nn.Module:
-    """A programmed (and drifted) analog copy of the clean ``model`` for one trial
-    (``placement`` overrides ``settings.placement``)."""
-    analog = copy.deepcopy(model)
-    config = scale_noise(settings.config, trial.noise_scale)
-    analogize_(analog, config, placement or settings.placement, seed=trial.seed)
-    program_analog_(analog, trial.seed)
-    if config.noise is not None:
-        drift_analog_(analog, trial.t_inference)
-    return analog
+def workload_of(model: nn.Module | Workload, token_ids: torch.Tensor | None, calib_ids: torch.Tensor | None = None,
+                model_id: str | None = None, data_id: str | None = None) -> tuple[Workload | LoadedWorkload, str, str]:
+    """(workload, model id, data id) of a sweep given a model object and its tokens, or a ``Workload``."""
+    if isinstance(model, Workload):
+        if token_ids is not None or calib_ids is not None:
+            raise ValueError("a Workload loads its own tokens: pass token_ids=None (and no calib_ids)")
+        return model, model_id or model.model_id, data_id or model.data_id
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a model (nn.Module) or a Workload, got {type(model).__name__}")
+    if token_ids is None or model_id is None or data_id is None:
+        raise ValueError("a sweep on a model object needs token_ids, model_id and data_id")
+    return LoadedWorkload(model, token_ids, calib_ids), model_id, data_id
 
 
-def trial_metrics(result: LMEval) -> dict[str, float]:
-    routing = result.routing
-    metrics = {"ppl": result.perplexity, "nll": result.nll}
-    if routing is not None:
-        metrics.update(lis=routing.lis, cv=routing.cv, entropy=routing.entropy, max_over_mean=routing.max_over_mean)
-        for name in ("flip_rate", "overlap", "kl_to_clean"):
-            if getattr(routing, name) is not None:
-                metrics[name] = getattr(routing, name)
-    return metrics
+def open_session(executor: LocalExecutor | RayExecutor | None, workload, settings: SweepSettings,
+                 calib_windows: int = 8) -> Session:
+    return (executor or LocalExecutor()).open(workload, settings, calib_windows)
 
 
-def noise_sweep(model: nn.Module, token_ids: torch.Tensor, settings: SweepSettings, run_dir: str | Path,
-                model_id: str, data_id: str, progress: bool = True,
-                on_clean: Callable[[LMEval], None] | None = None) -> SweepResult:
-    """Clean evaluation plus every trial of ``settings`` (resuming any already stored in ``run_dir``)."""
+def noise_sweep(model: nn.Module | Workload, token_ids: torch.Tensor | None, settings: SweepSettings,
+                run_dir: str | Path, model_id: str | None = None, data_id: str | None = None, progress: bool = True,
+                on_clean: Callable[[LMEval], None] | None = None,
+                executor: LocalExecutor | RayExecutor | None = None,
+                on_session: Callable[[Session], None] | None = None) -> SweepResult:
+    """Clean evaluation plus every trial of ``settings`` (resuming any already stored in ``run_dir``).
+
+    ``model``: a model object (its ``token_ids``, ``model_id`` and ``data_id`` given; local executor only;
+    the model is converted in place while the sweep runs and handed back digital, weights untouched) or
+    a ``Workload`` that every worker loads itself. ``executor``: ``LocalExecutor()`` (default) or
+    ``RayExecutor(...)``. ``on_session``: called with the open session before the trials (e.g. to draw
+    one more trial's routing with ``session.evaluate(trial)`` before it closes).
+    """
+    workload, model_id, data_id = workload_of(model, token_ids, None, model_id, data_id)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    eval_args = dict(seq_len=settings.seq_len, batch_size=settings.batch_size, max_windows=settings.max_windows)
-    clean = evaluate_lm(model, token_ids, **eval_args)
-    if on_clean is not None:
-        on_clean(clean)
-    (run_dir / "clean.json").write_text(json.dumps(trial_metrics(clean), indent=1))
+    trials = grid(settings.seeds, settings.noise_scales, settings.times)
     store = ResultsStore(run_dir / "results.sqlite", settings.fingerprint(model_id, data_id))
     try:
-        def run_trial(trial: Trial) -> dict[str, float]:
-            analog = analog_copy(model, settings, trial)
-            return trial_metrics(evaluate_lm(analog, token_ids, clean=clean.trace, **eval_args))
-
-        trials = grid(settings.seeds, settings.noise_scales, settings.times)
-        ran = run_sweep(store, trials, run_trial, progress=progress)
+        session = open_session(executor, workload, settings)
+        try:
+            clean = session.clean
+            if on_clean is not None:
+                on_clean(clean)
+            (run_dir / "clean.json").write_text(json.dumps(trial_metrics(clean), indent=1))
+            ran = run_trials(store, trials, session, progress=progress)
+            if on_session is not None:
+                on_session(session)
+        finally:
+            session.close()
         summaries = summarize_trials(store.rows())
     finally:
         store.close()

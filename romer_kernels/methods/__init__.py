@@ -4,6 +4,7 @@
 - ``romer``: ROMER stage 1 (expert replacement) and stage 2 (percentile router recalibration).
 - ``replicate_quantize``: Replicate-and-Quantize (low-precision replicas of heavy hitters on their own
   tiles, least important experts quantized, memory budget kept).
+- ``undo``: ``undo_methods_`` removes what the methods set (none writes the model's weights).
 
 See ``docs/methods.md`` for which steps follow the papers and which are our definitions.
 """
@@ -36,8 +37,9 @@ from romer_kernels.methods.romer import (
     replace_experts_,
     romer_,
 )
+from romer_kernels.methods.undo import undo_methods_
 
-__all__ = ["RQConfig", "RQReport", "ablation_importance", "crossbar_lis", "quantize_symmetric",
+__all__ = ["undo_methods_", "RQConfig", "RQReport", "ablation_importance", "crossbar_lis", "quantize_symmetric",
            "replicate_quantize_", "wanda_importance",
            "ReplicaDispatch", "RomerConfig", "RomerReport", "calibration_pass", "moe_layers", "recalibrate_router_",
            "replace_experts_", "romer_",

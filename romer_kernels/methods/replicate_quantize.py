@@ -68,8 +68,9 @@ class ReplicaBank:
         num = experts.num_experts
         with torch.no_grad():
             for j, donor in enumerate(self.donors):
-                gate_up = quantize_symmetric(experts.gate_up_proj[donor].detach().float(), bits)
-                down = quantize_symmetric(experts.down_proj[donor].detach().float(), bits)
+                donor_gate_up, donor_down = experts.expert_params(donor)
+                gate_up = quantize_symmetric(donor_gate_up.detach().float(), bits)
+                down = quantize_symmetric(donor_down.detach().float(), bits)
                 self.gate_up_weights.append(gate_up)
                 self.down_weights.append(down)
                 self.digital.append(donor in experts.digital_experts)
@@ -163,7 +164,7 @@ def wanda_importance(model: nn.Module, calib_ids: torch.Tensor, batch_size: int 
                 if e < 0 or e >= acc[0].shape[0]:
                     continue
                 x = hidden[(index == e).any(dim=1)]
-                inner = nn.functional.linear(x, module.gate_up_proj[e].detach().float())
+                inner = nn.functional.linear(x, module.expert_params(e)[0].detach().float())
                 gate, up = inner.chunk(2, dim=-1)
                 acts = module.act_fn(gate) * up
                 acc[0][e] += (x.double() ** 2).sum(0)
@@ -183,10 +184,11 @@ def wanda_importance(model: nn.Module, calib_ids: torch.Tensor, batch_size: int 
     scores = {}
     for layer in layers:
         x_norm, a_norm = (t.sqrt() for t in sums[layer.experts_name])
-        gate_up = layer.experts.gate_up_proj.detach().double().abs()
-        down = layer.experts.down_proj.detach().double().abs()
-        scores[layer.experts_name] = ((gate_up * x_norm[:, None, :]).sum((1, 2))
-                                      + (down * a_norm[:, None, :]).sum((1, 2))).float()
+        score = torch.zeros(layer.num_experts, dtype=torch.float64)
+        for e in range(layer.num_experts):  # one expert at a time: no float64 copy of all experts
+            gate_up, down = (w.detach().double().abs() for w in layer.experts.expert_params(e))
+            score[e] = (gate_up * x_norm[e][None, :]).sum() + (down * a_norm[e][None, :]).sum()
+        scores[layer.experts_name] = score.float()
     return scores
 
 
@@ -330,9 +332,10 @@ def replicate_quantize_(model: nn.Module, calib_ids: torch.Tensor, config: RQCon
         bits_after = ((num - len(quantized)) * config.base_bits + len(quantized) * config.quant_bits
                       + len(donors) * config.replica_bits) * size
         assert bits_after <= bits_before, "Replicate-and-Quantize must keep the memory budget"
-        for e in quantized:
-            experts.gate_up_proj[e].copy_(quantize_symmetric(experts.gate_up_proj[e].float(), config.quant_bits))
-            experts.down_proj[e].copy_(quantize_symmetric(experts.down_proj[e].float(), config.quant_bits))
+        for e in quantized:  # the slot's quantized weights, in the model's dtype; the model's own stay as they are
+            gate_up, down = experts.expert_params(e)
+            experts.set_slot_weights(e, quantize_symmetric(gate_up.float(), config.quant_bits).to(gate_up.dtype),
+                                     quantize_symmetric(down.float(), config.quant_bits).to(down.dtype))
         if donors:
             experts.extra_experts = ReplicaBank(experts, donors, config.replica_bits)
             copies: dict[int, list[int]] = {}

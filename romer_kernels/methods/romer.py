@@ -375,8 +375,9 @@ def plan_replacement(frequency: torch.Tensor, tau_under: float = 0.25, max_repla
 
 @torch.no_grad()
 def apply_replacement_(layer: MoELayer, replaced: dict[int, int], mode: str = "average") -> ReplicaDispatch:
-    """Copy each donor's weights into its cold slot (the slot's chip reprograms on next use with its own
-    layer id: an independent noise draw), mask the slot's logit, install the dispatch hook."""
+    """Give each cold slot its donor's weights (``AnalogExperts.set_slot_weights``, no copy; the slot's chip
+    reprograms on next use with its own layer id: an independent noise draw), mask the slot's logit,
+    install the dispatch hook. ``methods.undo_methods_`` undoes it."""
     experts = layer.experts
     if not isinstance(experts, AnalogExperts):
         raise ValueError(f"{layer.experts_name} is not AnalogExperts: expert replacement needs converted fused experts")
@@ -387,9 +388,9 @@ def apply_replacement_(layer: MoELayer, replaced: dict[int, int], mode: str = "a
     for slot, donor in sorted(replaced.items()):
         if slot == donor or donor in dead:
             raise ValueError(f"cannot replace expert {slot} by {donor}")
-        # in place on the parameter (not .data): bumps its version, so the chips reprogram on next use
-        experts.gate_up_proj[slot].copy_(experts.gate_up_proj[donor])
-        experts.down_proj[slot].copy_(experts.down_proj[donor])
+        # the slot computes with the donor's digital rows (views: no copy, the model's weights untouched);
+        # its chips are programmed from them at the next use, with the slot's own layer ids
+        experts.set_slot_weights(slot, *experts.expert_params(donor))
         copies.setdefault(donor, []).append(slot)
         dead.add(slot)
     mask = _masked(adapter) | torch.isin(torch.arange(layer.num_experts), torch.tensor(sorted(dead), dtype=torch.long))

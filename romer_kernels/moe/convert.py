@@ -13,6 +13,10 @@ Which of these become analog is decided per module category by ``Placement``, th
 override lists (fnmatch patterns on module names; per-expert ids per experts module). Parameters keep
 their names, so the digital checkpoint keys are unchanged. Every chip's layer id is its module name,
 so a model programmed with the same seed is the same chip whatever else is converted.
+
+``restore_digital_(model)`` undoes the conversion in place: every analog module is replaced by the
+digital module it was made from (the same Parameters, nothing copied), so one loaded model can be
+converted with one placement after another (a Monte Carlo over placements holds one model).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.presets import resolve_config
 from romer_kernels.nn.analog_experts import AnalogExperts
 from romer_kernels.nn.analog_linear import AnalogLinear
-from romer_kernels.nn.analog_router import AnalogRouter, make_router_analog
+from romer_kernels.nn.analog_router import AnalogRouter, make_router_analog, make_router_digital
 from romer_kernels.nn.base import AnalogModule
 
 CATEGORIES = ("experts", "shared_experts", "router", "attention", "dense_mlp", "lm_head", "other")
@@ -184,6 +188,7 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
         if is_fused_experts(module):
             analog = AnalogExperts.from_experts(module, config, name=name, seed=seed, mvm_noise=mvm_noise,
                                                 digital_experts=placement.digital_experts.get(name, ()))
+            analog.keep_digital_module(module)
             setattr(owner, child, analog)
             del module
             finish(analog)
@@ -193,6 +198,7 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
             if match and _expert_is_digital(name, match, placement):
                 continue
             analog = AnalogLinear.from_linear(module, config, seed=seed, layer_id=name, mvm_noise=mvm_noise, copy=False)
+            analog.keep_digital_module(module)
             setattr(owner, child, analog)
             del module
             finish(analog)
@@ -207,6 +213,36 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
     # remembered so that save_analog() can write how to rebuild the same analog model
     model.romer_conversion = {"config": config.to_dict(), "placement": placement.to_dict(), "seed": seed,
                               "mvm_noise": mvm_noise, "keep_digital": keep_digital}
+    return model
+
+
+def restore_digital_(model: nn.Module) -> nn.Module:
+    """Undo ``analogize_`` in place: every analog module gives way to the digital module it was converted
+    from (same Parameters, nothing copied) and every router gets its own class back. The chips and any
+    method state on them (router maps, expert replicas, slot weights) go with the analog modules.
+    Returns the model, digital again; raises if it was not converted by ``analogize_`` or dropped its
+    digital weights."""
+    conversion = getattr(model, "romer_conversion", None)
+    if not isinstance(conversion, dict):
+        raise ValueError(f"{type(model).__name__} was not converted by analogize_: nothing to restore")
+    if not conversion.get("keep_digital", True):
+        raise ValueError("the model dropped its digital weights (analogize_(..., keep_digital=False)): load it "
+                         "again instead of restoring it")
+    for name in [name for name, _ in model.named_modules()]:
+        try:
+            module = model.get_submodule(name) if name else model
+        except AttributeError:  # inside a module restored earlier in the loop
+            continue
+        if isinstance(module, (AnalogLinear, AnalogExperts)):
+            original = module.digital_module
+            if original is None:
+                raise ValueError(f"{name} ({type(module).__name__}) was not made by analogize_: it has no digital "
+                                 "module to restore")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, original)
+        elif isinstance(getattr(module, "analog", None), AnalogRouter):
+            make_router_digital(module)
+    del model.romer_conversion
     return model
 
 

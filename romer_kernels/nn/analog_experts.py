@@ -19,6 +19,13 @@ Experts listed in ``digital_experts`` are computed digitally (heterogeneous plac
 own tiles): an object with ``num_experts``, ``forward(j, x, token_ids, call_index)`` (slot ``E + j``) and
 ``matrices()`` (``(AnalogMatrix, weight)`` pairs, which then take part in programming, drift and tile
 counts). Ids ``E .. E + num_experts - 1`` are valid in a dispatched index. Not saved either.
+
+``slot_weights`` (default empty) maps an expert slot to the digital ``(gate_up [2I, H], down [H, I])`` it
+computes with instead of its own rows of the fused parameters: how methods change an expert without
+writing the model's weights (ROMER's replacement points a cold slot at its donor's rows, no copy;
+Replicate-and-Quantize gives a slot its quantized weights). The slot's chip is programmed from them (its
+own layer id: its own noise), and ``clear_slot_weights`` undoes every change without a copy of the
+model's weights having been made. Not saved either.
 """
 from __future__ import annotations
 
@@ -92,6 +99,7 @@ class AnalogExperts(AnalogModule):
         self.forward_calls = 0
         self.dispatch = None
         self.extra_experts = None
+        self.slot_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.backend: str | None = None  # MVM backend; None = the process default (see kernels.backends)
         self._stacked: tuple | None = None  # (chip versions, device, split tiles on the device) for Triton
 
@@ -103,12 +111,37 @@ class AnalogExperts(AnalogModule):
         return cls(experts.gate_up_proj, experts.down_proj, experts.act_fn, config, name=name, seed=seed,
                    mvm_noise=mvm_noise, digital_experts=digital_experts)
 
+    # -- digital weights of each slot ----------------------------------------------------------------
+    def expert_params(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The digital (gate_up [2I, H], down [H, I]) slot ``expert`` computes with: its ``slot_weights``
+        entry, else its rows of the fused parameters (views, not copies)."""
+        override = self.slot_weights.get(expert)
+        if override is not None:
+            return override
+        return self.gate_up_proj[expert], self.down_proj[expert]
+
+    def set_slot_weights(self, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Let slot ``expert`` compute with ``gate_up`` / ``down`` (kept by reference); its chip is
+        programmed from them at its next use."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"{self.name}: expert slot {expert} out of range for {self.num_experts} experts")
+        shapes = (tuple(self.gate_up_proj.shape[1:]), tuple(self.down_proj.shape[1:]))
+        if (tuple(gate_up.shape), tuple(down.shape)) != shapes:
+            raise ValueError(f"{self.name}: slot weights must have shapes {shapes[0]} and {shapes[1]}, got "
+                             f"{tuple(gate_up.shape)} and {tuple(down.shape)}")
+        self.slot_weights[int(expert)] = (gate_up, down)
+
+    def clear_slot_weights(self) -> None:
+        """Every slot computes with its own rows of the fused parameters again."""
+        self.slot_weights = {}
+
     # -- chips ----------------------------------------------------------------------------------
     def _matrices(self):
         for e in range(self.num_experts):
             if e not in self.digital_experts:
-                yield self.gate_up[e], self.gate_up_proj[e]
-                yield self.down[e], self.down_proj[e]
+                gate_up, down = self.expert_params(e)
+                yield self.gate_up[e], gate_up
+                yield self.down[e], down
         if self.extra_experts is not None:
             yield from self.extra_experts.matrices()
 
@@ -126,9 +159,9 @@ class AnalogExperts(AnalogModule):
             matrix.program(weight, seed)
         return self
 
-    def drift_(self, t_inference: float) -> "AnalogExperts":
+    def drift_(self, t_inference: float, drift_index: int | None = None) -> "AnalogExperts":
         for matrix, weight in self._matrices():
-            matrix.drift(weight, t_inference)
+            matrix.drift(weight, t_inference, drift_index)
         return self
 
     def reset_noise_counter(self) -> None:
@@ -136,15 +169,16 @@ class AnalogExperts(AnalogModule):
 
     def drop_digital_(self) -> "AnalogExperts":
         """Free the fused digital weights (every expert's chip is programmed first if nobody did)."""
-        if self.digital_experts or self.extra_experts is not None:
-            raise NotImplementedError(f"{self.name}: digital experts (or expert replicas) compute from the fused "
-                                      "digital weights, which therefore cannot be dropped")
+        if self.digital_experts or self.extra_experts is not None or self.slot_weights:
+            raise NotImplementedError(f"{self.name}: digital experts (or expert replicas, or slot weights) compute "
+                                      "from the fused digital weights, which therefore cannot be dropped")
         for matrix, weight in self._matrices():
             matrix.ensure_programmed(weight)
         for matrix, _ in self._matrices():
             matrix.mark_digital_dropped()
         self.gate_up_proj = meta_parameter(self.gate_up_proj)
         self.down_proj = meta_parameter(self.down_proj)
+        self.__dict__.pop("_digital_module", None)  # it holds the weights being freed
         return self
 
     def set_mvm_noise(self, enabled: bool) -> None:
@@ -158,25 +192,26 @@ class AnalogExperts(AnalogModule):
 
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) as realised by the chip (digital units), or the digital weights."""
+        gate_up, down = self.expert_params(expert)
         if expert in self.digital_experts:
-            return self.gate_up_proj[expert].detach(), self.down_proj[expert].detach()
-        return (self.gate_up[expert].effective_weight(self.gate_up_proj[expert]),
-                self.down[expert].effective_weight(self.down_proj[expert]))
+            return gate_up.detach(), down.detach()
+        return self.gate_up[expert].effective_weight(gate_up), self.down[expert].effective_weight(down)
 
     # -- forward --------------------------------------------------------------------------------
     def expert_forward(self, expert: int, x: torch.Tensor, token_ids: torch.Tensor, call_index: int,
                        backend: str | None = None) -> torch.Tensor:
         """One expert's MLP on its tokens ``x [n, H]`` (``token_ids``: their rows in this call), float32."""
+        gate_up_weight, down_weight = self.expert_params(expert)
         if expert in self.digital_experts:
-            hidden = nn.functional.linear(x.float(), self.gate_up_proj[expert].float())
+            hidden = nn.functional.linear(x.float(), gate_up_weight.float())
         else:
-            hidden = self.gate_up[expert].matmul(x, self.gate_up_proj[expert], row_ids=token_ids,
-                                                 call_index=call_index, backend=backend or self.backend)
+            hidden = self.gate_up[expert].matmul(x, gate_up_weight, row_ids=token_ids, call_index=call_index,
+                                                 backend=backend or self.backend)
         gate, up = hidden.chunk(2, dim=-1)
         hidden = self.act_fn(gate) * up
         if expert in self.digital_experts:
-            return nn.functional.linear(hidden, self.down_proj[expert].float())
-        return self.down[expert].matmul(hidden, self.down_proj[expert], row_ids=token_ids, call_index=call_index,
+            return nn.functional.linear(hidden, down_weight.float())
+        return self.down[expert].matmul(hidden, down_weight, row_ids=token_ids, call_index=call_index,
                                         backend=backend or self.backend)
 
     def _forward_cpp(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -252,7 +287,9 @@ class AnalogExperts(AnalogModule):
         all_analog = not self.digital_experts and self.extra_experts is None
         self._ensure_programmed()  # before choosing a path: programming decides each chip's kind
         on_the_fly = [isinstance(matrix.chip, OnTheFlyChip) for matrix, _ in self._matrices()]
-        if (backend == "triton" or all(on_the_fly)) and all_analog and len(set(on_the_fly)) == 1:
+        # the fused on-the-fly kernel reads the fused parameters, so slots with their own weights take the loop
+        fused = all_analog and len(set(on_the_fly)) == 1 and not (on_the_fly[0] and self.slot_weights)
+        if (backend == "triton" or all(on_the_fly)) and fused:
             return self._forward_triton(hidden_states, top_k_index, top_k_weights, call_index)
         if backend == "cpp" and all_analog and self.dispatch is None and _is_silu(self.act_fn):
             return self._forward_cpp(hidden_states, top_k_index, top_k_weights, call_index)
@@ -291,8 +328,8 @@ class AnalogExperts(AnalogModule):
         return {
             "forward_calls": self.forward_calls,
             "digital_experts": sorted(self.digital_experts),
-            "gate_up": [m.state(self.gate_up_proj[e]) for e, m in enumerate(self.gate_up)],
-            "down": [m.state(self.down_proj[e]) for e, m in enumerate(self.down)],
+            "gate_up": [m.state(self.expert_params(e)[0]) for e, m in enumerate(self.gate_up)],
+            "down": [m.state(self.expert_params(e)[1]) for e, m in enumerate(self.down)],
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:

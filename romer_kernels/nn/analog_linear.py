@@ -129,9 +129,10 @@ class AnalogLinear(AnalogModule):
         self.analog.program(self.weight, seed)
         return self
 
-    def drift_(self, t_inference: float) -> "AnalogLinear":
-        """Move the chip to ``t_inference`` seconds after programming (drift, new read noise, compensation)."""
-        self.analog.drift(self.weight, t_inference)
+    def drift_(self, t_inference: float, drift_index: int | None = None) -> "AnalogLinear":
+        """Move the chip to ``t_inference`` seconds after programming (drift, read noise of drift call
+        ``drift_index`` -- default the next --, compensation)."""
+        self.analog.drift(self.weight, t_inference, drift_index)
         return self
 
     def drop_digital_(self) -> "AnalogLinear":
@@ -139,6 +140,7 @@ class AnalogLinear(AnalogModule):
         self.analog.ensure_programmed(self.weight)
         self.analog.mark_digital_dropped()
         self.weight = meta_parameter(self.weight)
+        self.__dict__.pop("_digital_module", None)  # it holds the weight being freed
         return self
 
     def effective_weight(self) -> torch.Tensor:

@@ -84,6 +84,27 @@ class AnalogMatrix:
             raise RuntimeError(f"{self.layer_id!r}: program the chip before dropping its digital weights")
         self.digital_dropped = True
 
+    def set_config(self, config: AnalogConfig) -> None:
+        """Use ``config`` from now on (same tiling; e.g. the noise scaled for another trial). The chip is
+        unprogrammed until the next ``program`` (or use), which reuses its state tensor: no allocation per
+        trial."""
+        self._check_digital("reconfigure")
+        if not isinstance(config, AnalogConfig):
+            raise TypeError(f"set_config expects an AnalogConfig, got {type(config).__name__}")
+        if isinstance(self.chip, LayerChip):
+            self.chip.set_config(config)  # checks the tiling
+        else:
+            chip = type(self.chip)(config, self.out_features, self.in_features, self.layer_id)
+            if (chip.grid.in_sizes, chip.grid.out_sizes) != (self.chip.grid.in_sizes, self.chip.grid.out_sizes):
+                raise ValueError(f"{self.layer_id!r}: the new configuration tiles the matrix differently; convert "
+                                 "the model again to change the tile size")
+            self.chip = chip
+        self.config = config
+        self.t_inference = None
+        self._version = None
+        self._pending_restore = None
+        self._device_cache = None
+
     def program(self, weight: torch.Tensor, seed: int | None = None) -> None:
         """Program ``weight`` with chip ``seed`` (programming noise, compensation baseline)."""
         self._check_digital("program")

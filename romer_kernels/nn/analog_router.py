@@ -101,8 +101,8 @@ class AnalogRouter(AnalogModule):
         self.matrix.program(self.weight, seed)
         return self
 
-    def drift_(self, t_inference: float) -> "AnalogRouter":
-        self.matrix.drift(self.weight, t_inference)
+    def drift_(self, t_inference: float, drift_index: int | None = None) -> "AnalogRouter":
+        self.matrix.drift(self.weight, t_inference, drift_index)
         return self
 
     def reset_noise_counter(self) -> None:
@@ -154,3 +154,12 @@ def make_router_analog(router: nn.Module, config: AnalogConfig | str | None = No
     router.__class__ = analog_cls
     router.analog = adapter
     return adapter
+
+
+def make_router_digital(router: nn.Module) -> nn.Module:
+    """Undo ``make_router_analog``: the router's own class back, its ``analog`` child removed."""
+    if not isinstance(getattr(router, "analog", None), AnalogRouter) or type(router) not in _ANALOG_ROUTER_CLASSES.values():
+        raise ValueError(f"{type(router).__name__} is not a router made analog by make_router_analog")
+    router.__class__ = type(router).__mro__[1]
+    del router.analog
+    return router

@@ -14,8 +14,10 @@ class AnalogModule(nn.Module):
         """Program every crossbar of the module with chip ``seed``."""
 
     @abstractmethod
-    def drift_(self, t_inference: float) -> "AnalogModule":
-        """Move every crossbar to ``t_inference`` seconds after programming."""
+    def drift_(self, t_inference: float, drift_index: int | None = None) -> "AnalogModule":
+        """Move every crossbar to ``t_inference`` seconds after programming, with the read noise of drift
+        call ``drift_index`` of this programming (default: the next call; 0 = the first call's, so that a
+        chip drifted to several times in turn reads each time as a freshly programmed chip would)."""
 
     @abstractmethod
     def reset_noise_counter(self) -> None:
@@ -29,6 +31,16 @@ class AnalogModule(nn.Module):
     @abstractmethod
     def num_tiles(self) -> int:
         """Crossbar tiles the module occupies."""
+
+    def keep_digital_module(self, module: nn.Module) -> None:
+        """Remember the digital module this one was converted from (it shares its Parameters, so keeping it
+        costs nothing): ``moe.convert.restore_digital_`` puts it back. Not a registered submodule."""
+        self.__dict__["_digital_module"] = module
+
+    @property
+    def digital_module(self) -> nn.Module | None:
+        """The digital module this one replaced (``keep_digital_module``), or None."""
+        return self.__dict__.get("_digital_module")
 
     def drop_digital_(self) -> "AnalogModule":
         """Free the digital weights of the analog matrices (their chips must be programmed): the module

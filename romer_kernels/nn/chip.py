@@ -113,6 +113,24 @@ class LayerChip:
         self.version = 0                             # bumped whenever state / out_scale change (device caches)
         self._key: tuple[int, int] | None = None     # (seed, chip_key) of the per-MVM streams
 
+    def set_config(self, config: AnalogConfig) -> None:
+        """Take another configuration of the same tiling (e.g. other noise scales): the chip must be
+        programmed again; its state tensor is kept (and overwritten then) when its dtype stays."""
+        grid = TileGrid(self.grid.out_features, self.grid.in_features, config.tile.max_input_size,
+                        config.tile.max_output_size)
+        if (grid.in_sizes, grid.out_sizes) != (self.grid.in_sizes, self.grid.out_sizes):
+            raise ValueError(f"{self.layer_id!r}: the new configuration tiles the matrix differently "
+                             f"({config.tile.max_input_size}x{config.tile.max_output_size} tiles); convert the model "
+                             "again to change the tile size")
+        self.config = config
+        self.noise_model = None if config.noise is None else build_noise_model(config.noise)
+        self.state_dtype = STATE_DTYPES[config.state_dtype]
+        self.seed = None
+        self.state_is_programmed = False
+        self.baseline = self.out_scale = None
+        self.drift_calls = 0
+        self.version += 1
+
     # -- random streams -------------------------------------------------------------------------
     def _draw(self, drift_index: int | None = None) -> StreamDraw:
         """Normals / stream keys of (purpose, slot). The READ streams of drift call k are slots

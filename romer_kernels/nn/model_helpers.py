@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from romer_kernels.nn.base import AnalogModule
+
+if TYPE_CHECKING:
+    from romer_kernels.config.analog import AnalogConfig
+    from romer_kernels.nn.analog_matrix import AnalogMatrix
 
 
 def analog_layers(model: nn.Module) -> Iterator[tuple[str, AnalogModule]]:
@@ -22,17 +27,32 @@ def _require_analog(model: nn.Module) -> list[AnalogModule]:
     return layers
 
 
-def program_analog_(model: nn.Module, seed: int) -> nn.Module:
-    """Program every analog layer with chip ``seed`` (each layer's own stream comes from its layer_id)."""
-    for layer in _require_analog(model):
+def program_analog_(model: nn.Module, seed: int, config: "AnalogConfig | None" = None) -> nn.Module:
+    """Program every analog layer with chip ``seed`` (each layer's own stream comes from its layer_id).
+
+    ``config``: program with this configuration from now on (it must tile like the conversion's, e.g.
+    ``scale_noise(config, s)``). Every chip is re-programmed in place into the state tensor it already
+    holds, so a Monte Carlo re-programs one converted model per trial instead of copying it; the result
+    is the chip a fresh conversion programmed with ``seed`` and ``config`` would be."""
+    layers = _require_analog(model)
+    if config is not None:
+        for matrix in analog_matrices(model):
+            matrix.set_config(config)
+        conversion = getattr(model, "romer_conversion", None)
+        if isinstance(conversion, dict):
+            conversion["config"] = config.to_dict()
+    for layer in layers:
         layer.program_(seed)
     return model
 
 
-def drift_analog_(model: nn.Module, t_inference: float) -> nn.Module:
-    """Move every analog layer to ``t_inference`` seconds after programming."""
+def drift_analog_(model: nn.Module, t_inference: float, drift_index: int | None = None) -> nn.Module:
+    """Move every analog layer to ``t_inference`` seconds after programming, with the read noise of drift
+    call ``drift_index`` (default: each chip's next; ``0`` replays the first call's, so drifting one
+    programming to several times in turn gives at each time the chip a fresh programming drifted once
+    would be)."""
     for layer in _require_analog(model):
-        layer.drift_(t_inference)
+        layer.drift_(t_inference, drift_index)
     return model
 
 

@@ -1,0 +1,229 @@
+"""One model per process, converted once per placement and re-programmed in place for every trial.
+
+A trial is a chip: ``(seed, noise scale, drift time, variant)``. ``TrialRunner`` holds one model and its
+evaluation (and calibration) tokens, evaluates the clean model once, then runs trials on that same
+model: it converts it when the trial's placement differs from the current one (``restore_digital_`` +
+``analogize_``, no weight copied), re-programs every chip in place with the trial's seed and scaled
+noise (``program_analog_``; skipped when only the time differs), drifts it to the trial's time with the
+read noise of the first drift call (so each time reads as a fresh chip drifted once would), restarts
+the per-MVM noise counters and applies the variant's method, which it undoes before the next trial
+(``undo_methods_``). Every trial's result is therefore the one a fresh copy of the clean model,
+converted, programmed and drifted for that trial alone, gives (tests/test_sweep_executors.py), at the
+memory of one converted model and the cost of programming + drift + evaluation per trial.
+
+``Workload`` says where a runner finds its model and tokens, so that a process that runs trials (a Ray
+worker) loads them itself instead of receiving them pickled from the driver.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from romer_kernels.config.analog import AnalogConfig
+from romer_kernels.config.scaling import scale_noise
+from romer_kernels.evaluation.lm_eval import LMEval, evaluate_lm
+from romer_kernels.evaluation.montecarlo import Trial
+from romer_kernels.evaluation.variants import VARIANTS, Variant, calibration_windows
+from romer_kernels.methods import undo_methods_
+from romer_kernels.moe.convert import Placement, analogize_, restore_digital_
+from romer_kernels.moe.routing import RoutingTrace
+from romer_kernels.nn.model_helpers import drift_analog_, program_analog_, reset_noise_counters
+
+METRICS = ("ppl", "lis", "flip_rate", "overlap", "kl_to_clean", "cv", "entropy")
+
+
+@dataclass
+class SweepSettings:
+    config: AnalogConfig
+    placement: Placement = field(default_factory=Placement)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    noise_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    times: tuple[float, ...] = (3600.0,)
+    seq_len: int = 256
+    batch_size: int = 8
+    max_windows: int | None = 16
+
+    def fingerprint(self, model_id: str, data_id: str) -> dict[str, Any]:
+        return {"model": model_id, "data": data_id, "config": self.config.to_dict(),
+                "placement": self.placement.to_dict(), "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "max_windows": self.max_windows}
+
+    @property
+    def eval_args(self) -> dict[str, Any]:
+        return dict(seq_len=self.seq_len, batch_size=self.batch_size, max_windows=self.max_windows)
+
+
+def trial_metrics(result: LMEval) -> dict[str, float]:
+    routing = result.routing
+    metrics = {"ppl": result.perplexity, "nll": result.nll}
+    if routing is not None:
+        metrics.update(lis=routing.lis, cv=routing.cv, entropy=routing.entropy, max_over_mean=routing.max_over_mean)
+        for name in ("flip_rate", "overlap", "kl_to_clean"):
+            if getattr(routing, name) is not None:
+                metrics[name] = getattr(routing, name)
+    return metrics
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Where a sweep's model and tokens come from, loaded by the process that runs the trials.
+
+    ``model``: a bundled name, a local folder or a hub id; ``data``: ``bundled``, a text file or
+    ``hf:NAME:CONFIG[:SPLIT]``, its ``split`` evaluated and ``calib_split`` (if any) used for the methods'
+    calibration; ``dtype`` of the digital weights; ``device`` the model runs on (``cuda`` on a GPU worker).
+    """
+
+    model: str
+    data: str = "bundled"
+    split: str = "test"
+    calib_split: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+
+    @property
+    def model_id(self) -> str:
+        return self.model
+
+    @property
+    def data_id(self) -> str:
+        return f"{self.data}:{self.split}"
+
+    def load(self) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+        """(model in eval mode on ``device``, evaluation token ids, calibration token ids or None)."""
+        from romer_kernels.evaluation.corpus import load_tokens  # noqa: PLC0415
+        from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
+
+        model, tokenizer = load_model_and_tokenizer(self.model, self.dtype)
+        model = model.to(self.device)
+        calib = None if self.calib_split is None else load_tokens(tokenizer, self.data, self.calib_split)
+        return model, load_tokens(tokenizer, self.data, self.split), calib
+
+
+def variant_of(name: str) -> Variant | None:
+    """The registered variant ``name``; ``""`` (a plain noise sweep) is None."""
+    if name == "":
+        return None
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def group_trials(trials: Iterable[Trial]) -> list[list[Trial]]:
+    """Trials that share one programming (same variant, noise scale and seed), each group's times in the
+    order given. Groups of one variant come together (a runner converts the model once per placement and
+    programs each group's chips once), variants and, within one, groups in order of first appearance."""
+    groups: dict[tuple[str, float, int], list[Trial]] = {}
+    for trial in trials:
+        groups.setdefault((trial.variant, trial.noise_scale, trial.seed), []).append(trial)
+    order = {variant: i for i, variant in enumerate(dict.fromkeys(variant for variant, _, _ in groups))}
+    return sorted(groups.values(), key=lambda group: order[group[0].variant])  # stable: appearance order kept
+
+
+class TrialRunner:
+    """Runs trials on one model, converted and re-programmed in place (see the module docstring).
+
+    The runner owns the model's analog state while it runs: the caller's model is converted by the first
+    trial and made digital again (same Parameters, nothing written) by ``close``. ``calib_ids``: token ids
+    the variants' placements and methods calibrate on (``calib_windows`` windows of ``seq_len``).
+    ``clean``: the clean evaluation to compare routing with (computed here when not given; a sweep
+    spread over processes gives every runner the same one).
+    """
+
+    def __init__(self, model: nn.Module, eval_ids: torch.Tensor, settings: SweepSettings,
+                 calib_ids: torch.Tensor | None = None, calib_windows: int = 8, clean: LMEval | None = None) -> None:
+        self.model = model.eval()
+        self.eval_ids = eval_ids
+        self.settings = settings
+        self.calib = None if calib_ids is None else calibration_windows(calib_ids, settings.seq_len, calib_windows)
+        self.clean = clean if clean is not None else evaluate_lm(self.model, eval_ids, **settings.eval_args)
+        self._placements: dict[str, Placement] = {}
+        self._placement: Placement | None = None       # of the current conversion (None: digital)
+        self._programmed: tuple[float, int] | None = None
+        self._time: float | None = None
+        self._method_applied = False
+
+    @property
+    def clean_trace(self) -> RoutingTrace | None:
+        return self.clean.trace
+
+    def set_clean(self, clean: LMEval) -> None:
+        self.clean = clean
+
+    def placement(self, variant: str) -> Placement:
+        """The placement of ``variant`` (the sweep's own for ``""``), computed once on the clean model."""
+        if variant not in self._placements:
+            spec = variant_of(variant)
+            if spec is None:
+                self._placements[variant] = self.settings.placement
+            else:
+                self._require_calib(variant)
+                self._make_digital()  # placement scores read the clean model
+                self._placements[variant] = spec.placement(self.model, self.calib)
+        return self._placements[variant]
+
+    def _require_calib(self, variant: str) -> None:
+        if self.calib is None:
+            raise ValueError(f"variant {variant!r} needs calibration tokens (calib_ids)")
+
+    def _make_digital(self) -> None:
+        if self._method_applied:
+            undo_methods_(self.model)
+            self._method_applied = False
+        if self._placement is not None:
+            restore_digital_(self.model)
+            self._placement = None
+            self._programmed = self._time = None
+
+    @torch.no_grad()
+    def prepare(self, trial: Trial) -> nn.Module:
+        """The model as trial ``trial``'s chip, ready to evaluate (method applied)."""
+        variant = variant_of(trial.variant)
+        placement = self.placement(trial.variant)
+        if self._method_applied:
+            undo_methods_(self.model)
+            self._method_applied = False
+        config = scale_noise(self.settings.config, trial.noise_scale)
+        if self._placement != placement:
+            self._make_digital()
+            analogize_(self.model, config, placement, seed=trial.seed)
+            self._placement = placement
+            self._programmed = None
+        if self._programmed != (trial.noise_scale, trial.seed):
+            program_analog_(self.model, trial.seed, config=config)
+            self._programmed, self._time = (trial.noise_scale, trial.seed), None
+        if config.noise is not None and self._time != trial.t_inference:
+            drift_analog_(self.model, trial.t_inference, drift_index=0)
+            self._time = trial.t_inference
+        reset_noise_counters(self.model)
+        if variant is not None and variant.method is not None:
+            self._require_calib(trial.variant)
+            self._method_applied = True
+            variant.method(self.model, self.calib)
+        return self.model
+
+    def evaluate(self, trial: Trial) -> LMEval:
+        """Trial ``trial``'s evaluation, with its routing trace."""
+        self.prepare(trial)
+        return evaluate_lm(self.model, self.eval_ids, clean=self.clean.trace, **self.settings.eval_args)
+
+    def run(self, trial: Trial) -> dict[str, float]:
+        return trial_metrics(self.evaluate(trial))
+
+    def run_group(self, trials: list[Trial]) -> list[tuple[Trial, dict[str, float], float]]:
+        """(trial, metrics, seconds) of each trial, in order."""
+        out = []
+        for trial in trials:
+            start = time.perf_counter()
+            metrics = self.run(trial)
+            out.append((trial, metrics, time.perf_counter() - start))
+        return out
+
+    def close(self) -> None:
+        """Give the model back digital (its own Parameters, unchanged); the chips are freed."""
+        self._make_digital()

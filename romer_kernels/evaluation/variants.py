@@ -1,0 +1,72 @@
+"""The robustness methods a comparison runs, by name: how each places the model and what it does to a chip.
+
+A ``Variant`` is a placement (computed once on the clean model, with calibration tokens) and an optional
+method applied to the programmed chip (with the same calibration tokens, never the evaluation ones).
+The methods change the model only through its analog modules' hooks, so ``methods.undo_methods_``
+removes them without any weight having been copied.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from romer_kernels.evaluation.lm_eval import windows
+from romer_kernels.methods import RomerConfig, RQConfig, digital_placement, replicate_quantize_, romer_
+from romer_kernels.moe.convert import Placement
+
+PlacementFn = Callable[[nn.Module, torch.Tensor], Placement]
+MethodFn = Callable[[nn.Module, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A robustness method: how the model is placed, and what is done to the chip after programming."""
+
+    name: str
+    placement: PlacementFn
+    method: MethodFn | None = None
+    description: str = ""
+
+
+def _all_analog(model: nn.Module, calib: torch.Tensor) -> Placement:
+    return Placement()
+
+
+def _digital(fraction: float, score: str) -> PlacementFn:
+    def placement(model: nn.Module, calib: torch.Tensor) -> Placement:
+        return digital_placement(model, fraction, score, calib_ids=calib, seed=0)
+    return placement
+
+
+def _romer(*stages: str) -> MethodFn:
+    def method(model: nn.Module, calib: torch.Tensor) -> None:
+        romer_(model, calib, RomerConfig(stages=stages))
+    return method
+
+
+def _rq(model: nn.Module, calib: torch.Tensor) -> None:
+    replicate_quantize_(model, calib, RQConfig())
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("noisy", _all_analog, None, "everything analog but lm_head, no method"),
+    Variant("dense-digital", _digital(0.0, "maxnn"), None, "attention, shared experts, dense MLPs digital"),
+    Variant("maxnn-12.5", _digital(0.125, "maxnn"), None, "dense digital + top 12.5% experts by MaxNNScore digital"),
+    Variant("random-12.5", _digital(0.125, "random"), None, "dense digital + random 12.5% experts digital"),
+    Variant("frequency-12.5", _digital(0.125, "frequency"), None, "dense digital + most used 12.5% experts digital"),
+    Variant("romer-replace", _all_analog, _romer("replace"), "ROMER stage 1: cold experts become copies"),
+    Variant("romer-recal", _all_analog, _romer("recalibrate"), "ROMER stage 2: percentile router recalibration"),
+    Variant("romer", _all_analog, _romer("replace", "recalibrate"), "ROMER stages 1 + 2"),
+    Variant("rq", _all_analog, _rq, "Replicate-and-Quantize (1 int8 replica per layer)"),
+    Variant("maxnn-12.5+romer", _digital(0.125, "maxnn"), _romer("replace", "recalibrate"), "MaxNN placement + ROMER"),
+)}
+DEFAULT_VARIANTS = ("noisy", "maxnn-12.5", "random-12.5", "romer-recal", "romer", "rq")
+
+
+def calibration_windows(token_ids: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
+    """[count, seq_len] non-overlapping windows from the start of ``token_ids`` (the calibration set)."""
+    spans = windows(int(torch.as_tensor(token_ids).numel()), seq_len)[:count]
+    return torch.stack([torch.as_tensor(token_ids)[start:end] for start, end, _ in spans])
