@@ -50,7 +50,9 @@ setup(
         "scipy",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton==3.9.0"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton==3.9.0", "ray>=2.40"],
+        # distributed Monte Carlo (romer demo|eval|compare --executor ray); tested with 2.60.0
+        "ray": ["ray>=2.40"],
     },
     ext_modules=[
         CppExtension(

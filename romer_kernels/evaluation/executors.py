@@ -203,9 +203,12 @@ class RayExecutor:
                             "path, data, split), not a model object")
         ray = require_ray()
         started = False
+        if self.address is not None:
+            check_reachable(self.address)
+        if ray.is_initialized() and self.address is not None:
+            raise ValueError(f"Ray is already initialised in this process, so address={self.address!r} cannot be "
+                             "joined: give address=None to use that cluster, or call ray.shutdown() first")
         if not ray.is_initialized():
-            if self.address is not None:
-                check_reachable(self.address)
             try:
                 if self.address is None:
                     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
