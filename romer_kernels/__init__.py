@@ -29,6 +29,15 @@ _EXPORTS = {
     "save_analog": "romer_kernels.moe",
     "load_analog": "romer_kernels.moe",
     "scale_noise": "romer_kernels.config",
+    "restore_digital_": "romer_kernels.moe",
+    "undo_methods_": "romer_kernels.methods",
+    "SweepSettings": "romer_kernels.evaluation.runner",
+    "Workload": "romer_kernels.evaluation.runner",
+    "TrialRunner": "romer_kernels.evaluation.runner",
+    "noise_sweep": "romer_kernels.evaluation.sweep",
+    "compare_methods": "romer_kernels.evaluation.compare",
+    "LocalExecutor": "romer_kernels.evaluation.executors",
+    "RayExecutor": "romer_kernels.evaluation.executors",
 }
 
 __all__ = sorted(_EXPORTS)

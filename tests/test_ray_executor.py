@@ -111,6 +111,13 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(cluster, loc
     assert stored(tmp_path) == local_results  # nothing lost, nothing run twice, same values
 
 
+def test_a_model_that_does_not_load_is_an_error_not_a_retry(cluster):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="could not start.*no-such-model"):
+        RayExecutor(workers=1).open(Workload("no-such-model"), SETTINGS)
+    assert time.monotonic() - start < 60
+
+
 def test_unreachable_address_fails_fast_with_the_address(tmp_path):
     start = time.monotonic()
     with pytest.raises(ConnectionError, match="127.0.0.1:9"):

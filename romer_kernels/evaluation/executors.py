@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -155,6 +156,10 @@ class TrialActor:
     def ready(self) -> int:
         return os.getpid()
 
+    def peak_rss(self) -> int:
+        """This worker's peak resident memory, bytes."""
+        return peak_rss()
+
     def clean(self) -> LMEval:
         return self.runner.clean
 
@@ -241,13 +246,17 @@ class RaySession:
         self._args = (workload, settings, calib_windows, max(1, int(executor.cpus_per_worker)))
         self.actors: list = []
         self.replacements = 0
-        first = self._start()
-        clean_ref = first.clean.remote()
-        self._clean_box = [clean_ref]
-        for _ in range(count - 1):
-            self._start(self._clean_box)
-        self._check_started(self.actors)
-        self.clean = ray.get(clean_ref)
+        try:
+            first = self._start()
+            clean_ref = first.clean.remote()
+            self._clean_box = [clean_ref]
+            for _ in range(count - 1):
+                self._start(self._clean_box)
+            self._check_started(self.actors)
+            self.clean = ray.get(clean_ref)
+        except BaseException:
+            self.close()
+            raise
 
     def _start(self, clean_box: list | None = None):
         actor = self._actor_class.remote(*self._args, clean_box)
@@ -264,6 +273,10 @@ class RaySession:
     def pids(self) -> list[int]:
         """Process ids of the workers (tests kill one)."""
         return self.ray.get([actor.ready.remote() for actor in self.actors])
+
+    def worker_peak_rss(self) -> list[int]:
+        """Peak resident memory of each worker, bytes."""
+        return self.ray.get([actor.peak_rss.remote() for actor in self.actors])
 
     def run(self, groups: list[list[Trial]]) -> Iterator[Result]:
         ray = self.ray
@@ -304,6 +317,20 @@ class RaySession:
         self.actors = []
         if self.started:
             self.ray.shutdown()
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process, bytes: VmHWM where /proc has it (getrusage's ru_maxrss would
+    carry over the peak of the process this one was exec'd from), else ru_maxrss."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # noqa: PLC0415
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _cause(error: BaseException) -> str:

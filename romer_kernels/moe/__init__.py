@@ -1,5 +1,13 @@
 """MoE model integration: conversion of Hugging Face models, placement, routing analysis."""
-from romer_kernels.moe.convert import CATEGORIES, Placement, PlacementRow, analogize_, categorize, placement_report
+from romer_kernels.moe.convert import (
+    CATEGORIES,
+    Placement,
+    PlacementRow,
+    analogize_,
+    categorize,
+    placement_report,
+    restore_digital_,
+)
 from romer_kernels.moe.persist import load_analog, save_analog
 from romer_kernels.moe.routing import (
     LayerRouting,
@@ -20,5 +28,5 @@ from romer_kernels.moe.routing import (
 __all__ = [
     "CATEGORIES", "LayerRouting", "Placement", "PlacementRow", "RoutingSummary", "RoutingTrace", "analogize_",
     "categorize", "coefficient_of_variation", "load_analog", "save_analog", "expert_counts", "flip_rate", "frequency_kl", "load_imbalance_score",
-    "max_over_mean", "placement_report", "routing_entropy", "summarize", "top_k_overlap", "trace_routing",
+    "max_over_mean", "placement_report", "restore_digital_", "routing_entropy", "summarize", "top_k_overlap", "trace_routing",
 ]

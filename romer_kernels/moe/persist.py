@@ -17,6 +17,7 @@ from torch import nn
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.moe.convert import Placement, analogize_
+from romer_kernels.nn.analog_experts import AnalogExperts
 from romer_kernels.nn.base import AnalogModule
 
 ANALOG_FILE = "analog.json"
@@ -31,6 +32,13 @@ def save_analog(model: nn.Module, directory: str | Path) -> Path:
     if not conversion.get("keep_digital", True):
         raise ValueError("save_analog needs the digital weights, which this model dropped "
                          "(analogize_(..., keep_digital=False)); convert with keep_digital=True to save it")
+    hooked = [name for name, module in model.named_modules() if isinstance(module, AnalogExperts)
+              and (module.dispatch is not None or module.extra_experts is not None or module.slot_weights)]
+    if hooked:
+        raise ValueError(f"save_analog saves the chips and router maps, not the experts' method state (replicas, "
+                         f"replaced or quantized slots, dispatch), which {', '.join(hooked[:3])} hold; save before "
+                         "applying ROMER's replacement or Replicate-and-Quantize (re-apply them from calibration "
+                         "data after loading), or remove them with methods.undo_methods_")
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} has no save_pretrained; save its state_dict() instead")
     directory = Path(directory)
