@@ -334,8 +334,14 @@ def peak_rss() -> int:
 
 
 def _cause(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return " ".join(line.strip() for line in text[:6]) if text else type(error).__name__
+    """The line of a Ray error that says what happened: for a worker whose start failed, the exception
+    that ended its traceback (e.g. the model that could not be found); else the first lines."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if getattr(error, "actor_init_failed", False):
+        return lines[-1]
+    return " ".join(lines[:3])
 
 
 def make_executor(name: str = "local", **options: Any) -> LocalExecutor | RayExecutor:
