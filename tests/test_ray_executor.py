@@ -20,9 +20,10 @@ from romer_kernels.evaluation.sweep import noise_sweep
 
 ray = pytest.importorskip("ray")
 WORKLOAD = Workload("tiny-olmoe", calib_split="valid")
-SETTINGS = SweepSettings(config=preset("rasch2023"), seeds=(0, 1), noise_scales=(1.0, 4.0), times=(60.0, 3600.0),
+SETTINGS = SweepSettings(config=preset("rasch2023"), seeds=(0, 1, 2), noise_scales=(1.0, 4.0), times=(60.0, 3600.0),
                          seq_len=128, batch_size=4, max_windows=2)
 REPO = Path(__file__).resolve().parent.parent
+TRIALS = 12  # 6 groups of 2 times sharing a programming: 3 rounds of the 2 workers
 
 
 def stored(run_dir) -> dict[str, dict]:
@@ -48,7 +49,7 @@ def local_results(tmp_path_factory):
 
 def test_ray_sweep_equals_the_local_sweep_trial_by_trial(cluster, local_results, tmp_path):
     result = noise_sweep(WORKLOAD, None, SETTINGS, tmp_path, progress=False, executor=RayExecutor(workers=2))
-    assert result.trials_run == len(local_results) == 8
+    assert result.trials_run == len(local_results) == TRIALS
     assert stored(tmp_path) == local_results
     settings = SweepSettings(config=preset("rasch2023"), seeds=(0,), noise_scales=(4.0,), times=(3600.0,),
                              seq_len=128, batch_size=4, max_windows=2)
@@ -85,29 +86,38 @@ def test_a_killed_worker_loses_no_trial(cluster, local_results, retries):
 
 
 def test_a_killed_driver_resumes_without_losing_or_repeating_trials(cluster, local_results, tmp_path):
-    """The driver (the CLI, on this cluster) is SIGKILLed after its first stored trials, then run again."""
+    """The driver (the CLI, on this cluster) is stopped with SIGINT after its first stored trials, then
+    SIGKILLed after some more, then run to the end. Each stop comes at least one round of the two workers
+    before the end (a round commits its groups within milliseconds of each other)."""
     command = [sys.executable, "-m", "romer_kernels", "demo", "--executor", "ray", "--address", cluster,
-               "--workers", "2", "--seeds", "2", "--scales", "1", "4", "--times", "60", "3600", "--seq-len", "128",
+               "--workers", "2", "--seeds", "3", "--scales", "1", "4", "--times", "60", "3600", "--seq-len", "128",
                "--batch-size", "4", "--windows", "2", "--run-dir", str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and driver.poll() is None:
-            if (tmp_path / "results.sqlite").is_file() and 1 <= len(stored(tmp_path)) < 8:
-                break
-            time.sleep(0.05)
-        killed = driver.poll() is None
-        driver.kill()
-        driver.wait(30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    partial = stored(tmp_path)
-    assert killed and 1 <= len(partial) < 8, "the driver should be killed mid-sweep"
+
+    def stop_after_more_trials(sig: int) -> int:
+        before = len(stored(tmp_path)) if (tmp_path / "results.sqlite").is_file() else 0
+        driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline and driver.poll() is None:
+                if (tmp_path / "results.sqlite").is_file() and before < len(stored(tmp_path)) < TRIALS:
+                    break
+                time.sleep(0.02)
+            assert driver.poll() is None, "the driver should be stopped mid-sweep"
+            driver.send_signal(sig)
+            driver.wait(60)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        count = len(stored(tmp_path))
+        assert before < count < TRIALS
+        return count
+
+    stop_after_more_trials(signal.SIGINT)
+    partial = stop_after_more_trials(signal.SIGKILL)
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{8 - len(partial)} trials run now" in done.stdout
+    assert f"{TRIALS - partial} trials run now" in done.stdout
     assert stored(tmp_path) == local_results  # nothing lost, nothing run twice, same values
 
 

@@ -142,6 +142,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     args.windows = args.windows or None
     run_dir = Path(args.run_dir or f"runs/eval-{Path(args.model).name}-{args.preset}")
+    args.run_dir = str(run_dir)
     return _sweep(args, args.model, run_dir, "romer eval")
 
 
@@ -152,6 +153,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError("romer compare sets the placement per variant; --placement is not used here")
     args.windows = args.windows or None
     run_dir = Path(args.run_dir or f"runs/compare-{Path(args.model).name}-{args.preset}")
+    args.run_dir = str(run_dir)
     settings = _settings(args)
     executor = _executor(args)
     console.print(f"[bold]romer compare[/]: {args.model}, preset {args.preset}, variants {', '.join(args.variants)}, "
@@ -342,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
             ConnectionError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
+    except KeyboardInterrupt:
+        run_dir = getattr(args, "run_dir", None)
+        where = f" in {run_dir}/results.sqlite" if run_dir else ""
+        console.print(f"[yellow]interrupted[/]: the trials finished so far are stored{where}; run the same command "
+                      "again to resume")
+        return 130
 
 
 if __name__ == "__main__":
