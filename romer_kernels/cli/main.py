@@ -62,7 +62,7 @@ def _workload(args, model_name: str, calib_split: str | None = None):
     from romer_kernels.evaluation.runner import Workload  # noqa: PLC0415
 
     device = "cuda" if (args.gpus_per_worker or 0) > 0 else "cpu"
-    return Workload(model_name, args.data, args.split, calib_split, args.dtype, device)
+    return Workload(model_name, args.data, args.split, calib_split, args.dtype, device, args.backend)
 
 
 def _print_clean(clean) -> None:
@@ -71,7 +71,7 @@ def _print_clean(clean) -> None:
 
 
 def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
-    from romer_kernels.evaluation.montecarlo import Trial  # noqa: PLC0415
+    from romer_kernels.evaluation.montecarlo import Trial, write_text_atomic  # noqa: PLC0415
     from romer_kernels.evaluation.sweep import noise_sweep, plot_sweep  # noqa: PLC0415
 
     settings = _settings(args, _placement(args))
@@ -97,7 +97,7 @@ def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
     console.print(table)
     plot = plot_sweep(result, noisy["trace"], run_dir / "sweep.png",
                       f"{model_name}, {args.preset}; expert load at noise scale {worst.noise_scale:g}")
-    (run_dir / "summary.json").write_text(json.dumps(
+    write_text_atomic(run_dir / "summary.json", json.dumps(
         {"clean": {"ppl": clean.perplexity, "lis": clean.routing.lis if clean.routing else None},
          "rows": result.table()}, indent=1))
     console.print(f"{result.trials_run} trials run now ({len(result.summaries) and 'results in'} "
@@ -148,6 +148,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from romer_kernels.evaluation.compare import compare_methods, plot_compare  # noqa: PLC0415
+    from romer_kernels.evaluation.montecarlo import write_text_atomic  # noqa: PLC0415
 
     if args.placement:
         raise ValueError("romer compare sets the placement per variant; --placement is not used here")
@@ -179,7 +180,7 @@ def _compare(args: argparse.Namespace) -> int:
     plot = plot_compare(result, run_dir / "compare.png", f"{args.model}, {args.preset}")
     rows = [{"noise_scale": k[0], "t": k[1], "variant": k[3], **{m: v for m, v in metrics.items()}}
             for k, metrics in sorted(by_key.items())]
-    (run_dir / "summary.json").write_text(json.dumps({"clean": {"ppl": clean.perplexity, "lis": clean.routing.lis},
+    write_text_atomic(run_dir / "summary.json", json.dumps({"clean": {"ppl": clean.perplexity, "lis": clean.routing.lis},
                                                       "rows": rows}, indent=1))
     console.print(f"{result.trials_run} trials run now, results in {run_dir / 'results.sqlite'}, plot {plot}, "
                   f"{time.perf_counter() - start:.0f} s")
@@ -344,11 +345,13 @@ def main(argv: list[str] | None = None) -> int:
             ConnectionError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
-    except KeyboardInterrupt:
-        run_dir = getattr(args, "run_dir", None)
-        where = f" in {run_dir}/results.sqlite" if run_dir else ""
-        console.print(f"[yellow]interrupted[/]: the trials finished so far are stored{where}; run the same command "
-                      "again to resume")
+    except KeyboardInterrupt as interrupt:
+        from romer_kernels.evaluation.executors import SweepInterrupted  # noqa: PLC0415
+
+        if isinstance(interrupt, SweepInterrupted):
+            console.print(f"[yellow]{interrupt}[/]")
+        else:
+            console.print("[yellow]interrupted[/] before any trial ran; nothing was stored")
         return 130
 
 

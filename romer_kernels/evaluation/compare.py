@@ -19,7 +19,7 @@ from torch import nn
 
 from romer_kernels.evaluation.executors import LocalExecutor, RayExecutor, run_trials
 from romer_kernels.evaluation.lm_eval import LMEval
-from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, grid, summarize_trials
+from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, grid, summarize_trials, write_text_atomic
 from romer_kernels.evaluation.runner import SweepSettings, Workload, trial_metrics
 from romer_kernels.evaluation.sweep import errorbar_vs_scale, finish_axis, open_session, save_figure, workload_of
 from romer_kernels.evaluation.variants import DEFAULT_VARIANTS, VARIANTS, Variant, calibration_windows  # noqa: F401
@@ -50,21 +50,21 @@ def compare_methods(model: nn.Module | Workload, eval_ids: torch.Tensor | None, 
         raise ValueError("compare_methods needs calib_ids")
     workload, model_id, data_id = workload_of(model, eval_ids, calib_ids, model_id, data_id)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     trials = grid(settings.seeds, settings.noise_scales, settings.times, variants)
-    fingerprint = settings.fingerprint(model_id, data_id) | {"calib_windows": calib_windows}
-    store = ResultsStore(run_dir / "results.sqlite", fingerprint)
+    session = open_session(executor, workload, settings, calib_windows)
     try:
-        session = open_session(executor, workload, settings, calib_windows)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fingerprint = settings.fingerprint(model_id, data_id) | {"calib_windows": calib_windows} | session.identity
+        store = ResultsStore(run_dir / "results.sqlite", fingerprint)  # refused before anything is written
         try:
             clean = session.clean
-            (run_dir / "clean.json").write_text(json.dumps(trial_metrics(clean), indent=1))
+            write_text_atomic(run_dir / "clean.json", json.dumps(trial_metrics(clean), indent=1))
             ran = run_trials(store, trials, session, progress=progress)
+            summaries = summarize_trials(store.rows(trial.key for trial in trials))
         finally:
-            session.close()
-        summaries = summarize_trials(store.rows())
+            store.close()
     finally:
-        store.close()
+        session.close()
     return CompareResult(clean, summaries, run_dir, ran)
 
 

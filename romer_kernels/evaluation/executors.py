@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -51,6 +52,7 @@ class LoadedWorkload:
 
 class Session(Protocol):
     clean: LMEval
+    identity: dict[str, Any]   # digests of weights and tokens, dtype, backend, version (TrialRunner.identity)
 
     def run(self, groups: list[list[Trial]]) -> Iterator[Result]: ...
 
@@ -64,6 +66,7 @@ class LocalSession:
     def __init__(self, runner: TrialRunner) -> None:
         self.runner = runner
         self.clean = runner.clean
+        self.identity = runner.identity
 
     def run(self, groups: list[list[Trial]]) -> Iterator[Result]:
         for group in groups:
@@ -82,6 +85,7 @@ class FunctionSession:
     stores and resumes a custom Monte Carlo like the built-in ones. ``clean`` is None."""
 
     clean = None
+    identity: dict[str, Any] = {}
 
     def __init__(self, run_trial) -> None:
         self.run_trial = run_trial
@@ -162,6 +166,9 @@ class TrialActor:
 
     def clean(self) -> LMEval:
         return self.runner.clean
+
+    def identity(self) -> dict[str, Any]:
+        return self.runner.identity
 
     def set_clean(self, clean: LMEval) -> None:
         self.runner.set_clean(clean)
@@ -254,6 +261,7 @@ class RaySession:
                 self._start(self._clean_box)
             self._check_started(self.actors)
             self.clean = ray.get(clean_ref)
+            self.identity = self._same_identity(self.actors)
         except BaseException:
             self.close()
             raise
@@ -269,6 +277,17 @@ class RaySession:
             self.ray.get([actor.ready.remote() for actor in actors])
         except self.ray.exceptions.RayActorError as error:
             raise RuntimeError(f"a Ray worker could not start: {_cause(error)}") from None
+
+    def _same_identity(self, actors) -> dict[str, Any]:
+        """The workers' identity; every worker must have loaded the same weights and tokens, with the same
+        dtype and backend (a node with other files would otherwise mix other numbers into the sweep)."""
+        identities = self.ray.get([actor.identity.remote() for actor in actors])
+        for i, other in enumerate(identities[1:], 1):
+            if other != identities[0]:
+                differ = sorted(k for k in set(other) | set(identities[0]) if other.get(k) != identities[0].get(k))
+                raise RuntimeError(f"Ray worker {i} loaded another model or data than worker 0 (differs in: "
+                                   f"{', '.join(differ)}): every node needs the same files")
+        return identities[0]
 
     def pids(self) -> list[int]:
         """Process ids of the workers (tests kill one)."""
@@ -301,7 +320,14 @@ class RaySession:
                 self.actors.remove(actor)
                 ray.kill(actor)
                 self.replacements += 1
-                idle.append(self._start(self._clean_box))
+                replacement = self._start(self._clean_box)
+                try:
+                    if self.ray.get(replacement.identity.remote()) != self.identity:
+                        raise RuntimeError("a replacement Ray worker loaded another model or data than the first "
+                                           "workers: every node needs the same files")
+                except ray.exceptions.RayActorError as start_error:
+                    raise RuntimeError(f"a replacement Ray worker could not start: {_cause(start_error)}") from None
+                idle.append(replacement)
                 continue
             except ray.exceptions.RayTaskError as error:  # the trial code raised: the same error everywhere
                 raise error.as_instanceof_cause() from None
@@ -356,10 +382,20 @@ def make_executor(name: str = "local", **options: Any) -> LocalExecutor | RayExe
     raise ValueError(f"unknown executor {name!r}; known: {', '.join(EXECUTORS)}")
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: what was stored stays; ``ran`` of the ``todo`` missing trials ran now."""
+
+    def __init__(self, ran: int, todo: int, total: int, store: Path) -> None:
+        super().__init__(f"interrupted after {ran} of {todo} trials ({total - todo + ran} of {total} now stored in "
+                         f"{store}); run the same command again to resume")
+        self.ran, self.todo, self.total = ran, todo, total
+
+
 def run_trials(store: ResultsStore, trials: list[Trial], session: Session, progress: bool = True) -> int:
     """Run the trials not yet in ``store`` on ``session``; the driver commits each result as it arrives.
 
-    Returns the number of trials run now."""
+    Returns the number of trials run now. Ctrl-C raises ``SweepInterrupted`` (a KeyboardInterrupt) that
+    says how many trials are stored."""
     keys = [trial.key for trial in trials]
     if len(set(keys)) != len(keys):
         raise ValueError("the sweep lists the same trial twice")
@@ -368,12 +404,15 @@ def run_trials(store: ResultsStore, trials: list[Trial], session: Session, progr
     if not todo:
         return 0
     ran = 0
-    with tqdm(total=len(todo), desc="trials", disable=not progress, leave=False) as bar:
-        for trial, metrics, seconds in session.run(group_trials(todo)):
-            bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float))}
-            if bad:
-                raise TypeError(f"trial metrics must be numbers, got {bad}")
-            store.add(trial, {k: float(v) for k, v in metrics.items()}, seconds)
-            ran += 1
-            bar.update()
+    try:
+        with tqdm(total=len(todo), desc="trials", disable=not progress, leave=False) as bar:
+            for trial, metrics, seconds in session.run(group_trials(todo)):
+                bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float))}
+                if bad:
+                    raise TypeError(f"trial metrics must be numbers, got {bad}")
+                store.add(trial, {k: float(v) for k, v in metrics.items()}, seconds)
+                ran += 1
+                bar.update()
+    except KeyboardInterrupt:
+        raise SweepInterrupted(ran, len(todo), len(trials), store.path) from None
     return ran

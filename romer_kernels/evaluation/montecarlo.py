@@ -3,9 +3,11 @@
 A sweep is a list of trials ``(seed, noise_scale, t_inference)``. Every finished trial is written at once,
 in its own transaction, to an SQLite file in the run folder; the trial's key is its primary key. An
 interrupted sweep run again with the same settings skips the trials already stored, so no trial is lost
-or counted twice. The store also keeps a fingerprint of everything else that defines the sweep (model,
-config, data, evaluation settings): resuming with other settings is refused with a clear error instead
-of mixing results. The driver loop that fills the store is ``executors.run_trials``.
+or counted twice. The store also keeps a fingerprint of everything else that defines the sweep (model and
+a digest of its weights, data and a digest of the tokens evaluated, config, placement, dtype, backend,
+evaluation settings, package version): resuming with other settings is refused, naming what differs,
+before anything is written. One sweep at a time owns a store (a lock file); damaged or foreign files are
+refused. The driver loop that fills the store is ``executors.run_trials``.
 """
 from __future__ import annotations
 
@@ -49,29 +51,67 @@ def grid(seeds: Iterable[int], noise_scales: Iterable[float], times: Iterable[fl
             for scale, t, variant, seed in itertools.product(noise_scales, times, variants, seeds)]
 
 
+class StoreError(ValueError):
+    """A run folder's store cannot be used as asked (other settings, in use, damaged); nothing was changed."""
+
+
 class ResultsStore:
-    """SQLite table of finished trials (``results.sqlite`` in the run folder)."""
+    """SQLite table of finished trials (``results.sqlite`` in the run folder), owned by one sweep at a time.
+
+    Opening it takes an exclusive lock on ``results.sqlite.lock`` (released when the process ends, however
+    it ends): a second sweep on the same folder is refused, naming the process that holds it. A file that
+    is not a readable store of this package (empty, truncated, another database, not SQLite) and a store
+    made with another fingerprint are refused before anything is written. Rows are committed one
+    transaction per trial, in WAL mode (a crash leaves the store as it was after the last commit).
+    """
 
     def __init__(self, path: str | Path, fingerprint: dict[str, Any]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.connection = sqlite3.connect(self.path)
-        with self.connection:
-            self.connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            self.connection.execute(
-                "CREATE TABLE IF NOT EXISTS trials (key TEXT PRIMARY KEY, seed INTEGER NOT NULL, "
-                "noise_scale REAL NOT NULL, t_inference REAL NOT NULL, variant TEXT NOT NULL, "
-                "metrics TEXT NOT NULL, seconds REAL NOT NULL, finished REAL NOT NULL)")
+        self._lock = _lock_folder(self.path)
+        try:
+            self.connection = self._open(fingerprint)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _refuse(self, problem: str) -> StoreError:
+        return StoreError(f"{self.path} {problem}; nothing in it was changed: move it away or use another run folder")
+
+    def _open(self, fingerprint: dict[str, Any]) -> sqlite3.Connection:
         text = json.dumps(fingerprint, sort_keys=True)
-        row = self.connection.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
-        if row is None:
-            with self.connection:
-                self.connection.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (text,))
-        elif row[0] != text:
-            stored = json.loads(row[0])
-            changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
-            raise ValueError(f"{self.path} holds a sweep with other settings (differs in: {', '.join(changed)}); "
-                             "use another run folder or delete the file")
+        existed = self.path.exists()
+        if existed and self.path.stat().st_size == 0:
+            raise self._refuse("is empty (a truncated store?)")
+        if existed:  # read-only until it is known to be this sweep's store
+            try:
+                reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+                try:
+                    tables = {row[0] for row in reader.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                    row = (reader.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+                           if "meta" in tables else None)
+                finally:
+                    reader.close()
+            except sqlite3.DatabaseError as error:
+                raise self._refuse(f"is not a readable results store ({error})") from None
+            if not {"meta", "trials"} <= tables or row is None:
+                raise self._refuse("is an SQLite file but not a romer_kernels results store")
+            if row[0] != text:
+                stored = json.loads(row[0])
+                changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+                raise StoreError(f"{self.path} holds a sweep with other settings (differs in: {', '.join(changed)}); "
+                                 "use another run folder or delete the file")
+        connection = sqlite3.connect(self.path)
+        connection.execute("PRAGMA journal_mode=WAL")
+        if not existed:
+            with connection:
+                connection.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                connection.execute(
+                    "CREATE TABLE trials (key TEXT PRIMARY KEY, seed INTEGER NOT NULL, "
+                    "noise_scale REAL NOT NULL, t_inference REAL NOT NULL, variant TEXT NOT NULL, "
+                    "metrics TEXT NOT NULL, seconds REAL NOT NULL, finished REAL NOT NULL)")
+                connection.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (text,))
+        return connection
 
     def done(self) -> set[str]:
         return {row[0] for row in self.connection.execute("SELECT key FROM trials")}
@@ -82,13 +122,50 @@ class ResultsStore:
                                     (trial.key, trial.seed, trial.noise_scale, trial.t_inference, trial.variant,
                                      json.dumps(metrics), seconds, time.time()))
 
-    def rows(self) -> list[tuple[Trial, dict[str, float]]]:
+    def rows(self, keys: Iterable[str] | None = None) -> list[tuple[Trial, dict[str, float]]]:
+        """Stored trials in the order they finished; only those with a key in ``keys`` when given (the
+        trials of the current request, not everything an earlier, larger run stored)."""
+        wanted = None if keys is None else set(keys)
         cursor = self.connection.execute(
-            "SELECT seed, noise_scale, t_inference, variant, metrics FROM trials ORDER BY rowid")
-        return [(Trial(seed, scale, t, variant), json.loads(metrics)) for seed, scale, t, variant, metrics in cursor]
+            "SELECT key, seed, noise_scale, t_inference, variant, metrics FROM trials ORDER BY rowid")
+        return [(Trial(seed, scale, t, variant), json.loads(metrics))
+                for key, seed, scale, t, variant, metrics in cursor if wanted is None or key in wanted]
 
     def close(self) -> None:
         self.connection.close()
+        self._lock.close()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers (and a crash) see the old
+    file or the new one, never half of one."""
+    import os  # noqa: PLC0415
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _lock_folder(path: Path):
+    """Exclusive, non-blocking lock on ``<store>.lock``; the open file is the lock (closing it releases)."""
+    import fcntl  # noqa: PLC0415  (POSIX; the package targets Linux)
+    import os  # noqa: PLC0415
+
+    lock = open(path.with_name(path.name + ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise StoreError(f"{path} is in use by another sweep ({holder}); wait for it to finish or use another "
+                         "run folder") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    return lock
 
 
 @dataclass

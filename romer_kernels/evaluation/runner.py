@@ -16,6 +16,7 @@ worker) loads them itself instead of receiving them pickled from the driver.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -75,7 +76,8 @@ class Workload:
 
     ``model``: a bundled name, a local folder or a hub id; ``data``: ``bundled``, a text file or
     ``hf:NAME:CONFIG[:SPLIT]``, its ``split`` evaluated and ``calib_split`` (if any) used for the methods'
-    calibration; ``dtype`` of the digital weights; ``device`` the model runs on (``cuda`` on a GPU worker).
+    calibration; ``dtype`` of the digital weights; ``device`` the model runs on (``cuda`` on a GPU worker);
+    ``backend`` the MVM backend the loading process uses (every Ray worker sets it for itself).
     """
 
     model: str
@@ -84,6 +86,7 @@ class Workload:
     calib_split: str | None = None
     dtype: str = "auto"
     device: str = "cpu"
+    backend: str | None = None   # the MVM backend of the process that loads it (None: its default)
 
     @property
     def model_id(self) -> str:
@@ -98,10 +101,27 @@ class Workload:
         from romer_kernels.evaluation.corpus import load_tokens  # noqa: PLC0415
         from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
 
+        if self.backend is not None:
+            from romer_kernels.kernels.backends import resolve_backend, set_backend  # noqa: PLC0415
+
+            resolve_backend(self.backend)  # says why when it cannot run in this process
+            set_backend(self.backend)
         model, tokenizer = load_model_and_tokenizer(self.model, self.dtype)
         model = model.to(self.device)
         calib = None if self.calib_split is None else load_tokens(tokenizer, self.data, self.calib_split)
         return model, load_tokens(tokenizer, self.data, self.split), calib
+
+
+def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """BLAKE2b of the tensors' shapes, dtypes and bytes, in order (what a run folder's fingerprint keeps of
+    the weights and tokens a sweep used: any changed value, dtype or shape changes it)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        tensor = tensor.detach()
+        digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        flat = tensor.reshape(-1).cpu().contiguous()
+        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return digest.hexdigest()
 
 
 def variant_of(name: str) -> Variant | None:
@@ -141,12 +161,28 @@ class TrialRunner:
         self.eval_ids = eval_ids
         self.settings = settings
         self.calib = None if calib_ids is None else calibration_windows(calib_ids, settings.seq_len, calib_windows)
+        self.identity = self._identity()  # of the clean model, before any conversion
         self.clean = clean if clean is not None else evaluate_lm(self.model, eval_ids, **settings.eval_args)
         self._placements: dict[str, Placement] = {}
         self._placement: Placement | None = None       # of the current conversion (None: digital)
         self._programmed: tuple[float, int] | None = None
         self._time: float | None = None
         self._method_applied = False
+
+    def _identity(self) -> dict[str, Any]:
+        """What, besides the settings, decides this runner's numbers: the digests of the weights and of
+        the tokens, the weights' dtypes, the MVM backend and the package version (a run folder keeps them
+        in its fingerprint, so results of another model file, corpus, dtype or backend never mix)."""
+        from romer_kernels import __version__  # noqa: PLC0415
+        from romer_kernels.kernels.backends import resolve_backend  # noqa: PLC0415
+
+        state = self.model.state_dict()
+        device = next(self.model.parameters()).device
+        return {"weights": tensor_digest(state[name] for name in sorted(state)),
+                "dtype": sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()}),
+                "tokens": tensor_digest([torch.as_tensor(self.eval_ids)]),
+                "calib_tokens": None if self.calib is None else tensor_digest([self.calib]),
+                "backend": resolve_backend(None, device), "version": __version__}
 
     @property
     def clean_trace(self) -> RoutingTrace | None:

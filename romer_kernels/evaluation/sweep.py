@@ -20,7 +20,7 @@ from torch import nn
 
 from romer_kernels.evaluation.executors import LoadedWorkload, LocalExecutor, RayExecutor, Session, run_trials
 from romer_kernels.evaluation.lm_eval import LMEval
-from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, grid, summarize_trials
+from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, grid, summarize_trials, write_text_atomic
 from romer_kernels.evaluation.runner import METRICS, SweepSettings, Workload, trial_metrics  # noqa: F401  (API)
 from romer_kernels.moe.routing import RoutingTrace
 
@@ -77,24 +77,25 @@ def noise_sweep(model: nn.Module | Workload, token_ids: torch.Tensor | None, set
     """
     workload, model_id, data_id = workload_of(model, token_ids, None, model_id, data_id)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     trials = grid(settings.seeds, settings.noise_scales, settings.times)
-    store = ResultsStore(run_dir / "results.sqlite", settings.fingerprint(model_id, data_id))
+    session = open_session(executor, workload, settings)
     try:
-        session = open_session(executor, workload, settings)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # refused here, naming what differs, before anything in the folder is written
+        store = ResultsStore(run_dir / "results.sqlite", settings.fingerprint(model_id, data_id) | session.identity)
         try:
             clean = session.clean
             if on_clean is not None:
                 on_clean(clean)
-            (run_dir / "clean.json").write_text(json.dumps(trial_metrics(clean), indent=1))
+            write_text_atomic(run_dir / "clean.json", json.dumps(trial_metrics(clean), indent=1))
             ran = run_trials(store, trials, session, progress=progress)
             if on_session is not None:
                 on_session(session)
+            summaries = summarize_trials(store.rows(trial.key for trial in trials))  # this request's trials only
         finally:
-            session.close()
-        summaries = summarize_trials(store.rows())
+            store.close()
     finally:
-        store.close()
+        session.close()
     return SweepResult(clean, summaries, run_dir, ran)
 
 
@@ -155,6 +156,8 @@ def save_figure(fig, path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # written whole, then renamed: never half a plot
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    tmp.replace(path)
     return path
