@@ -27,7 +27,10 @@ def _placement(args):
     path = Path(args.placement)
     if not path.is_file():
         raise FileNotFoundError(f"placement file {path} not found")
-    return Placement.from_dict(json.loads(path.read_text()))
+    try:
+        return Placement.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"placement file {path}: {error}") from None
 
 
 def _settings(args, placement=None):
@@ -266,6 +269,7 @@ def _train_tiny(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="romer", description="Analog in-memory-computing simulation for MoE LLMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
     parser.add_argument("--backend", default=None, choices=list(BACKENDS),
                         help="analog MVM backend (default: $ROMER_BACKEND or auto = C++ on CPU, Triton on CUDA)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -341,9 +345,15 @@ def main(argv: list[str] | None = None) -> int:
             resolve_backend(args.backend)  # fail now, with the reason, if it cannot run here
             set_backend(args.backend)
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, NotImplementedError, TypeError, RuntimeError,
-            ConnectionError) as error:
-        console.print(f"[red]error:[/] {error}")
+    except Exception as error:  # one line for the user; -v shows where it came from
+        if args.verbose:
+            console.print_exception()
+        known = (ValueError, FileNotFoundError, ImportError, NotImplementedError, TypeError, RuntimeError,
+                 ConnectionError)
+        kind = "" if isinstance(error, known) else f"{type(error).__name__}: "
+        console.print(f"[red]error:[/] {kind}{error}".replace("\n", " "), highlight=False)
+        if not args.verbose:
+            console.print("(run with -v for the traceback)", style="dim") if not isinstance(error, known) else None
         return 2
     except KeyboardInterrupt as interrupt:
         from romer_kernels.evaluation.executors import SweepInterrupted  # noqa: PLC0415

@@ -45,6 +45,15 @@ def resolution_step(res: float, bound: float) -> float:
     return fraction * 2.0 * bound
 
 
+def check_resolution(owner: str, name: str, res: float) -> None:
+    """A DAC/ADC resolution must give at least three levels (-bound, 0, +bound): a step of at most half
+    the range. Between 0.5 and 2 every value in the range rounds to 0 (one level), which is no converter."""
+    if 0.5 < res < 2:
+        raise ValueError(f"{owner}.{name} = {res!r} leaves one quantization level: use <= 0 (no quantization), "
+                         "a step of at most 0.5 of the range (e.g. 1/126), or at least 2 steps over the range "
+                         "(e.g. 254)")
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """Crossbar size: a weight is cut into tiles of at most ``max_input_size`` x ``max_output_size``.
@@ -92,9 +101,11 @@ class IOConfig:
         check_bool(owner, "is_perfect", self.is_perfect)
         check_number(owner, "inp_bound", self.inp_bound, low=0, low_open=True)
         check_number(owner, "inp_res", self.inp_res)
+        check_resolution(owner, "inp_res", self.inp_res)
         check_number(owner, "inp_noise", self.inp_noise, low=0)
         check_number(owner, "out_bound", self.out_bound)
         check_number(owner, "out_res", self.out_res)
+        check_resolution(owner, "out_res", self.out_res)
         check_number(owner, "out_noise", self.out_noise, low=0)
         check_number(owner, "w_noise", self.w_noise, low=0)
         check_choice(owner, "w_noise_type", self.w_noise_type, W_NOISE_TYPES)

@@ -18,6 +18,10 @@ from romer_kernels.moe.convert import is_router
 from romer_kernels.moe.routing import RoutingSummary, RoutingTrace, summarize, trace_routing
 
 
+class NonFiniteOutput(ValueError):
+    """The model produced NaN or inf log-likelihoods: no metric of that evaluation means anything."""
+
+
 @dataclass
 class LMEval:
     perplexity: float
@@ -70,7 +74,14 @@ def evaluate_lm(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 256, s
             nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1)      # [B, L-1], target j+1
             positions = torch.arange(1, seq_len, device=device)
             scored = torch.stack([positions >= (score_from - start) for start, _, score_from in batch])
-            total_nll += float(nll[scored].double().sum())
+            scored_nll = nll[scored]
+            finite = torch.isfinite(scored_nll)
+            if not bool(finite.all()):
+                raise NonFiniteOutput(f"the model's output is not finite: {int((~finite).sum())} of "
+                                      f"{scored_nll.numel()} scored tokens of windows {first}..{first + len(batch) - 1} "
+                                      "have a NaN or inf log-likelihood (NaN or inf weights or activations?); no "
+                                      "metric is reported from it")
+            total_nll += float(scored_nll.double().sum())
             total_tokens += int(scored.sum())
 
     summary, recorded = None, None

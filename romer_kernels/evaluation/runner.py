@@ -27,11 +27,11 @@ from torch import nn
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.scaling import scale_noise
-from romer_kernels.evaluation.lm_eval import LMEval, evaluate_lm
+from romer_kernels.evaluation.lm_eval import LMEval, NonFiniteOutput, evaluate_lm
 from romer_kernels.evaluation.montecarlo import Trial
 from romer_kernels.evaluation.variants import VARIANTS, Variant, calibration_windows
 from romer_kernels.methods import undo_methods_
-from romer_kernels.moe.convert import Placement, analogize_, restore_digital_
+from romer_kernels.moe.convert import Placement, analogize_, check_placement, restore_digital_
 from romer_kernels.moe.routing import RoutingTrace
 from romer_kernels.nn.model_helpers import drift_analog_, program_analog_, reset_noise_counters
 
@@ -160,6 +160,7 @@ class TrialRunner:
         self.model = model.eval()
         self.eval_ids = eval_ids
         self.settings = settings
+        check_placement(model, settings.placement)  # before any result is stored
         self.calib = None if calib_ids is None else calibration_windows(calib_ids, settings.seq_len, calib_windows)
         self.identity = self._identity()  # of the clean model, before any conversion
         self.clean = clean if clean is not None else evaluate_lm(self.model, eval_ids, **settings.eval_args)
@@ -244,9 +245,13 @@ class TrialRunner:
         return self.model
 
     def evaluate(self, trial: Trial) -> LMEval:
-        """Trial ``trial``'s evaluation, with its routing trace."""
+        """Trial ``trial``'s evaluation, with its routing trace. A non-finite output fails the trial with
+        an error naming it (nothing is stored for it)."""
         self.prepare(trial)
-        return evaluate_lm(self.model, self.eval_ids, clean=self.clean.trace, **self.settings.eval_args)
+        try:
+            return evaluate_lm(self.model, self.eval_ids, clean=self.clean.trace, **self.settings.eval_args)
+        except NonFiniteOutput as error:
+            raise NonFiniteOutput(f"trial {trial.key}: {error}") from None
 
     def run(self, trial: Trial) -> dict[str, float]:
         return trial_metrics(self.evaluate(trial))

@@ -91,13 +91,26 @@ class Placement:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Placement":
+        """A placement from its JSON form; every field is checked for its type (a string where a list of
+        patterns belongs is an error, not a list of single characters)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a placement is a JSON object of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"Placement has no field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         data = dict(data)
-        data["digital"] = tuple(data.get("digital", ()))
-        data["digital_experts"] = {k: tuple(v) for k, v in data.get("digital_experts", {}).items()}
+        digital = data.get("digital", [])
+        if not isinstance(digital, (list, tuple)) or not all(isinstance(p, str) for p in digital):
+            raise ValueError(f"Placement.digital must be a list of module-name patterns (strings), got {digital!r}")
+        experts = data.get("digital_experts", {})
+        if not isinstance(experts, dict) or not all(
+                isinstance(ids, (list, tuple)) and all(isinstance(e, int) and not isinstance(e, bool) for e in ids)
+                for ids in experts.values()):
+            raise ValueError("Placement.digital_experts must map experts-module names to lists of expert ids "
+                             f"(integers), got {experts!r}")
+        data["digital"] = tuple(digital)
+        data["digital_experts"] = {k: tuple(v) for k, v in experts.items()}
         return cls(**data)
 
 
@@ -159,10 +172,7 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
     placement = placement or Placement()
     if any(isinstance(m, AnalogModule) for m in model.modules()):
         raise ValueError("model is already analog; convert a fresh copy")
-    names = {name for name, _ in model.named_modules()}
-    missing = sorted(name for name in placement.digital_experts if name not in names)
-    if missing:
-        raise ValueError(f"Placement.digital_experts names unknown module(s): {', '.join(missing)}")
+    check_placement(model, placement)
 
     def finish(analog: AnalogModule) -> None:
         if t_inference is not None:
@@ -244,6 +254,25 @@ def restore_digital_(model: nn.Module) -> nn.Module:
             make_router_digital(module)
     del model.romer_conversion
     return model
+
+
+def check_placement(model: nn.Module, placement: Placement) -> None:
+    """Every module a placement names exists in ``model``: ``digital_experts`` keys are module names and
+    every ``digital`` pattern matches at least one module (a typo would otherwise leave modules analog
+    without a word). Raises ValueError naming what matches nothing."""
+    names = {name for name, _ in model.named_modules()}
+    missing = sorted(name for name in placement.digital_experts if name not in names)
+    if missing:
+        raise ValueError(f"Placement.digital_experts names unknown module(s): {', '.join(missing)}")
+    idle = [pattern for pattern in placement.digital if not any(fnmatch.fnmatchcase(n, pattern) for n in names if n)]
+    if idle:
+        raise ValueError(f"Placement.digital pattern(s) {', '.join(map(repr, idle))} match no module of "
+                         f"{type(model).__name__} (module names look like {_example_names(names)})")
+
+
+def _example_names(names: set[str]) -> str:
+    shown = sorted((n for n in names if n), key=lambda n: (n.count("."), n))
+    return ", ".join(shown[:1] + [n for n in shown if n.count(".") >= 3][:2]) or "none"
 
 
 def _expert_is_digital(name: str, match: re.Match, placement: Placement) -> bool:

@@ -153,7 +153,7 @@ class AnalogLinear(AnalogModule):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"AnalogLinear expects inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"AnalogLinear expects floating-point inputs, got {x.dtype}")

@@ -111,6 +111,7 @@ class AnalogMatrix:
         if seed is not None:
             self.seed = check_seed(seed)
         self._check_shape(weight)
+        self._check_finite(weight)
         self._device_cache = None
         self._select_chip(weight)
         self.chip.program(weight, self.seed, self.mvm_noise)
@@ -149,6 +150,15 @@ class AnalogMatrix:
         wanted = OnTheFlyChip if on_the_fly else LayerChip
         if type(self.chip) is not wanted:
             self.chip = wanted(self.config, self.out_features, self.in_features, self.layer_id)
+
+    def _check_finite(self, weight: torch.Tensor) -> None:
+        """A NaN or inf weight would reach every output of its tiles through the shared scales and the
+        compensation readout: refuse it, naming the matrix and how many there are."""
+        finite = torch.isfinite(weight.detach())
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise ValueError(f"{self.layer_id!r}: {bad} of {weight.numel()} weights are NaN or inf; a chip cannot be "
+                             "programmed with them (check the checkpoint or the method that wrote them)")
 
     def _check_shape(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != (self.out_features, self.in_features):
