@@ -71,11 +71,11 @@ def test_a_killed_worker_loses_no_trial(cluster, local_results, retries):
         runs = session.run(group_trials(trials))
         if retries == 0:
             with pytest.raises(RuntimeError, match=r"trial\(s\) seed=\d.*failed on 1 workers"):
-                for i, (trial, metrics, _) in enumerate(runs):
+                for i, (trial, metrics, _, _) in enumerate(runs):
                     if i == 0:
                         os.kill(victim, signal.SIGKILL)
             return
-        for i, (trial, metrics, _) in enumerate(runs):
+        for i, (trial, metrics, _, _) in enumerate(runs):
             results[trial.key] = metrics
             if i == 0:
                 os.kill(victim, signal.SIGKILL)  # the other worker is busy with (or about to get) a group

@@ -116,3 +116,44 @@ def test_ctrl_c_says_how_many_trials_are_stored(tmp_path):
                                                 r"results.sqlite\); run the same command again to resume"):
         run_trials(store, trials, FunctionSession(run_trial), progress=False)
     store.close()
+
+
+def test_a_failed_trial_is_stored_with_its_reason_and_in_no_summary(tmp_path, monkeypatch):
+    from moe_models import build  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from romer_kernels.config import preset  # noqa: PLC0415
+    from romer_kernels.evaluation.lm_eval import NonFiniteOutput  # noqa: PLC0415
+    from romer_kernels.evaluation.montecarlo import summarize_trials  # noqa: PLC0415
+    from romer_kernels.evaluation.runner import SweepSettings, TrialRunner  # noqa: PLC0415
+
+    ids = torch.randint(3, 128, (200,), generator=torch.Generator().manual_seed(0))
+    runner = TrialRunner(build("olmoe"), ids, SweepSettings(config=preset("gaussian-chip"), seq_len=32, max_windows=1))
+    trials = grid([0, 1, 2], [1.0], [0.0])
+    original = runner.run
+
+    def run(trial):  # trial seed=1's chip gives a non-finite output
+        if trial.seed == 1:
+            raise NonFiniteOutput("the model's output is not finite: 3 of 31 scored tokens ...")
+        return original(trial)
+
+    monkeypatch.setattr(runner, "run", run)
+    results = runner.run_group(trials)
+    assert [r.error is None for r in results] == [True, False, True] and results[1].metrics == {}
+    store = ResultsStore(tmp_path / "results.sqlite", {"model": "m"})
+
+    class Session:
+        identity, clean = {}, None
+
+        def run(self, groups):
+            for group in groups:
+                yield from runner.run_group(group)
+
+    assert run_trials(store, trials, Session(), progress=False) == 3
+    assert run_trials(store, trials, Session(), progress=False) == 0   # a failed trial is not run again
+    assert [t.seed for t, _ in store.rows()] == [0, 2]
+    (failed, reason), = store.failures()
+    assert failed.seed == 1 and "not finite" in reason
+    assert {s.n for s in summarize_trials(store.rows())} == {2}
+    store.close()
+    runner.close()

@@ -52,7 +52,7 @@ def test_in_place_trials_equal_a_fresh_copy_per_trial(arch, preset_name):
     runner = TrialRunner(model, ids, settings, calib_ids, calib_windows=2)
     variants = ("noisy", "maxnn-12.5", "romer", "rq")
     trials = grid(settings.seeds, settings.noise_scales, settings.times, variants)
-    results = {trial.key: metrics for group in group_trials(trials) for trial, metrics, _ in runner.run_group(group)}
+    results = {trial.key: metrics for group in group_trials(trials) for trial, metrics, _, _ in runner.run_group(group)}
     runner.close()
     # handed back digital, every weight as it was
     assert not any(isinstance(m, AnalogModule) for m in model.modules())

@@ -73,6 +73,12 @@ def _print_clean(clean) -> None:
     console.print(f"clean: PPL {clean.perplexity:.2f}{routing} on {clean.tokens} scored tokens")
 
 
+def _print_failures(failed) -> None:
+    if failed:
+        console.print(f"[yellow]{len(failed)} trial(s) failed and are in no row above[/]; the first: "
+                      f"{failed[0][1]}", highlight=False)
+
+
 def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
     from romer_kernels.evaluation.montecarlo import Trial, write_text_atomic  # noqa: PLC0415
     from romer_kernels.evaluation.sweep import noise_sweep, plot_sweep  # noqa: PLC0415
@@ -98,6 +104,7 @@ def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
                       _fmt(row.get("lis")), _fmt(row.get("flip_rate")), _fmt(row.get("overlap")),
                       _fmt(row.get("kl_to_clean"), 4))
     console.print(table)
+    _print_failures(result.failed)
     plot = plot_sweep(result, noisy["trace"], run_dir / "sweep.png",
                       f"{model_name}, {args.preset}; expert load at noise scale {worst.noise_scale:g}")
     write_text_atomic(run_dir / "summary.json", json.dumps(
@@ -180,6 +187,7 @@ def _compare(args: argparse.Namespace) -> int:
         table.add_row(f"{scale:g}", f"{t:g}", variant, str(args.seeds), _fmt(metrics.get("ppl")), _fmt(metrics.get("lis")),
                       _fmt(metrics.get("flip_rate")))
     console.print(table)
+    _print_failures(result.failed)
     plot = plot_compare(result, run_dir / "compare.png", f"{args.model}, {args.preset}")
     rows = [{"noise_scale": k[0], "t": k[1], "variant": k[3], **{m: v for m, v in metrics.items()}}
             for k, metrics in sorted(by_key.items())]

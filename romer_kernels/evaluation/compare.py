@@ -11,7 +11,7 @@ themselves are in ``variants``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ class CompareResult:
     summaries: list[Summary]
     run_dir: Path
     trials_run: int
+    failed: list = field(default_factory=list)   # (Trial, reason) of this request's failed trials
 
 
 def compare_methods(model: nn.Module | Workload, eval_ids: torch.Tensor | None, calib_ids: torch.Tensor | None,
@@ -60,12 +61,14 @@ def compare_methods(model: nn.Module | Workload, eval_ids: torch.Tensor | None, 
             clean = session.clean
             write_text_atomic(run_dir / "clean.json", json.dumps(trial_metrics(clean), indent=1))
             ran = run_trials(store, trials, session, progress=progress)
-            summaries = summarize_trials(store.rows(trial.key for trial in trials))
+            keys = [trial.key for trial in trials]
+            summaries = summarize_trials(store.rows(keys))
+            failed = store.failures(keys)
         finally:
             store.close()
     finally:
         session.close()
-    return CompareResult(clean, summaries, run_dir, ran)
+    return CompareResult(clean, summaries, run_dir, ran, failed)
 
 
 def plot_compare(result: CompareResult, path: str | Path, title: str = "") -> Path:

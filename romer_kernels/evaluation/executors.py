@@ -2,8 +2,8 @@
 (``RayExecutor``), with the same results trial by trial.
 
 An executor opens a *session* on a workload: one ``TrialRunner`` per worker (the model and tokens loaded
-once by that worker), the clean evaluation, and ``session.run(groups)``, which yields ``(trial,
-metrics, seconds)`` as trials finish. The driver (``run_trials``) is the only writer of the results
+once by that worker), the clean evaluation, and ``session.run(groups)``, which yields a ``TrialResult``
+(trial, metrics, seconds, error) as trials finish. The driver (``run_trials``) is the only writer of the results
 store and commits each result as it arrives, so an interrupted sweep resumes with no trial lost or run
 twice. A trial is a pure function of its key (the chip is its seed), so where it runs does not change
 its result; every Ray worker compares routing with the same clean trace (computed once, shipped to all).
@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from romer_kernels.evaluation.lm_eval import LMEval
 from romer_kernels.evaluation.montecarlo import ResultsStore, Trial
-from romer_kernels.evaluation.runner import SweepSettings, TrialRunner, Workload, group_trials
+from romer_kernels.evaluation.runner import SweepSettings, TrialResult, TrialRunner, Workload, group_trials
 
 EXECUTORS = ("local", "ray")
-Result = tuple[Trial, dict[str, float], float]
+Result = TrialResult
 
 
 @dataclass
@@ -95,7 +95,7 @@ class FunctionSession:
             for trial in group:
                 start = time.perf_counter()
                 metrics = self.run_trial(trial)
-                yield trial, metrics, time.perf_counter() - start
+                yield TrialResult(trial, metrics, time.perf_counter() - start)
 
     def evaluate(self, trial: Trial) -> LMEval:
         raise NotImplementedError("a FunctionSession only returns metrics")
@@ -406,11 +406,11 @@ def run_trials(store: ResultsStore, trials: list[Trial], session: Session, progr
     ran = 0
     try:
         with tqdm(total=len(todo), desc="trials", disable=not progress, leave=False) as bar:
-            for trial, metrics, seconds in session.run(group_trials(todo)):
+            for trial, metrics, seconds, error in session.run(group_trials(todo)):
                 bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float))}
                 if bad:
                     raise TypeError(f"trial metrics must be numbers, got {bad}")
-                store.add(trial, {k: float(v) for k, v in metrics.items()}, seconds)
+                store.add(trial, {k: float(v) for k, v in metrics.items()}, seconds, error)
                 ran += 1
                 bar.update()
     except KeyboardInterrupt:

@@ -90,12 +90,15 @@ class ResultsStore:
                     tables = {row[0] for row in reader.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                     row = (reader.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
                            if "meta" in tables else None)
+                    columns = {info[1] for info in reader.execute("PRAGMA table_info(trials)")}
                 finally:
                     reader.close()
             except sqlite3.DatabaseError as error:
                 raise self._refuse(f"is not a readable results store ({error})") from None
             if not {"meta", "trials"} <= tables or row is None:
                 raise self._refuse("is an SQLite file but not a romer_kernels results store")
+            if "error" not in columns:
+                raise self._refuse("was written by an older version of romer_kernels (no failure column)")
             if row[0] != text:
                 stored = json.loads(row[0])
                 changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
@@ -109,27 +112,39 @@ class ResultsStore:
                 connection.execute(
                     "CREATE TABLE trials (key TEXT PRIMARY KEY, seed INTEGER NOT NULL, "
                     "noise_scale REAL NOT NULL, t_inference REAL NOT NULL, variant TEXT NOT NULL, "
-                    "metrics TEXT NOT NULL, seconds REAL NOT NULL, finished REAL NOT NULL)")
+                    "metrics TEXT NOT NULL, seconds REAL NOT NULL, finished REAL NOT NULL, error TEXT)")
                 connection.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (text,))
         return connection
 
     def done(self) -> set[str]:
         return {row[0] for row in self.connection.execute("SELECT key FROM trials")}
 
-    def add(self, trial: Trial, metrics: dict[str, float], seconds: float) -> None:
+    def add(self, trial: Trial, metrics: dict[str, float], seconds: float, error: str | None = None) -> None:
+        """Store a finished trial; ``error``: why it failed (then no metric of it is reported)."""
+        if error is not None and metrics:
+            raise ValueError("a failed trial reports no metrics")
         with self.connection:  # one transaction per trial: a crash never leaves half a trial
-            self.connection.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self.connection.execute("INSERT INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                     (trial.key, trial.seed, trial.noise_scale, trial.t_inference, trial.variant,
-                                     json.dumps(metrics), seconds, time.time()))
+                                     json.dumps(metrics), seconds, time.time(), error))
 
-    def rows(self, keys: Iterable[str] | None = None) -> list[tuple[Trial, dict[str, float]]]:
-        """Stored trials in the order they finished; only those with a key in ``keys`` when given (the
-        trials of the current request, not everything an earlier, larger run stored)."""
+    def _select(self, keys: Iterable[str] | None, failed: bool):
         wanted = None if keys is None else set(keys)
         cursor = self.connection.execute(
-            "SELECT key, seed, noise_scale, t_inference, variant, metrics FROM trials ORDER BY rowid")
-        return [(Trial(seed, scale, t, variant), json.loads(metrics))
-                for key, seed, scale, t, variant, metrics in cursor if wanted is None or key in wanted]
+            "SELECT key, seed, noise_scale, t_inference, variant, metrics, error FROM trials WHERE error IS "
+            + ("NOT NULL" if failed else "NULL") + " ORDER BY rowid")
+        return [(Trial(seed, scale, t, variant), metrics, error)
+                for key, seed, scale, t, variant, metrics, error in cursor if wanted is None or key in wanted]
+
+    def rows(self, keys: Iterable[str] | None = None) -> list[tuple[Trial, dict[str, float]]]:
+        """Stored successful trials in the order they finished; only those with a key in ``keys`` when
+        given (the trials of the current request, not everything an earlier, larger run stored)."""
+        return [(trial, json.loads(metrics)) for trial, metrics, _ in self._select(keys, failed=False)]
+
+    def failures(self, keys: Iterable[str] | None = None) -> list[tuple[Trial, str]]:
+        """Stored failed trials and why they failed (a failed trial is stored so that a resume does not run
+        it again; it is in no summary)."""
+        return [(trial, error) for trial, _, error in self._select(keys, failed=True)]
 
     def close(self) -> None:
         self.connection.close()

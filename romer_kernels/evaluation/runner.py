@@ -20,7 +20,7 @@ import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -57,6 +57,16 @@ class SweepSettings:
     @property
     def eval_args(self) -> dict[str, Any]:
         return dict(seq_len=self.seq_len, batch_size=self.batch_size, max_windows=self.max_windows)
+
+
+class TrialResult(NamedTuple):
+    """One finished trial: its metrics, seconds, and ``error`` (the reason) when it failed (then
+    ``metrics`` is empty: nothing is reported from a failed trial)."""
+
+    trial: Trial
+    metrics: dict[str, float]
+    seconds: float
+    error: str | None = None
 
 
 def trial_metrics(result: LMEval) -> dict[str, float]:
@@ -256,13 +266,16 @@ class TrialRunner:
     def run(self, trial: Trial) -> dict[str, float]:
         return trial_metrics(self.evaluate(trial))
 
-    def run_group(self, trials: list[Trial]) -> list[tuple[Trial, dict[str, float], float]]:
-        """(trial, metrics, seconds) of each trial, in order."""
+    def run_group(self, trials: list[Trial]) -> list[TrialResult]:
+        """The result of each trial, in order; a trial whose model output is not finite is a failed
+        result with the reason (the other errors are raised: they would fail every trial)."""
         out = []
         for trial in trials:
             start = time.perf_counter()
-            metrics = self.run(trial)
-            out.append((trial, metrics, time.perf_counter() - start))
+            try:
+                out.append(TrialResult(trial, self.run(trial), time.perf_counter() - start))
+            except NonFiniteOutput as error:
+                out.append(TrialResult(trial, {}, time.perf_counter() - start, str(error)))
         return out
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ class SweepResult:
     summaries: list[Summary]
     run_dir: Path
     trials_run: int
+    failed: list = field(default_factory=list)   # (Trial, reason) of this request's failed trials
 
     def table(self) -> list[dict[str, Any]]:
         """One row per (noise scale, time) with mean, std and 95% interval of each metric."""
@@ -91,12 +92,14 @@ def noise_sweep(model: nn.Module | Workload, token_ids: torch.Tensor | None, set
             ran = run_trials(store, trials, session, progress=progress)
             if on_session is not None:
                 on_session(session)
-            summaries = summarize_trials(store.rows(trial.key for trial in trials))  # this request's trials only
+            keys = [trial.key for trial in trials]
+            summaries = summarize_trials(store.rows(keys))  # this request's trials only
+            failed = store.failures(keys)
         finally:
             store.close()
     finally:
         session.close()
-    return SweepResult(clean, summaries, run_dir, ran)
+    return SweepResult(clean, summaries, run_dir, ran, failed)
 
 
 def plot_sweep(result: SweepResult, noisy_trace: RoutingTrace | None, path: str | Path, title: str = "") -> Path:
