@@ -152,3 +152,22 @@ def test_top_level_api_names():
     assert romer_kernels.analogize_ is analogize_
     with pytest.raises(AttributeError, match="no attribute"):
         romer_kernels.not_a_name  # noqa: B018
+
+
+def test_the_report_lists_every_weight_matrix_none_silently_digital():
+    class RawProjection(nn.Module):  # a weight used through torch.matmul: the conversion cannot see its MVM
+        def __init__(self):
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return x @ self.kernel
+
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), RawProjection())
+    analogize_(model, "ideal")
+    rows = {row.module: row for row in placement_report(model)}
+    assert rows["0"].kind == "digital (lookup, no MVM)" and rows["0"].category == "embeddings"
+    assert rows["1"].kind == "analog"
+    assert rows["2.kernel"].unsupported and rows["2.kernel"].kind == "digital (unsupported: RawProjection.kernel)"
+    reported = sum(row.parameters for row in rows.values())
+    assert reported == sum(p.numel() for p in model.parameters() if p.dim() >= 2) + model[1].bias.numel()

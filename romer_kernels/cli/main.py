@@ -217,13 +217,19 @@ def _info(args: argparse.Namespace) -> int:
     for column in ("module", "category", "analog/digital", "parameters", "tiles"):
         table.add_column(column, justify="right" if column in ("parameters", "tiles") else "left")
     analog_params = total = tiles = 0
-    for row in placement_report(model):
+    rows = placement_report(model)
+    for row in rows:
         table.add_row(row.module, row.category, row.kind, f"{row.parameters:,}", str(row.tiles))
         total += row.parameters
         tiles += row.tiles
         analog_params += row.parameters if row.kind.startswith("analog") else 0
     console.print(table)
-    console.print(f"{analog_params:,} of {total:,} linear parameters analog, {tiles} tiles")
+    console.print(f"{analog_params:,} of {total:,} weight-matrix parameters analog, {tiles} tiles")
+    unsupported = [row for row in rows if row.unsupported]
+    if unsupported:
+        console.print(f"[yellow]{len(unsupported)} weight matrices stay digital because the conversion does not "
+                      f"support their module[/]: {', '.join(row.module for row in unsupported[:5])}"
+                      + (" ..." if len(unsupported) > 5 else ""), highlight=False)
     return 0
 
 

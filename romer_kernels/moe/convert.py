@@ -284,14 +284,26 @@ def _expert_is_digital(name: str, match: re.Match, placement: Placement) -> bool
 class PlacementRow:
     module: str
     category: str
-    kind: str          # "analog" or "digital"
+    kind: str          # "analog", "digital" (by placement), "digital (lookup, no MVM)", "digital (unsupported: ...)"
     parameters: int
     tiles: int
 
+    @property
+    def unsupported(self) -> bool:
+        """A weight matrix the package cannot put on a crossbar (it stays digital whatever the placement)."""
+        return self.kind.startswith("digital (unsupported")
+
 
 def placement_report(model: nn.Module) -> list[PlacementRow]:
-    """Every weight-carrying module of a (converted) model: category, analog or digital, size, tiles."""
-    rows = []
+    """Every weight matrix of a (converted) model: the weight-carrying modules (category, analog or
+    digital by placement, size, tiles), then every other parameter of two or more dimensions, so that no
+    matrix stays digital unlisted: embeddings (a lookup, no MVM) and weights of modules the conversion
+    does not know (``unsupported``, with the module class and parameter name)."""
+    rows, covered = [], set()
+
+    def cover(*tensors) -> None:
+        covered.update(id(t) for t in tensors if isinstance(t, nn.Parameter))
+
     for name, module in model.named_modules():
         if isinstance(module, AnalogRouter):
             continue  # reported with its router
@@ -302,12 +314,27 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
             if module.digital_experts:
                 kind += f" ({len(module.digital_experts)} experts digital)"
             rows.append(PlacementRow(name, category, kind, params, module.num_tiles))
+            cover(module.gate_up_proj, module.down_proj)
         elif isinstance(module, AnalogLinear):
             rows.append(PlacementRow(name, category, "analog", _own_params(module), module.num_tiles))
+            cover(*module.parameters(recurse=False))
         elif hasattr(module, "analog") and isinstance(module.analog, AnalogRouter):
             rows.append(PlacementRow(name, "router", "analog", module.weight.numel(), module.analog.num_tiles))
+            cover(*module.parameters(recurse=False))
         elif isinstance(module, nn.Linear) or is_fused_experts(module) or is_router(name, module):
             rows.append(PlacementRow(name, category, "digital", _own_params(module), 0))
+            cover(*module.parameters(recurse=False))
+    for name, parameter in model.named_parameters():
+        if parameter.dim() < 2 or id(parameter) in covered:
+            continue
+        covered.add(id(parameter))
+        owner_name, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if isinstance(owner, nn.Embedding):
+            rows.append(PlacementRow(owner_name, "embeddings", "digital (lookup, no MVM)", parameter.numel(), 0))
+        else:
+            rows.append(PlacementRow(name, categorize(owner_name, owner) if owner_name else "other",
+                                     f"digital (unsupported: {type(owner).__name__}.{attribute})", parameter.numel(), 0))
     return rows
 
 
