@@ -104,17 +104,31 @@ class ResultsStore:
                 changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
                 raise StoreError(f"{self.path} holds a sweep with other settings (differs in: {', '.join(changed)}); "
                                  "use another run folder or delete the file")
+        if not existed:
+            self._create(text)
         connection = sqlite3.connect(self.path)
         connection.execute("PRAGMA journal_mode=WAL")
-        if not existed:
+        return connection
+
+    def _create(self, fingerprint: str) -> None:
+        """A new store, built in a temporary file and renamed into place: the store file is either absent
+        or complete (a crash while creating it never leaves a file without its tables)."""
+        import os  # noqa: PLC0415
+
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
+        tmp.unlink(missing_ok=True)
+        connection = sqlite3.connect(tmp)
+        try:
             with connection:
                 connection.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
                 connection.execute(
                     "CREATE TABLE trials (key TEXT PRIMARY KEY, seed INTEGER NOT NULL, "
                     "noise_scale REAL NOT NULL, t_inference REAL NOT NULL, variant TEXT NOT NULL, "
                     "metrics TEXT NOT NULL, seconds REAL NOT NULL, finished REAL NOT NULL, error TEXT)")
-                connection.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (text,))
-        return connection
+                connection.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (fingerprint,))
+        finally:
+            connection.close()
+        os.replace(tmp, self.path)
 
     def done(self) -> set[str]:
         return {row[0] for row in self.connection.execute("SELECT key FROM trials")}
