@@ -404,8 +404,9 @@ def run_trials(store: ResultsStore, trials: list[Trial], session: Session, progr
     if not todo:
         return 0
     ran = 0
+    stop = _StopOnInterrupt()
     try:
-        with tqdm(total=len(todo), desc="trials", disable=not progress, leave=False) as bar:
+        with stop, tqdm(total=len(todo), desc="trials", disable=not progress, leave=False) as bar:
             for trial, metrics, seconds, error in session.run(group_trials(todo)):
                 bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float))}
                 if bad:
@@ -413,6 +414,38 @@ def run_trials(store: ResultsStore, trials: list[Trial], session: Session, progr
                 store.add(trial, {k: float(v) for k, v in metrics.items()}, seconds, error)
                 ran += 1
                 bar.update()
+                if stop.requested:  # the KeyboardInterrupt was swallowed below us (Ray's wait can)
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         raise SweepInterrupted(ran, len(todo), len(trials), store.path) from None
     return ran
+
+
+class _StopOnInterrupt:
+    """While a sweep runs: SIGINT raises KeyboardInterrupt as usual and also records that it came, so the
+    driver stops at the next stored result even if a library caught the exception (Ray's blocking wait
+    may). Only in the main thread (where Python runs signal handlers); the previous handler is restored."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        import signal  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            import signal  # noqa: PLC0415
+
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
