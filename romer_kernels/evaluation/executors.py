@@ -170,9 +170,6 @@ class TrialActor:
     def identity(self) -> dict[str, Any]:
         return self.runner.identity
 
-    def set_clean(self, clean: LMEval) -> None:
-        self.runner.set_clean(clean)
-
     def run_group(self, trials: list[Trial]) -> list[Result]:
         return self.runner.run_group(trials)
 
@@ -247,7 +244,6 @@ class RaySession:
         if count * executor.cpus_per_worker > cpus or count * executor.gpus_per_worker > gpus:
             raise ValueError(f"{count} workers x {executor.cpus_per_worker:g} CPU / {executor.gpus_per_worker:g} GPU do "
                              f"not fit the Ray cluster ({cpus:g} CPUs, {gpus:g} GPUs)")
-        self.count = count
         self._actor_class = ray.remote(num_cpus=executor.cpus_per_worker, num_gpus=executor.gpus_per_worker,
                                        max_restarts=0, max_task_retries=0)(TrialActor)
         self._args = (workload, settings, calib_windows, max(1, int(executor.cpus_per_worker)))
@@ -278,16 +274,18 @@ class RaySession:
         except self.ray.exceptions.RayActorError as error:
             raise RuntimeError(f"a Ray worker could not start: {_cause(error)}") from None
 
-    def _same_identity(self, actors) -> dict[str, Any]:
+    def _same_identity(self, actors, reference: dict[str, Any] | None = None) -> dict[str, Any]:
         """The workers' identity; every worker must have loaded the same weights and tokens, with the same
-        dtype and backend (a node with other files would otherwise mix other numbers into the sweep)."""
+        dtype and backend as ``reference`` (default: the first of ``actors``), or a node with other files
+        would mix other numbers into the sweep."""
         identities = self.ray.get([actor.identity.remote() for actor in actors])
-        for i, other in enumerate(identities[1:], 1):
-            if other != identities[0]:
-                differ = sorted(k for k in set(other) | set(identities[0]) if other.get(k) != identities[0].get(k))
-                raise RuntimeError(f"Ray worker {i} loaded another model or data than worker 0 (differs in: "
+        reference = identities[0] if reference is None else reference
+        for i, other in enumerate(identities):
+            if other != reference:
+                differ = sorted(k for k in set(other) | set(reference) if other.get(k) != reference.get(k))
+                raise RuntimeError(f"a Ray worker loaded another model or data than the first one (differs in: "
                                    f"{', '.join(differ)}): every node needs the same files")
-        return identities[0]
+        return reference
 
     def pids(self) -> list[int]:
         """Process ids of the workers (tests kill one)."""
@@ -322,9 +320,7 @@ class RaySession:
                 self.replacements += 1
                 replacement = self._start(self._clean_box)
                 try:
-                    if self.ray.get(replacement.identity.remote()) != self.identity:
-                        raise RuntimeError("a replacement Ray worker loaded another model or data than the first "
-                                           "workers: every node needs the same files")
+                    self._same_identity([replacement], self.identity)
                 except ray.exceptions.RayActorError as start_error:
                     raise RuntimeError(f"a replacement Ray worker could not start: {_cause(start_error)}") from None
                 idle.append(replacement)

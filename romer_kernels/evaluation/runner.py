@@ -32,7 +32,6 @@ from romer_kernels.evaluation.montecarlo import Trial
 from romer_kernels.evaluation.variants import VARIANTS, Variant, calibration_windows
 from romer_kernels.methods import undo_methods_
 from romer_kernels.moe.convert import Placement, analogize_, check_placement, restore_digital_
-from romer_kernels.moe.routing import RoutingTrace
 from romer_kernels.nn.model_helpers import drift_analog_, program_analog_, reset_noise_counters
 
 METRICS = ("ppl", "lis", "flip_rate", "overlap", "kl_to_clean", "cv", "entropy")
@@ -194,13 +193,6 @@ class TrialRunner:
                 "tokens": tensor_digest([torch.as_tensor(self.eval_ids)]),
                 "calib_tokens": None if self.calib is None else tensor_digest([self.calib]),
                 "backend": resolve_backend(None, device), "version": __version__}
-
-    @property
-    def clean_trace(self) -> RoutingTrace | None:
-        return self.clean.trace
-
-    def set_clean(self, clean: LMEval) -> None:
-        self.clean = clean
 
     def placement(self, variant: str) -> Placement:
         """The placement of ``variant`` (the sweep's own for ``""``), computed once on the clean model."""
