@@ -379,7 +379,7 @@ def _analog_view(model: nn.Module):
     from romer_kernels.moe.convert import categorize  # noqa: PLC0415
     from romer_kernels.nn.analog_experts import AnalogExperts  # noqa: PLC0415
     from romer_kernels.nn.analog_linear import AnalogLinear  # noqa: PLC0415
-    from romer_kernels.nn.analog_router import AnalogRouter  # noqa: PLC0415
+    from romer_kernels.nn.analog_weight import AnalogWeight  # noqa: PLC0415
 
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
@@ -390,18 +390,18 @@ def _analog_view(model: nn.Module):
         matrices: list[AnalogMatrixShape] = []
         if isinstance(module, AnalogExperts):
             analog_experts = module.num_experts - len(module.digital_experts)
-            _, two_inter, hidden = module.gate_up_proj.shape
+            two_inter, hidden = module.gate_up[0].out_features, module.hidden_dim
             if analog_experts:
                 # each expert's gate_up [2I, H] and down [H, I] are separate analog matrices
                 matrices = [AnalogMatrixShape(category, two_inter, hidden, analog_experts),
-                            AnalogMatrixShape(category, hidden, module.down_proj.shape[2], analog_experts)]
-            analog = (module.gate_up_proj.numel() + module.down_proj.numel()) // module.num_experts * analog_experts
+                            AnalogMatrixShape(category, hidden, module.intermediate_dim, analog_experts)]
+            analog = (two_inter * hidden + hidden * module.intermediate_dim) * analog_experts
         elif isinstance(module, AnalogLinear):
             matrices = [AnalogMatrixShape(category, module.out_features, module.in_features)]
             analog = module.weight.numel()  # the bias is added digitally
-        elif isinstance(getattr(module, "analog", None), AnalogRouter):
-            experts, hidden = module.weight.shape
-            matrices = [AnalogMatrixShape(category, experts, hidden)]
+        elif isinstance(getattr(module, "analog", None), AnalogWeight):
+            adapter = module.analog
+            matrices = [AnalogMatrixShape(category, adapter.block_rows, adapter.matrix.in_features, adapter.blocks)]
             analog = module.weight.numel()
         else:
             analog = 0
@@ -413,7 +413,8 @@ def _module_call_bytes(module: nn.Module, tokens: int, top_k: int) -> int:
     from romer_kernels.moe.convert import is_fused_experts  # noqa: PLC0415
 
     if is_fused_experts(module):
-        _, two_inter, hidden = module.gate_up_proj.shape
+        first = getattr(module, "gate_up_proj", None)
+        _, two_inter, hidden = (first if isinstance(first, torch.Tensor) else module.up_proj).shape
         rows = tokens * top_k  # every routed (token, expert) pair: gathered input, gate_up, act, down output
         return rows * (hidden + two_inter + two_inter // 2 + hidden) * FLOAT32_BYTES
     weight = getattr(module, "weight", None)

@@ -30,9 +30,11 @@ from torch import nn
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.presets import resolve_config
-from romer_kernels.nn.analog_experts import AnalogExperts
+from romer_kernels.moe.structure import router_weight_modules
+from romer_kernels.nn.analog_experts import AnalogExperts, experts_layout
 from romer_kernels.nn.analog_linear import AnalogLinear
-from romer_kernels.nn.analog_router import AnalogRouter, make_router_analog, make_router_digital
+from romer_kernels.nn.analog_router import make_router_analog
+from romer_kernels.nn.analog_weight import AnalogWeight, is_weight_analog, make_weight_analog, make_weight_digital
 from romer_kernels.nn.base import AnalogModule
 
 CATEGORIES = ("experts", "shared_experts", "router", "attention", "dense_mlp", "lm_head", "other")
@@ -115,9 +117,13 @@ class Placement:
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)
-            and gate_up.dim() == 3 and down.dim() == 3)
+    """Routed experts fused over experts: 3-D ``gate_up_proj`` (or ``up_proj``, non-gated) and ``down_proj``."""
+    first = getattr(module, "gate_up_proj", None)
+    if not isinstance(first, nn.Parameter):
+        first = getattr(module, "up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return (isinstance(first, nn.Parameter) and isinstance(down, nn.Parameter)
+            and first.dim() == 3 and down.dim() == 3)
 
 
 def is_router(name: str, module: nn.Module) -> bool:
@@ -127,13 +133,14 @@ def is_router(name: str, module: nn.Module) -> bool:
     return last in ("gate", "router") and isinstance(weight, nn.Parameter) and weight.dim() == 2
 
 
-def categorize(name: str, module: nn.Module) -> str:
-    """The placement category of a module from its name and type."""
+def categorize(name: str, module: nn.Module, routers: set[str] | None = None) -> str:
+    """The placement category of a module from its name and type; ``routers``: the names of the modules
+    inside routers (``moe.structure.router_weight_modules``), else routers are recognised by name."""
     if is_fused_experts(module) or _EXPERT_LINEAR.search(name + "."):
         return "experts"
     if "shared_expert" in name:
         return "shared_experts"
-    if is_router(name, module):
+    if (name in routers) if routers is not None else is_router(name, module):
         return "router"
     parts = name.split(".")
     if parts[-1] == "lm_head":
@@ -147,7 +154,7 @@ def categorize(name: str, module: nn.Module) -> str:
 
 def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, placement: Placement | None = None,
                *, seed: int = 0, mvm_noise: bool = True, t_inference: float | None = None,
-               keep_digital: bool = True) -> nn.Module:
+               keep_digital: bool = True, allow_digital: bool | tuple[str, ...] = False) -> nn.Module:
     """Convert ``model`` in place to analog hardware; returns the model.
 
     ``config``: an ``AnalogConfig`` or a preset name. ``placement``: which modules are analog
@@ -163,6 +170,12 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
     ``drift_analog_`` and methods that read digital weights raise. Routers keep their (small) digital
     weights; fused experts with digital experts cannot drop theirs (``NotImplementedError``).
 
+    No weight matrix stays digital unannounced: one the package cannot convert (a layout it does not
+    know, a convolution, a weight tensor outside a linear layer) raises ``UnsupportedWeights`` naming
+    each and why, unless ``allow_digital`` lets it stay digital (``True``: any; a list: parameter-name
+    fnmatch patterns); those are then listed in ``model.romer_conversion["digital_unsupported"]`` and
+    in ``placement_report``. Modules digital by ``placement`` and embedding tables are not counted.
+
     Raises ``ValueError`` if nothing was converted, or if a digital override names a module that does
     not exist.
     """
@@ -170,7 +183,8 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
     if t_inference is not None and not (float(t_inference) >= 0 and float(t_inference) != float("inf")):
         raise ValueError(f"t_inference must be a finite time in seconds >= 0 or None, got {t_inference!r}")
     placement = placement or Placement()
-    if any(isinstance(m, AnalogModule) for m in model.modules()):
+    _check_allow_digital(allow_digital)
+    if any(isinstance(m, AnalogModule) or is_weight_analog(m) for m in model.modules()):
         raise ValueError("model is already analog; convert a fresh copy")
     check_placement(model, placement)
 
@@ -180,50 +194,189 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
         if not keep_digital:
             analog.drop_digital_()
 
-    converted = 0
-    # Names, not modules: a list of modules would keep every replaced module (and its weights) alive
-    # until the loop ends.
-    for name in [name for name, _ in model.named_modules()]:
-        if not name or placement.is_digital(name):
-            continue
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:  # inside a module converted earlier in the loop
-            continue
-        category = categorize(name, module)
-        if not getattr(placement, category):
-            continue
+    routers = router_weight_modules(model)
+    plan, reasons = conversion_plan(model, placement, routers)
+    left = unsupported_weights(model, placement, {name for name, _ in plan}, reasons, routers)
+    tensors = {param: why for param, why in left.items() if not _is_matrix_param(model, param)}
+    left = {param: why for param, why in left.items() if param not in tensors}
+    allowed = {param: why for param, why in left.items() if _allowed(param, allow_digital)}
+    refused = {param: why for param, why in left.items() if param not in allowed}
+    if refused:  # before anything is converted: the model is left as it was
+        shown = "; ".join(f"{param} ({why})" for param, why in list(refused.items())[:6])
+        more = f"; and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise UnsupportedWeights(
+            f"{len(refused)} weight matrices of {type(model).__name__} cannot be put on crossbars: {shown}{more}. "
+            "Pass allow_digital=True (CLI: --allow-digital all), or patterns of the parameters that may stay "
+            "digital (e.g. '*.conv1d.weight'), to keep them digital and listed in the conversion report",
+            refused)
+    if not plan:
+        raise ValueError(f"nothing in {type(model).__name__} was converted: no module matches the placement")
+    for name, kind in plan:
+        module = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        if is_fused_experts(module):
+        if kind == "experts":
             analog = AnalogExperts.from_experts(module, config, name=name, seed=seed, mvm_noise=mvm_noise,
                                                 digital_experts=placement.digital_experts.get(name, ()))
-            analog.keep_digital_module(module)
-            setattr(owner, child, analog)
-            del module
-            finish(analog)
-            converted += 1
-        elif isinstance(module, nn.Linear):
+        elif kind == "linear":
+            analog = AnalogLinear.from_linear(module, config, seed=seed, layer_id=name, mvm_noise=mvm_noise, copy=False)
+        else:
+            if kind == "router":
+                adapter = make_router_analog(module, config, name=name, seed=seed, mvm_noise=mvm_noise)
+            else:
+                adapter = make_weight_analog(module, config, name=name, seed=seed, mvm_noise=mvm_noise,
+                                             transposed=kind == "conv1d",
+                                             blocks=module.n_groups if kind == "grouped" else 1)
+            if t_inference is not None:
+                adapter.program_(seed).drift_(float(t_inference))
+            continue
+        analog.keep_digital_module(module)
+        setattr(owner, child, analog)
+        del module
+        finish(analog)
+    # remembered so that save_analog() can write how to rebuild the same analog model
+    model.romer_conversion = {"config": config.to_dict(), "placement": placement.to_dict(), "seed": seed,
+                              "mvm_noise": mvm_noise, "keep_digital": keep_digital,
+                              "allow_digital": allow_digital if isinstance(allow_digital, bool) else list(allow_digital),
+                              "digital_unsupported": allowed, "digital_tensors": tensors}
+    return model
+
+
+def _is_matrix_param(model: nn.Module, param: str) -> bool:
+    owner_name, _, attribute = param.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    return ".experts." in f".{param}" or is_matrix_weight(owner, attribute, getattr(owner, attribute))
+
+
+def conversion_plan(model: nn.Module, placement: Placement, routers: set[str] | None = None
+                    ) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """What ``analogize_`` converts, in module order: ``(module name, kind)`` with kind ``experts``,
+    ``linear``, ``router``, ``own_forward``, ``grouped`` or ``conv1d`` (``conversion_kind``); and the
+    modules it wanted analog but cannot convert, with the reason."""
+    routers = router_weight_modules(model) if routers is None else routers
+    plan, reasons, inside = [], {}, None
+    for name, module in model.named_modules():
+        if not name or placement.is_digital(name) or (inside is not None and name.startswith(inside)):
+            continue
+        category = categorize(name, module, routers)
+        if not getattr(placement, category):
+            continue
+        kind = conversion_kind(module)
+        if kind == "experts":
+            try:
+                experts_layout(module)
+            except (TypeError, NotImplementedError) as error:
+                reasons[name] = str(error)
+                continue
+            inside = name + "."  # nothing inside a fused experts module is converted on its own
+        elif kind == "linear":
             match = _EXPERT_LINEAR.search(name + ".")
             if match and _expert_is_digital(name, match, placement):
                 continue
-            analog = AnalogLinear.from_linear(module, config, seed=seed, layer_id=name, mvm_noise=mvm_noise, copy=False)
-            analog.keep_digital_module(module)
-            setattr(owner, child, analog)
-            del module
-            finish(analog)
-            converted += 1
-        elif category == "router":
-            make_router_analog(module, config, name=name, seed=seed, mvm_noise=mvm_noise)
-            if t_inference is not None:
-                module.analog.program_(seed).drift_(float(t_inference))
-            converted += 1
-    if converted == 0:
-        raise ValueError(f"nothing in {type(model).__name__} was converted: no module matches the placement")
-    # remembered so that save_analog() can write how to rebuild the same analog model
-    model.romer_conversion = {"config": config.to_dict(), "placement": placement.to_dict(), "seed": seed,
-                              "mvm_noise": mvm_noise, "keep_digital": keep_digital}
-    return model
+        elif kind in ("own_forward", "weight") and category == "router":
+            kind = "router"
+        elif kind not in ("own_forward", "grouped", "conv1d"):
+            continue
+        plan.append((name, kind))
+    return plan, reasons
+
+
+class UnsupportedWeights(ValueError):
+    """Weight matrices that cannot be put on crossbars, and no ``allow_digital`` lets them stay digital;
+    ``weights`` maps each parameter name to the reason."""
+
+    def __init__(self, message: str, weights: dict[str, str]) -> None:
+        super().__init__(message)
+        self.weights = weights
+
+
+def _allowed(param: str, allow_digital) -> bool:
+    if isinstance(allow_digital, bool):
+        return allow_digital
+    return any(fnmatch.fnmatchcase(param, pattern) for pattern in allow_digital)
+
+
+def _check_allow_digital(allow_digital) -> None:
+    if isinstance(allow_digital, bool):
+        return
+    if isinstance(allow_digital, str) or not all(isinstance(p, str) for p in allow_digital):
+        raise ValueError(f"allow_digital must be true/false or a list of parameter-name patterns, got {allow_digital!r}")
+
+
+def conversion_kind(module: nn.Module) -> str | None:
+    """How ``analogize_`` converts a module, from what its forward computes with its weights:
+    ``experts`` (fused experts), ``linear`` (plain ``nn.Linear`` -> ``AnalogLinear``), ``own_forward``
+    (an ``nn.Linear`` subclass with its own forward: wrapped, its forward kept), ``grouped`` (such a
+    subclass applying ``n_groups`` row blocks with ``bmm``), ``conv1d`` (GPT-2's ``Conv1D``, weight
+    ``[in, out]``), ``weight`` (another module with a 2-D ``weight``: converted when it is a router), or
+    None (nothing to convert in this module itself)."""
+    if is_fused_experts(module):
+        return "experts"
+    if isinstance(module, nn.Linear):
+        if type(module).forward is nn.Linear.forward:
+            return "linear"
+        groups = getattr(module, "n_groups", None)
+        if isinstance(groups, int) and groups > 1 and module.out_features % groups == 0:
+            return "grouped"
+        return "own_forward"
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2 \
+            and getattr(module, "nf", None) == weight.shape[1]:
+        return "conv1d"
+    if isinstance(weight, nn.Parameter) and weight.dim() == 2 and not isinstance(module, nn.Embedding):
+        return "weight"
+    return None
+
+
+def unsupported_weights(model: nn.Module, placement: Placement, converted: set[str] | None = None,
+                        reasons: dict[str, str] | None = None, routers: set[str] | None = None) -> dict[str, str]:
+    """Parameters of two or more dimensions that stay digital although the placement wants them analog:
+    parameter name -> why. ``converted``: the modules whose own parameters go (or went) analog (default:
+    the analog modules of a converted model). Embedding tables (a lookup, no MVM), modules digital by
+    placement and experts digital by placement are not listed."""
+    reasons = reasons or {}
+    routers = router_weight_modules(model) if routers is None else routers
+    covered = set()
+    for name, module in model.named_modules():
+        if (converted is not None and name in converted) or isinstance(module, AnalogModule) or is_weight_analog(module):
+            covered.update(id(p) for p in module.parameters(recurse=False))
+    left = {}
+    for owner_name, owner in model.named_modules():
+        if isinstance(owner, nn.Embedding) or (owner_name and placement.is_digital(owner_name)):
+            continue
+        own = [(n, p) for n, p in owner.named_parameters(recurse=False) if p.dim() >= 2 and id(p) not in covered]
+        if not own:
+            continue
+        category = categorize(owner_name, owner, routers) if owner_name else "other"
+        if not getattr(placement, category):
+            continue
+        match = _EXPERT_LINEAR.search(owner_name + ".")
+        if match and _expert_is_digital(owner_name, match, placement):
+            continue
+        for attribute, parameter in own:
+            covered.add(id(parameter))
+            full = f"{owner_name}.{attribute}" if owner_name else attribute
+            left[full] = reasons.get(owner_name) or _why_digital(owner, attribute, parameter)
+    return left
+
+
+def _why_digital(owner: nn.Module, attribute: str, parameter: nn.Parameter) -> str:
+    cls = type(owner).__name__
+    if isinstance(owner, nn.modules.conv._ConvNd):
+        depthwise = owner.groups == owner.in_channels and owner.groups > 1
+        return f"{cls}: {'depthwise ' if depthwise else ''}convolutions are not supported"
+    if parameter.dim() == 3:
+        return f"{cls}.{attribute} {tuple(parameter.shape)}: a per-expert weight in a layout the package does not know"
+    return f"{cls}.{attribute} {tuple(parameter.shape)}: a weight of a module the package does not know"
+
+
+def is_matrix_weight(owner: nn.Module, attribute: str, parameter: nn.Parameter) -> bool:
+    """Whether a parameter left digital is a weight matrix by its structure: a convolution's weight, a
+    3-D per-expert weight, or a 2-D ``weight``. Other 2-D tensors (``A_log``, position biases, per-head
+    scales, correction biases) are used elementwise in the architectures known; ``check_conversion``
+    tells for sure by watching a forward."""
+    return (isinstance(owner, nn.modules.conv._ConvNd) or parameter.dim() >= 3
+            or (attribute == "weight" and min(parameter.shape) > 1))
 
 
 def restore_digital_(model: nn.Module) -> nn.Module:
@@ -250,8 +403,8 @@ def restore_digital_(model: nn.Module) -> nn.Module:
                                  "module to restore")
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, original)
-        elif isinstance(getattr(module, "analog", None), AnalogRouter):
-            make_router_digital(module)
+        elif is_weight_analog(module):
+            make_weight_digital(module)
     del model.romer_conversion
     return model
 
@@ -297,33 +450,36 @@ class PlacementRow:
 def placement_report(model: nn.Module) -> list[PlacementRow]:
     """Every weight matrix of a (converted) model: the weight-carrying modules (category, analog or
     digital by placement, size, tiles), then every other parameter of two or more dimensions, so that no
-    matrix stays digital unlisted: embeddings (a lookup, no MVM) and weights of modules the conversion
-    does not know (``unsupported``, with the module class and parameter name)."""
+    matrix stays digital unlisted: embeddings (a lookup, no MVM) and weights the conversion cannot put
+    on crossbars (``unsupported``, with the reason)."""
     rows, covered = [], set()
+    routers = router_weight_modules(model)
+    reasons = getattr(model, "romer_conversion", {}).get("digital_unsupported", {})
+    tensors = getattr(model, "romer_conversion", {}).get("digital_tensors", {})
 
-    def cover(*tensors) -> None:
-        covered.update(id(t) for t in tensors if isinstance(t, nn.Parameter))
+    def cover(module: nn.Module) -> None:
+        covered.update(id(p) for p in module.parameters(recurse=False))
 
     for name, module in model.named_modules():
-        if isinstance(module, AnalogRouter):
-            continue  # reported with its router
-        category = categorize(name, module) if name else "other"
+        if isinstance(module, AnalogWeight):
+            continue  # reported with the module it belongs to
+        category = categorize(name, module, routers) if name else "other"
         if isinstance(module, AnalogExperts):
-            params = module.gate_up_proj.numel() + module.down_proj.numel()
             kind = "analog" if len(module.digital_experts) < module.num_experts else "digital"
             if module.digital_experts:
                 kind += f" ({len(module.digital_experts)} experts digital)"
-            rows.append(PlacementRow(name, category, kind, params, module.num_tiles))
-            cover(module.gate_up_proj, module.down_proj)
+            rows.append(PlacementRow(name, category, kind, _own_params(module), module.num_tiles))
+            cover(module)
         elif isinstance(module, AnalogLinear):
             rows.append(PlacementRow(name, category, "analog", _own_params(module), module.num_tiles))
-            cover(*module.parameters(recurse=False))
-        elif hasattr(module, "analog") and isinstance(module.analog, AnalogRouter):
-            rows.append(PlacementRow(name, "router", "analog", module.weight.numel(), module.analog.num_tiles))
-            cover(*module.parameters(recurse=False))
-        elif isinstance(module, nn.Linear) or is_fused_experts(module) or is_router(name, module):
-            rows.append(PlacementRow(name, category, "digital", _own_params(module), 0))
-            cover(*module.parameters(recurse=False))
+            cover(module)
+        elif is_weight_analog(module):
+            rows.append(PlacementRow(name, category, "analog", module.weight.numel(), module.analog.num_tiles))
+            cover(module)
+        elif conversion_kind(module) in ("experts", "linear", "own_forward", "grouped", "conv1d") or name in routers:
+            if not any(reason_name.startswith(name + ".") or reason_name == name for reason_name in reasons):
+                rows.append(PlacementRow(name, category, "digital", _own_params(module), 0))
+                cover(module)
     for name, parameter in model.named_parameters():
         if parameter.dim() < 2 or id(parameter) in covered:
             continue
@@ -332,9 +488,14 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
         owner = model.get_submodule(owner_name) if owner_name else model
         if isinstance(owner, nn.Embedding):
             rows.append(PlacementRow(owner_name, "embeddings", "digital (lookup, no MVM)", parameter.numel(), 0))
+        elif name in tensors:
+            rows.append(PlacementRow(name, categorize(owner_name, owner, routers) if owner_name else "other",
+                                     f"digital (tensor outside a linear layer: {type(owner).__name__}.{attribute})",
+                                     parameter.numel(), 0))
         else:
-            rows.append(PlacementRow(name, categorize(owner_name, owner) if owner_name else "other",
-                                     f"digital (unsupported: {type(owner).__name__}.{attribute})", parameter.numel(), 0))
+            why = reasons.get(name) or _why_digital(owner, attribute, parameter)
+            rows.append(PlacementRow(name, categorize(owner_name, owner, routers) if owner_name else "other",
+                                     f"digital (unsupported: {why})", parameter.numel(), 0))
     return rows
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from romer_kernels.moe.convert import is_router
+from romer_kernels.moe.structure import moe_blocks
 
 
 @dataclass
@@ -80,36 +80,74 @@ class RoutingTrace:
 
 def _top_k(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
-    return getattr(config, "num_experts_per_tok", None)
+    config = getattr(config, "text_config", None) or config
+    config = getattr(config, "ffn_config", None) if hasattr(getattr(config, "ffn_config", None), "moe_top_k") else config
+    for key in ("num_experts_per_tok", "moe_k", "moe_topk", "top_k_experts", "num_experts_per_token", "moe_top_k"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def router_decision(output, num_experts: int, top_k: int | None, name: str = "router"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [T, E], weights [T, k], indices [T, k]) from a router's output, by what the tensors are,
+    not where they sit: the integer tensor holds the indices, the float tensor of the indices' shape the
+    weights, the first float tensor with one column per expert slot the logits (or scores). A router that
+    returns scores only (a tensor, or ``(scores, logits)`` as Llama 4) has its top-k taken: softmax
+    top-k of plain logits, the values themselves when it also returns other floats."""
+    tensors = [t for t in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise TypeError(f"router {name} returned {type(output).__name__}; expected tensors")
+    # [T, k] indices; flat sorted lists of (token, expert) pairs (JetMoE) are not a per-token decision
+    integer = [t for t in tensors if not t.is_floating_point() and t.dim() >= 2]
+    floats = [t for t in tensors if t.is_floating_point()]
+    wide = [t for t in floats if t.dim() >= 1 and t.shape[-1] == num_experts]
+    logits = wide[0] if wide else None
+    if integer:
+        indices = integer[0]
+        weights = next((t for t in floats if t.shape == indices.shape), None)
+        if weights is None:
+            if logits is None:
+                raise TypeError(f"router {name} returned indices but no weights of their shape")
+            weights = logits.reshape(-1, num_experts).gather(-1, indices.reshape(-1, indices.shape[-1]).long())
+        if logits is None:
+            logits = torch.full((indices.reshape(-1, indices.shape[-1]).shape[0], num_experts), float("nan"))
+        return logits, weights, indices
+    if logits is None:
+        raise TypeError(f"router {name} returned no tensor with {num_experts} expert columns")
+    if top_k is None:
+        raise ValueError(f"router {name} returns scores only and the model config has no top-k field")
+    flat = logits.reshape(-1, num_experts).float()
+    if len(floats) == 1:
+        weights, indices = torch.softmax(flat, dim=-1).topk(top_k, dim=-1)
+    else:
+        weights, indices = flat.topk(top_k, dim=-1)
+    return logits, weights, indices
 
 
 @contextmanager
 def trace_routing(model: nn.Module):
-    """Record the routing of every forward inside the block; yields a ``RoutingTrace``."""
+    """Record the routing of every forward inside the block; yields a ``RoutingTrace``. The routers are
+    found by structure (``moe.structure.moe_blocks``): the module next to each experts module that scores
+    every expert slot."""
     trace = RoutingTrace()
     k = _top_k(model)
     handles = []
-    for name, module in model.named_modules():
-        if not is_router(name, module):
+    modules = dict(model.named_modules())
+    for block in moe_blocks(model):
+        if block.router is None:
             continue
-        num_experts = module.weight.shape[0]
-        layer = trace.layers.setdefault(name, LayerRouting(num_experts))
+        name, slots = block.router, block.router_rows
+        layer = trace.layers.setdefault(name, LayerRouting(slots))
 
         def hook(_module, _inputs, output, layer=layer, name=name):
-            if isinstance(output, tuple) and len(output) >= 3:
-                logits, weights, indices = output[0], output[1], output[2]
-            elif isinstance(output, torch.Tensor):
-                if k is None:
-                    raise ValueError(f"router {name} returns logits only and the model config has no num_experts_per_tok")
-                logits = output
-                weights, indices = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
-            else:
-                raise TypeError(f"router {name} returned {type(output).__name__}; expected logits or (logits, weights, indices)")
+            logits, weights, indices = router_decision(output, layer.num_experts, k, name)
             layer.logits.append(logits.detach().reshape(-1, layer.num_experts).float().cpu())
             layer.indices.append(indices.detach().reshape(-1, indices.shape[-1]).long().cpu())
             layer.weights.append(weights.detach().reshape(-1, weights.shape[-1]).float().cpu())
 
-        handles.append(module.register_forward_hook(hook))
+        handles.append(modules[name].register_forward_hook(hook))
     if not handles:
         raise ValueError(f"{type(model).__name__} has no MoE router to trace")
     try:

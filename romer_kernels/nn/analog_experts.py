@@ -29,7 +29,9 @@ model's weights having been made. Not saved either.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,40 +53,146 @@ PARALLEL_EXPERTS_BELOW = 96
 
 def _is_silu(act_fn: nn.Module) -> bool:
     """The activations the C++ expert loop computes itself (ATen's silu): nn.SiLU and transformers' SiLU."""
-    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
+    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation" or act_fn is nn.functional.silu
 
 
-def _check_fused_experts(experts: nn.Module) -> None:
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How an experts module stores its weights and what each expert computes between its two MVMs
+    (the flags of transformers' experts interface, ``integrations.moe.use_experts_implementation``).
+
+    ``gated``: the first matrix is ``gate_up_proj`` (gate and up rows, split by the gate function),
+    else ``up_proj`` followed by ``act_fn``. ``transposed``: weights stored ``[E, in, out]`` (the chip
+    holds the ``[out, in]`` transpose, the crossbar is the same). ``bias``: per-expert biases
+    ``<first>_bias [E, out]`` and ``down_proj_bias [E, H]``, added digitally after the ADC.
+    ``custom_gate``: the module's own ``_apply_gate`` (clamped or soft-capped SwiGLU, interleaved gate
+    and up rows) is called on the first MVM's output. ``post_norm``: the module's ``post_expert_norm``
+    after the second MVM. ``identity_experts``: zero-compute experts with ids ``E .. E+Z-1`` whose output
+    is their input (LongCat-Flash), computed digitally (there is no weight)."""
+
+    gated: bool = True
+    transposed: bool = False
+    bias: bool = False
+    custom_gate: bool = False
+    post_norm: bool = False
+    identity_experts: int = 0
+    all_tokens: bool = False  # forward(hidden [E*T, H]): expert e computes block e of T rows (Llama 4)
+
+    @property
+    def standard(self) -> bool:
+        """The layout the fused C++ and Triton expert kernels compute (gate|up rows, SiLU-type gate)."""
+        return self == ExpertsLayout()
+
+    @property
+    def first(self) -> str:
+        return "gate_up_proj" if self.gated else "up_proj"
+
+
+def experts_layout(experts: nn.Module) -> ExpertsLayout:
+    """The layout of a fused experts module (3-D ``gate_up_proj``/``up_proj`` and ``down_proj``), read from
+    its interface flags and checked against its parameter shapes; raises TypeError naming the class and
+    what does not fit."""
     name = type(experts).__name__
-    for attr in ("gate_up_proj", "down_proj", "act_fn"):
-        if not hasattr(experts, attr):
-            raise TypeError(f"{name} is not a fused experts module: it has no {attr!r}")
-    if getattr(experts, "has_bias", False) or getattr(experts, "gate_up_proj_bias", None) is not None:
-        raise NotImplementedError(f"{name}: experts with biases are not supported yet")
-    if getattr(experts, "is_transposed", False):
-        raise NotImplementedError(f"{name}: transposed expert weights are not supported yet")
-    if getattr(experts, "has_gate", True) is False or getattr(experts, "is_concatenated", True) is False:
-        raise NotImplementedError(f"{name}: only concatenated gate/up experts are supported")
-    gate_up, down = experts.gate_up_proj, experts.down_proj
-    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
-        raise TypeError(f"{name}: expected gate_up_proj [E, 2I, H] and down_proj [E, H, I], got "
-                        f"{tuple(gate_up.shape)} and {tuple(down.shape)}")
-    if gate_up.shape[1] != 2 * down.shape[2] or gate_up.shape[2] != down.shape[1]:
-        raise TypeError(f"{name}: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} disagree")
+    gated = getattr(experts, "has_gate", None)
+    if gated is None:
+        gated = isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+    first = "gate_up_proj" if gated else "up_proj"
+    w_in, w_out = getattr(experts, first, None), getattr(experts, "down_proj", None)
+    if not isinstance(w_in, torch.Tensor) or not isinstance(w_out, torch.Tensor) or w_in.dim() != 3 or w_out.dim() != 3:
+        raise TypeError(f"{name} is not a fused experts module: it needs 3-D {first} and down_proj parameters")
+    custom_gate = gated and "_apply_gate" in vars(type(experts)) and type(experts)._apply_gate is not _default_gate()
+    if isinstance(getattr(experts, "gate_proj", None), torch.Tensor):
+        raise TypeError(f"{name}: separate per-expert gate_proj and up_proj weights are not supported (only a fused "
+                        "gate_up_proj)")
+    if gated and not custom_gate and not callable(getattr(experts, "act_fn", None)):
+        raise TypeError(f"{name} is not a fused experts module: it has no 'act_fn' and no own '_apply_gate'")
+    if not gated and not callable(getattr(experts, "act_fn", None)):
+        raise TypeError(f"{name}: non-gated experts need an 'act_fn'")
+    transposed = getattr(experts, "is_transposed", None)
+    if transposed is None:  # a module without the interface flags: the shapes must say it unambiguously
+        transposed = _infer_transposed(name, w_in, w_out, gated)
+    experts_real = w_out.shape[0]
+    identity = w_in.shape[0] - experts_real if isinstance(getattr(experts, "identity_expert", None), nn.Identity) else 0
+    if identity < 0 or (identity == 0 and w_in.shape[0] != experts_real):
+        raise TypeError(f"{name}: {first} has {w_in.shape[0]} experts and down_proj {experts_real}")
+    in_shape = w_in.shape[1:][::-1] if transposed else w_in.shape[1:]     # [out, in]
+    out_shape = w_out.shape[1:][::-1] if transposed else w_out.shape[1:]  # [H, I]
+    inter = in_shape[0] // 2 if gated else in_shape[0]
+    if (gated and in_shape[0] % 2) or in_shape[1] != out_shape[0] or out_shape[1] != inter:
+        raise TypeError(f"{name}: {first} {tuple(w_in.shape)} and down_proj {tuple(w_out.shape)} disagree "
+                        f"({'transposed [E, in, out]' if transposed else '[E, out, in]'} layout)")
+    bias = bool(getattr(experts, "has_bias", False)) or getattr(experts, f"{first}_bias", None) is not None
+    if bias:
+        for attr, rows in ((f"{first}_bias", in_shape[0]), ("down_proj_bias", out_shape[0])):
+            b = getattr(experts, attr, None)
+            if not isinstance(b, torch.Tensor) or tuple(b.shape) != (experts_real + (identity if attr != "down_proj_bias" else 0), rows):
+                raise TypeError(f"{name}: expected a bias {attr} of shape [E, {rows}]")
+    all_tokens = _takes_hidden_only(type(experts).forward)
+    post_norm = bool(getattr(experts, "has_post_expert_norm", False))
+    if post_norm and not isinstance(getattr(experts, "post_expert_norm", None), nn.Module):
+        raise TypeError(f"{name}: has_post_expert_norm is set but there is no post_expert_norm module")
+    return ExpertsLayout(gated=gated, transposed=bool(transposed), bias=bias, custom_gate=custom_gate,
+                         post_norm=post_norm, identity_experts=identity, all_tokens=all_tokens)
+
+
+def _takes_hidden_only(forward) -> bool:
+    """A forward(hidden_states) without routing arguments (every expert on its own block of rows)."""
+    forward = inspect.unwrap(forward)
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 1 and not any(p.kind == p.VAR_POSITIONAL for p in parameters)
+
+
+def _default_gate():
+    try:
+        from transformers.integrations.moe import _default_apply_gate  # noqa: PLC0415
+    except ImportError:  # an older transformers without the experts interface
+        return None
+    return _default_apply_gate
+
+
+def _infer_transposed(name: str, w_in: torch.Tensor, w_out: torch.Tensor, gated: bool) -> bool:
+    """[E, out, in] or [E, in, out] from the shapes alone; an ambiguous case is refused, not guessed."""
+    def fits(transposed: bool) -> bool:
+        a = w_in.shape[1:][::-1] if transposed else w_in.shape[1:]
+        b = w_out.shape[1:][::-1] if transposed else w_out.shape[1:]
+        inter = a[0] // 2 if gated else a[0]
+        return a[1] == b[0] and b[1] == inter and not (gated and a[0] % 2)
+    normal, transposed = fits(False), fits(True)
+    if normal and transposed:
+        raise TypeError(f"{name}: weights {tuple(w_in.shape)} and {tuple(w_out.shape)} fit both the [E, out, in] and "
+                        "the transposed layout and the module has no is_transposed flag")
+    return transposed and not normal
 
 
 class AnalogExperts(AnalogModule):
     """Routed experts whose matrices are programmed on simulated crossbars, one set of tiles per expert."""
 
-    def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, act_fn: nn.Module,
+    def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, act_fn: nn.Module | None,
                  config: AnalogConfig | str | None = None, *, name: str = "experts", seed: int = 0,
-                 mvm_noise: bool = True, digital_experts: Iterable[int] = ()) -> None:
+                 mvm_noise: bool = True, digital_experts: Iterable[int] = (), layout: ExpertsLayout | None = None,
+                 first_bias: nn.Parameter | None = None, down_bias: nn.Parameter | None = None,
+                 apply_gate=None, post_norm: nn.Module | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = gate_up_proj
+        layout = layout or ExpertsLayout()
+        self.layout = layout
+        # the parameters keep the names they have in the digital module, so checkpoints keep their keys
+        self.first_name = layout.first
+        setattr(self, self.first_name, gate_up_proj)
         self.down_proj = down_proj
+        if layout.bias:
+            setattr(self, f"{self.first_name}_bias", first_bias)
+            self.down_proj_bias = down_bias
         self.act_fn = act_fn
-        self.num_experts, two_inter, self.hidden_dim = gate_up_proj.shape
-        self.intermediate_dim = two_inter // 2
+        self.apply_gate = apply_gate  # the digital module's own _apply_gate (layout.custom_gate), bound
+        self.post_expert_norm = post_norm
+        self.num_experts = down_proj.shape[0]
+        first_out, self.hidden_dim = gate_up_proj.shape[1:][::-1] if layout.transposed else gate_up_proj.shape[1:]
+        self.intermediate_dim = first_out // 2 if layout.gated else first_out
+        self.identity_experts = layout.identity_experts
         self.name = name
         config = resolve_config(config)
         check_seed(seed)
@@ -92,7 +200,7 @@ class AnalogExperts(AnalogModule):
         bad = sorted(e for e in self.digital_experts if not 0 <= e < self.num_experts)
         if bad:
             raise ValueError(f"digital_experts {bad} out of range for {self.num_experts} experts")
-        self.gate_up = [AnalogMatrix(config, two_inter, self.hidden_dim, f"{name}.{e}.gate_up_proj", seed, mvm_noise)
+        self.gate_up = [AnalogMatrix(config, first_out, self.hidden_dim, f"{name}.{e}.{self.first_name}", seed, mvm_noise)
                         for e in range(self.num_experts)]
         self.down = [AnalogMatrix(config, self.hidden_dim, self.intermediate_dim, f"{name}.{e}.down_proj", seed,
                                   mvm_noise) for e in range(self.num_experts)]
@@ -103,13 +211,39 @@ class AnalogExperts(AnalogModule):
         self.backend: str | None = None  # MVM backend; None = the process default (see kernels.backends)
         self._stacked: tuple | None = None  # (chip versions, device, split tiles on the device) for Triton
 
+    @property
+    def first_proj(self) -> nn.Parameter:
+        """The first matrix of every expert, fused over experts: ``gate_up_proj`` or ``up_proj``."""
+        return getattr(self, self.first_name)
+
     @classmethod
     def from_experts(cls, experts: nn.Module, config: AnalogConfig | str | None = None, *, name: str = "experts",
                      seed: int = 0, mvm_noise: bool = True, digital_experts: Iterable[int] = ()) -> "AnalogExperts":
-        """Wrap a transformers fused experts module; its parameters are shared, not copied."""
-        _check_fused_experts(experts)
-        return cls(experts.gate_up_proj, experts.down_proj, experts.act_fn, config, name=name, seed=seed,
-                   mvm_noise=mvm_noise, digital_experts=digital_experts)
+        """Wrap a transformers fused experts module of any layout ``experts_layout`` reads; its parameters
+        are shared, not copied."""
+        layout = experts_layout(experts)
+        first = layout.first
+        return cls(getattr(experts, first), experts.down_proj, getattr(experts, "act_fn", None), config, name=name,
+                   seed=seed, mvm_noise=mvm_noise, digital_experts=digital_experts, layout=layout,
+                   first_bias=getattr(experts, f"{first}_bias", None) if layout.bias else None,
+                   down_bias=getattr(experts, "down_proj_bias", None) if layout.bias else None,
+                   apply_gate=experts._apply_gate if layout.custom_gate else None,
+                   post_norm=getattr(experts, "post_expert_norm", None) if layout.post_norm else None)
+
+    def activation(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What an expert computes between its two MVMs: the gate (the module's own, or act(gate) * up),
+        or the activation of a non-gated expert."""
+        if self.apply_gate is not None:
+            return self.apply_gate(hidden)
+        if not self.layout.gated:
+            return self.act_fn(hidden)
+        gate, up = hidden.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def _biases(self, expert: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.layout.bias:
+            return None, None
+        return getattr(self, f"{self.first_name}_bias")[expert], self.down_proj_bias[expert]
 
     # -- digital weights of each slot ----------------------------------------------------------------
     def expert_params(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,14 +252,16 @@ class AnalogExperts(AnalogModule):
         override = self.slot_weights.get(expert)
         if override is not None:
             return override
-        return self.gate_up_proj[expert], self.down_proj[expert]
+        if self.layout.transposed:
+            return self.first_proj[expert].t(), self.down_proj[expert].t()
+        return self.first_proj[expert], self.down_proj[expert]
 
     def set_slot_weights(self, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """Let slot ``expert`` compute with ``gate_up`` / ``down`` (kept by reference); its chip is
         programmed from them at its next use."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"{self.name}: expert slot {expert} out of range for {self.num_experts} experts")
-        shapes = (tuple(self.gate_up_proj.shape[1:]), tuple(self.down_proj.shape[1:]))
+        shapes = ((self.gate_up[0].out_features, self.hidden_dim), (self.hidden_dim, self.intermediate_dim))
         if (tuple(gate_up.shape), tuple(down.shape)) != shapes:
             raise ValueError(f"{self.name}: slot weights must have shapes {shapes[0]} and {shapes[1]}, got "
                              f"{tuple(gate_up.shape)} and {tuple(down.shape)}")
@@ -176,7 +312,7 @@ class AnalogExperts(AnalogModule):
             matrix.ensure_programmed(weight)
         for matrix, _ in self._matrices():
             matrix.mark_digital_dropped()
-        self.gate_up_proj = meta_parameter(self.gate_up_proj)
+        setattr(self, self.first_name, meta_parameter(self.first_proj))
         self.down_proj = meta_parameter(self.down_proj)
         self.__dict__.pop("_digital_module", None)  # it holds the weights being freed
         return self
@@ -202,17 +338,21 @@ class AnalogExperts(AnalogModule):
                        backend: str | None = None) -> torch.Tensor:
         """One expert's MLP on its tokens ``x [n, H]`` (``token_ids``: their rows in this call), float32."""
         gate_up_weight, down_weight = self.expert_params(expert)
+        first_bias, down_bias = self._biases(expert)
         if expert in self.digital_experts:
-            hidden = nn.functional.linear(x.float(), gate_up_weight.float())
+            hidden = nn.functional.linear(x.float(), gate_up_weight.float(), None if first_bias is None else first_bias.float())
         else:
-            hidden = self.gate_up[expert].matmul(x, gate_up_weight, row_ids=token_ids, call_index=call_index,
+            hidden = self.gate_up[expert].matmul(x, gate_up_weight, first_bias, row_ids=token_ids, call_index=call_index,
                                                  backend=backend or self.backend)
-        gate, up = hidden.chunk(2, dim=-1)
-        hidden = self.act_fn(gate) * up
+        hidden = self.activation(hidden)
         if expert in self.digital_experts:
-            return nn.functional.linear(hidden, down_weight.float())
-        return self.down[expert].matmul(hidden, down_weight, row_ids=token_ids, call_index=call_index,
-                                        backend=backend or self.backend)
+            out = nn.functional.linear(hidden, down_weight.float(), None if down_bias is None else down_bias.float())
+        else:
+            out = self.down[expert].matmul(hidden, down_weight, down_bias, row_ids=token_ids, call_index=call_index,
+                                           backend=backend or self.backend)
+        if self.post_expert_norm is not None:
+            out = self.post_expert_norm(out)
+        return out
 
     def _forward_cpp(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                      call_index: int) -> torch.Tensor:
@@ -273,18 +413,33 @@ class AnalogExperts(AnalogModule):
                                      grid_down=self.down[0].chip.grid, io=io, act=self.act_fn, **seeds)
         return out.to(dtype=hidden_states.dtype)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if top_k_index is None and top_k_weights is None and self.layout.all_tokens:
+            rows = hidden_states.shape[0]
+            if rows % self.num_experts:
+                raise ValueError(f"{self.name}: {rows} rows are not {self.num_experts} equal expert blocks")
+            top_k_index = torch.arange(self.num_experts, device=hidden_states.device).repeat_interleave(
+                rows // self.num_experts)[:, None]
+            top_k_weights = torch.ones(rows, 1, dtype=hidden_states.dtype, device=hidden_states.device)
+        if top_k_index is None or top_k_weights is None:
+            raise ValueError(f"{self.name}: forward needs top_k_index and top_k_weights")
         if hidden_states.dim() != 2 or hidden_states.shape[-1] != self.hidden_dim:
             raise ValueError(f"AnalogExperts expects hidden_states [tokens, {self.hidden_dim}], got {tuple(hidden_states.shape)}")
         if top_k_index.shape != top_k_weights.shape or top_k_index.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"top_k_index {tuple(top_k_index.shape)} and top_k_weights {tuple(top_k_weights.shape)} "
                              f"must both be [tokens, k] for {hidden_states.shape[0]} tokens")
+        identity_out = None
+        if self.identity_experts:  # zero-compute experts: their output is their input, digitally
+            is_identity = (top_k_index >= self.num_experts) & (top_k_index < self.num_experts + self.identity_experts)
+            identity_out = hidden_states.float() * (top_k_weights.float() * is_identity).sum(-1, keepdim=True)
+            top_k_index = torch.where(is_identity, -1, top_k_index)
         if self.dispatch is not None:
             top_k_index, top_k_weights = self.dispatch(top_k_index, top_k_weights)
         call_index = self.forward_calls
         self.forward_calls += 1
         backend = resolve_backend(self.backend, hidden_states.device)
-        all_analog = not self.digital_experts and self.extra_experts is None
+        all_analog = not self.digital_experts and self.extra_experts is None and self.layout.standard
         self._ensure_programmed()  # before choosing a path: programming decides each chip's kind
         on_the_fly = [isinstance(matrix.chip, OnTheFlyChip) for matrix, _ in self._matrices()]
         # the fused on-the-fly kernel reads the fused parameters, so slots with their own weights take the loop
@@ -293,16 +448,17 @@ class AnalogExperts(AnalogModule):
             return self._forward_triton(hidden_states, top_k_index, top_k_weights, call_index)
         if backend == "cpp" and all_analog and self.dispatch is None and _is_silu(self.act_fn):
             return self._forward_cpp(hidden_states, top_k_index, top_k_weights, call_index)
-        out = torch.zeros(hidden_states.shape, dtype=torch.float32)
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32) if identity_out is None else identity_out.cpu()
         flat_experts = top_k_index.reshape(-1).cpu()
         slots = self.num_experts + (self.extra_experts.num_experts if self.extra_experts is not None else 0)
-        if self.dispatch is not None:  # -1 = dropped assignment: sorted last, into a bin that is skipped
+        dropping = self.dispatch is not None or self.identity_experts
+        if dropping:  # -1 = dropped assignment: sorted last, into a bin that is skipped
             if flat_experts.numel() and int(flat_experts.max()) >= slots:
                 raise ValueError(f"dispatch returned expert ids >= {slots}")
             flat_experts = torch.where(flat_experts < 0, slots, flat_experts)
         order = torch.argsort(flat_experts, stable=True)
         counts = torch.bincount(flat_experts, minlength=slots)
-        if self.dispatch is not None:
+        if dropping:
             counts = counts[:slots]
         if counts.numel() > slots:
             raise ValueError(f"top_k_index holds expert ids >= {slots}")
