@@ -8,6 +8,8 @@ from torch import nn
 from romer_kernels import AnalogLinear, preset, program_analog_, reset_noise_counters
 from romer_kernels.evaluation import relative_error
 from romer_kernels.moe import Placement, analogize_, load_analog, placement_report, save_analog, trace_routing
+from romer_kernels.moe.check import check_conversion
+from romer_kernels.moe.convert import UnsupportedWeights
 from romer_kernels.nn.analog_experts import AnalogExperts
 from romer_kernels.nn.base import AnalogModule
 
@@ -168,6 +170,41 @@ def test_the_report_lists_every_weight_matrix_none_silently_digital():
     rows = {row.module: row for row in placement_report(model)}
     assert rows["0"].kind == "digital (lookup, no MVM)" and rows["0"].category == "embeddings"
     assert rows["1"].kind == "analog"
-    assert rows["2.kernel"].unsupported and rows["2.kernel"].kind == "digital (unsupported: RawProjection.kernel)"
+    assert rows["2.kernel"].kind == "digital (tensor outside a linear layer: RawProjection.kernel)"
+    # a forward shows that the tensor is a weight matrix computing digitally: from then on it is unsupported
+    check = check_conversion(model, torch.tensor([[1, 2, 3]]))
+    assert check.digital_products == ["2.kernel"] and not check.never_called and not check.ok
+    rows = {row.module: row for row in placement_report(model)}
+    assert rows["2.kernel"].unsupported and "computed digitally in a matrix product" in rows["2.kernel"].kind
     reported = sum(row.parameters for row in rows.values())
     assert reported == sum(p.numel() for p in model.parameters() if p.dim() >= 2) + model[1].bias.numel()
+
+
+def test_unknown_weight_matrices_raise_unless_allowed_and_then_are_listed():
+    class Mystery(nn.Module):  # a 2-D weight used in a way the conversion does not know
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return torch.einsum("bi,oi->bo", x, self.weight)
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), Mystery(), nn.Conv1d(8, 8, 1))
+
+    model = build()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedWeights, match=r"2 weight matrices of Sequential.*1\.weight \(Mystery\.weight.*"
+                       r"2\.weight \(Conv1d: convolutions are not supported\).*allow_digital") as error:
+        analogize_(model, "ideal")
+    assert set(error.value.weights) == {"1.weight", "2.weight"}
+    assert not any(isinstance(m, AnalogLinear) for m in model.modules())  # refused before anything changed
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(UnsupportedWeights, match="1 weight matrices"):
+        analogize_(build(), "ideal", allow_digital=("2.*",))
+    model = analogize_(build(), "ideal", allow_digital=("1.weight", "2.*"))
+    rows = {row.module: row for row in placement_report(model)}
+    assert rows["0"].kind == "analog" and rows["1.weight"].unsupported and rows["2.weight"].unsupported
+    with pytest.raises(ValueError, match="allow_digital must be"):
+        analogize_(build(), "ideal", allow_digital="2.*")

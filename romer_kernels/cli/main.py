@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -19,18 +20,28 @@ DEFAULT_MODEL = "tiny-olmoe"
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
+ALLOW_DIGITAL_HELP = ("let weight matrices the package cannot put on crossbars (convolutions, unknown layouts) stay "
+                      "digital: 'all', or comma-separated parameter-name patterns such as '*.conv1d.weight'; "
+                      "without it such a model is refused with the list")
+
+
 def _placement(args):
     from romer_kernels.moe.convert import Placement  # noqa: PLC0415
 
-    if not args.placement:
-        return Placement()
-    path = Path(args.placement)
-    if not path.is_file():
-        raise FileNotFoundError(f"placement file {path} not found")
-    try:
-        return Placement.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"placement file {path}: {error}") from None
+    placement = Placement()
+    if args.placement:
+        path = Path(args.placement)
+        if not path.is_file():
+            raise FileNotFoundError(f"placement file {path} not found")
+        try:
+            placement = Placement.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"placement file {path}: {error}") from None
+    allow = getattr(args, "allow_digital", None)
+    if allow:
+        allow = True if allow == "all" else tuple(p.strip() for p in allow.split(",") if p.strip())
+        placement = dataclasses.replace(placement, allow_digital=allow)
+    return placement
 
 
 def _settings(args, placement=None):
@@ -118,6 +129,7 @@ def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
 def _add_sweep_arguments(parser: argparse.ArgumentParser, run_dir: str) -> None:
     parser.add_argument("--preset", default="rasch2023", choices=list(PRESETS))
     parser.add_argument("--placement", help="JSON file with a Placement (default: all analog but lm_head)")
+    parser.add_argument("--allow-digital", metavar="all|PATTERNS", help=ALLOW_DIGITAL_HELP)
     parser.add_argument("--data", default="bundled", help="'bundled', a text file, or hf:NAME:CONFIG[:SPLIT]")
     parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
     parser.add_argument("--seeds", type=int, default=3, help="chip instances per setting")
@@ -213,6 +225,11 @@ def _info(args: argparse.Namespace) -> int:
 
     model, _ = load_model_and_tokenizer(args.model)
     analogize_(model, preset(args.preset), _placement(args))
+    check = None
+    if args.check:
+        from romer_kernels.moe.check import check_conversion  # noqa: PLC0415
+
+        check = check_conversion(model)  # one forward of 8 tokens: programs every chip
     table = Table(title=f"{args.model}: placement with preset {args.preset}")
     for column in ("module", "category", "analog/digital", "parameters", "tiles"):
         table.add_column(column, justify="right" if column in ("parameters", "tiles") else "left")
@@ -227,9 +244,15 @@ def _info(args: argparse.Namespace) -> int:
     console.print(f"{analog_params:,} of {total:,} weight-matrix parameters analog, {tiles} tiles")
     unsupported = [row for row in rows if row.unsupported]
     if unsupported:
-        console.print(f"[yellow]{len(unsupported)} weight matrices stay digital because the conversion does not "
-                      f"support their module[/]: {', '.join(row.module for row in unsupported[:5])}"
+        console.print(f"[yellow]{len(unsupported)} weight matrices stay digital because the package cannot put them "
+                      f"on crossbars (allowed by --allow-digital)[/]: {', '.join(row.module for row in unsupported[:5])}"
                       + (" ..." if len(unsupported) > 5 else ""), highlight=False)
+    if check is not None:
+        for line in check.lines():
+            console.print(f"[yellow]{line}[/]", highlight=False)
+        if check.ok:
+            console.print("checked by one forward: every analog module computes, no other weight matrix enters a "
+                          "matrix product digitally")
     return 0
 
 
@@ -314,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "folder, config.json file (--memory) or hub id")
     info.add_argument("--preset", default="rasch2023", choices=list(PRESETS))
     info.add_argument("--placement", help="JSON file with a Placement")
+    info.add_argument("--allow-digital", metavar="all|PATTERNS", help=ALLOW_DIGITAL_HELP)
+    info.add_argument("--no-check", dest="check", action="store_false",
+                      help="skip the check forward (8 tokens, programs every chip) that finds analog modules the model "
+                           "never calls and weight matrices that compute digitally")
     info.add_argument("--memory", action="store_true", help="estimate memory from the config alone (meta device, "
                       "no weights loaded) instead of listing the placement")
     info.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],

@@ -381,11 +381,17 @@ def _analog_view(model: nn.Module):
     from romer_kernels.nn.analog_linear import AnalogLinear  # noqa: PLC0415
     from romer_kernels.nn.analog_weight import AnalogWeight  # noqa: PLC0415
 
+    # chips answering products on a weight: a router's own, or that of its scoring child (gate.wg)
+    from romer_kernels.moe.structure import router_weight_modules  # noqa: PLC0415
+
+    routers = router_weight_modules(model)
+    adapters = {id(m.analog.weight): m.analog for m in model.modules() if isinstance(getattr(m, "analog", None), AnalogWeight)}
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         if not own:
             continue
-        category = "embeddings" if isinstance(module, nn.Embedding) else categorize(name, module) if name else "other"
+        adapter = next((adapters[id(p)] for _, p in own if id(p) in adapters), None)
+        category = "embeddings" if isinstance(module, nn.Embedding) else categorize(name, module, routers) if name else "other"
         params = sum(p.numel() for _, p in own)
         matrices: list[AnalogMatrixShape] = []
         if isinstance(module, AnalogExperts):
@@ -399,10 +405,9 @@ def _analog_view(model: nn.Module):
         elif isinstance(module, AnalogLinear):
             matrices = [AnalogMatrixShape(category, module.out_features, module.in_features)]
             analog = module.weight.numel()  # the bias is added digitally
-        elif isinstance(getattr(module, "analog", None), AnalogWeight):
-            adapter = module.analog
+        elif adapter is not None:
             matrices = [AnalogMatrixShape(category, adapter.block_rows, adapter.matrix.in_features, adapter.blocks)]
-            analog = module.weight.numel()
+            analog = adapter.weight.numel()
         else:
             analog = 0
         yield name, module, category, params, analog, matrices

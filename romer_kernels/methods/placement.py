@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from romer_kernels.moe.convert import Placement, is_fused_experts, is_router
+from romer_kernels.moe.convert import Placement, is_fused_experts
 from romer_kernels.moe.routing import trace_routing
 
 SCORES = ("maxnn", "frequency", "weight", "router_norm", "random")
@@ -73,22 +73,23 @@ def max_nn_scores(model: nn.Module, convention: str = "hidden") -> dict[str, tor
     return scores
 
 
-def _router_of(model: nn.Module, experts_name: str) -> tuple[str, nn.Module]:
-    parent = experts_name.rpartition(".")[0]
-    for child in ("gate", "router"):
-        name = f"{parent}.{child}" if parent else child
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if is_router(name, module) or isinstance(module, nn.Linear):
-            return name, module
-    raise ValueError(f"no router next to {experts_name} (looked for {parent}.gate / {parent}.router)")
+def _router_weight(model: nn.Module, experts_name: str) -> torch.Tensor:
+    """The scoring weight [E, H] of the router next to ``experts_name`` (found by structure)."""
+    from romer_kernels.moe.structure import moe_blocks  # noqa: PLC0415
+
+    for block in moe_blocks(model):
+        if block.experts == experts_name and block.router:
+            router = model.get_submodule(block.router)
+            adapter = getattr(router, "analog", None)
+            if adapter is not None and hasattr(adapter, "weight"):
+                return adapter.weight
+            return model.get_submodule(block.router_weights[0]).weight
+    raise ValueError(f"no router next to {experts_name}")
 
 
 def router_norm_scores(model: nn.Module) -> dict[str, torch.Tensor]:
     """l2 norm of each expert's router row."""
-    return {name: _router_of(model, name)[1].weight.detach().float().norm(dim=1)
+    return {name: _router_weight(model, name).detach().float().norm(dim=1)
             for name in routed_experts(model)}
 
 
@@ -108,10 +109,13 @@ def calibration_trace(model: nn.Module, calib_ids: torch.Tensor, batch_size: int
 def _trace_scores(model: nn.Module, calib_ids, kind: str) -> dict[str, torch.Tensor]:
     if calib_ids is None:
         raise ValueError(f"score {kind!r} needs calibration data (calib_ids)")
+    from romer_kernels.moe.structure import moe_blocks  # noqa: PLC0415
+
     trace = calibration_trace(model, calib_ids)
+    router_of = {block.experts: block.router for block in moe_blocks(model)}
     scores = {}
     for name in routed_experts(model):
-        layer = trace.layers[_router_of(model, name)[0]]
+        layer = trace.layers[router_of[name]]
         counts = layer.counts().float()
         if kind == "frequency":
             scores[name] = counts / counts.sum()

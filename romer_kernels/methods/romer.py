@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from romer_kernels.moe.convert import require_digital_weights
-from romer_kernels.moe.routing import load_imbalance_score, summarize, trace_routing
+from romer_kernels.moe.routing import load_imbalance_score, router_decision, summarize, top_k_of, trace_routing
 from romer_kernels.nn.analog_experts import AnalogExperts
 from romer_kernels.nn.analog_matrix import AnalogMatrix
 from romer_kernels.nn.analog_router import AnalogRouter
+from romer_kernels.nn.analog_weight import AnalogWeight
 from romer_kernels.nn.base import AnalogModule
 
 STAGES = ("replace", "recalibrate")
@@ -103,24 +104,17 @@ class MoELayer:
 
     @property
     def num_experts(self) -> int:
-        return self.router.weight.shape[0]
+        adapter = getattr(self.router, "analog", None)
+        weight = adapter.weight if adapter is not None else getattr(self.router, "weight", None)
+        return weight.shape[0]
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """(router, routed experts) pairs that sit side by side (``<block>.gate|router`` and ``<block>.experts``)."""
-    layers = []
-    for name, module in model.named_modules():
-        parent, _, last = name.rpartition(".")
-        if last not in ("gate", "router") or not isinstance(getattr(module, "weight", None), torch.Tensor):
-            continue
-        if module.weight.dim() != 2:
-            continue
-        experts_name = f"{parent}.experts" if parent else "experts"
-        try:
-            experts = model.get_submodule(experts_name)
-        except AttributeError:
-            continue
-        layers.append(MoELayer(name, module, experts_name, experts))
+    """(router, routed experts) of every MoE layer, found by structure (``moe.structure.moe_blocks``)."""
+    from romer_kernels.moe.structure import moe_blocks  # noqa: PLC0415
+
+    layers = [MoELayer(block.router, model.get_submodule(block.router), block.experts,
+                       model.get_submodule(block.experts)) for block in moe_blocks(model) if block.router]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoE layer (router next to experts)")
     return layers
@@ -181,6 +175,7 @@ def calibration_pass(model: nn.Module, calib_ids: torch.Tensor, *, batch_size: i
     stats: dict[str, LayerStats] = {}
     saved_affine, handles = [], []
     counters = _noise_counters(model)
+    top_k = top_k_of(model)
     for layer in layers:
         num_experts = layer.num_experts
         entry = stats.setdefault(layer.router_name, LayerStats(num_experts))
@@ -190,16 +185,21 @@ def calibration_pass(model: nn.Module, calib_ids: torch.Tensor, *, batch_size: i
             mask = _masked(adapter)
             adapter.set_logit_affine(torch.ones(num_experts), torch.where(mask, MASK, 0.0))
 
-        def hook(module, inputs, output, entry=entry, num_experts=num_experts):
-            if not (isinstance(output, tuple) and len(output) >= 3):
-                raise TypeError("ROMER needs transformers-5 routers returning (logits, weights, indices)")
-            index = output[2].detach().reshape(-1, output[2].shape[-1]).long().cpu()
+        weight = adapter.weight if isinstance(adapter, AnalogWeight) else getattr(layer.router, "weight", None)
+        if logits and (not isinstance(weight, torch.Tensor) or weight is not getattr(layer.router, "weight", None)):
+            raise ValueError(f"router {layer.router_name}: its logits are not F.linear(input, router.weight) (the "
+                             "scoring weight belongs to a child module), so ROMER's clean logit reference is not "
+                             "defined for it")
+
+        def hook(module, inputs, output, entry=entry, num_experts=num_experts, name=layer.router_name, weight=weight):
+            router_logits, _, index = router_decision(output, num_experts, top_k, name)
+            index = index.detach().reshape(-1, index.shape[-1]).long().cpu()
             entry.batch_indices.append(index)
             entry.batch_counts.append(torch.bincount(index.reshape(-1), minlength=num_experts).double())
             if logits:
-                hidden = inputs[0].detach().reshape(-1, module.weight.shape[1])
-                entry.noisy.append(output[0].detach().reshape(-1, num_experts)[::stride].float().cpu())
-                entry.clean.append(F.linear(hidden[::stride].float(), module.weight.detach().float()).cpu())
+                hidden = inputs[0].detach().reshape(-1, weight.shape[1])
+                entry.noisy.append(router_logits.detach().reshape(-1, num_experts)[::stride].float().cpu())
+                entry.clean.append(F.linear(hidden[::stride].float(), weight.detach().float()).cpu())
 
         handles.append(layer.router.register_forward_hook(hook))
     try:

@@ -7,8 +7,8 @@ runs one forward and watches every matrix product (``F.linear``, ``matmul``/``@`
 - ``never_called``: analog modules whose chips did no MVM -- the model reads their weight directly
   instead of calling the module (Jamba's ``mamba.dt_proj``), so they are digital in effect;
 - ``digital_products``: parameters that entered a matrix product digitally although the placement wants
-  them analog (embeddings, modules digital by placement and experts digital by placement excepted):
-  weight matrices the conversion did not know.
+  them analog and nothing lists them (embeddings, modules digital by placement, and weights the
+  conversion already reported as unsupported excepted): weight matrices the conversion did not know.
 """
 from __future__ import annotations
 
@@ -99,9 +99,16 @@ def check_conversion(model: nn.Module, input_ids: torch.Tensor | None = None) ->
             covered.update(id(p) for p in module.parameters())
         elif name and not getattr(placement, categorize(name, module, routers)):
             covered.update(id(p) for p in module.parameters(recurse=False))
+    listed = set(conversion.get("digital_unsupported", {}))  # already refused or allowed by name
     for name, parameter in model.named_parameters():
-        if id(parameter) in covered or parameter.dim() < 2 or parameter.device.type == "meta":
+        if name in listed or id(parameter) in covered or parameter.dim() < 2 or parameter.device.type == "meta":
             continue
         if parameter.untyped_storage().data_ptr() in watch.storages:
             check.digital_products.append(name)
+    # what the forward showed goes into the conversion record, so placement_report lists it
+    tensors = conversion.get("digital_tensors", {})
+    unsupported = conversion.setdefault("digital_unsupported", {})
+    for name in check.digital_products:
+        unsupported[name] = f"computed digitally in a matrix product ({tensors.get(name, 'not a linear layer')})"
+    conversion["never_called"] = list(check.never_called)
     return check

@@ -30,7 +30,7 @@ from torch import nn
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.presets import resolve_config
-from romer_kernels.moe.structure import router_weight_modules
+from romer_kernels.moe.structure import moe_blocks, router_weight_modules
 from romer_kernels.nn.analog_experts import AnalogExperts, experts_layout
 from romer_kernels.nn.analog_linear import AnalogLinear
 from romer_kernels.nn.analog_router import make_router_analog
@@ -47,6 +47,10 @@ class Placement:
 
     ``digital``: fnmatch patterns of module names that stay digital (e.g. ``"model.layers.0.*"``).
     ``digital_experts``: experts-module name -> expert ids that stay digital (heterogeneous placement).
+    ``allow_digital``: weight matrices the package cannot put on crossbars (convolutions, unknown
+    layouts) may stay digital: ``True`` (any), or fnmatch patterns of parameter names; by default
+    ``analogize_`` refuses them (``UnsupportedWeights``). Those kept digital are listed in
+    ``placement_report``.
     """
 
     experts: bool = True
@@ -58,6 +62,7 @@ class Placement:
     other: bool = True
     digital: tuple[str, ...] = ()
     digital_experts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    allow_digital: bool | tuple[str, ...] = False
 
     def __post_init__(self) -> None:
         for name in CATEGORIES:
@@ -74,6 +79,15 @@ class Placement:
                 raise ValueError(f"Placement.digital_experts[{module!r}] must hold non-negative expert ids, got {ids!r}")
             clean[module] = tuple(sorted(set(ids)))
         object.__setattr__(self, "digital_experts", clean)
+        _check_allow_digital(self.allow_digital)
+        if not isinstance(self.allow_digital, bool):
+            object.__setattr__(self, "allow_digital", tuple(self.allow_digital))
+
+    def allows_digital(self, parameter: str) -> bool:
+        """Whether an unsupported weight matrix (by parameter name) may stay digital."""
+        if isinstance(self.allow_digital, bool):
+            return self.allow_digital
+        return any(fnmatch.fnmatchcase(parameter, pattern) for pattern in self.allow_digital)
 
     @classmethod
     def all_digital_except(cls, *categories: str) -> "Placement":
@@ -89,6 +103,8 @@ class Placement:
         data = dataclasses.asdict(self)
         data["digital"] = list(self.digital)
         data["digital_experts"] = {k: list(v) for k, v in self.digital_experts.items()}
+        if not isinstance(self.allow_digital, bool):
+            data["allow_digital"] = list(self.allow_digital)
         return data
 
     @classmethod
@@ -113,6 +129,9 @@ class Placement:
                              f"(integers), got {experts!r}")
         data["digital"] = tuple(digital)
         data["digital_experts"] = {k: tuple(v) for k, v in experts.items()}
+        allow = data.get("allow_digital", False)
+        if not isinstance(allow, bool) and not (isinstance(allow, list) and all(isinstance(p, str) for p in allow)):
+            raise ValueError(f"Placement.allow_digital must be true/false or a list of parameter-name patterns, got {allow!r}")
         return cls(**data)
 
 
@@ -154,7 +173,7 @@ def categorize(name: str, module: nn.Module, routers: set[str] | None = None) ->
 
 def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, placement: Placement | None = None,
                *, seed: int = 0, mvm_noise: bool = True, t_inference: float | None = None,
-               keep_digital: bool = True, allow_digital: bool | tuple[str, ...] = False) -> nn.Module:
+               keep_digital: bool = True, allow_digital: bool | tuple[str, ...] | None = None) -> nn.Module:
     """Convert ``model`` in place to analog hardware; returns the model.
 
     ``config``: an ``AnalogConfig`` or a preset name. ``placement``: which modules are analog
@@ -173,8 +192,8 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
     No weight matrix stays digital unannounced: one the package cannot convert (a layout it does not
     know, a convolution, a weight tensor outside a linear layer) raises ``UnsupportedWeights`` naming
     each and why, unless ``allow_digital`` lets it stay digital (``True``: any; a list: parameter-name
-    fnmatch patterns); those are then listed in ``model.romer_conversion["digital_unsupported"]`` and
-    in ``placement_report``. Modules digital by ``placement`` and embedding tables are not counted.
+    fnmatch patterns; ``None``: the placement's ``allow_digital``); those are then listed in
+    ``model.romer_conversion["digital_unsupported"]`` and in ``placement_report``. Modules digital by ``placement`` and embedding tables are not counted.
 
     Raises ``ValueError`` if nothing was converted, or if a digital override names a module that does
     not exist.
@@ -183,7 +202,9 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
     if t_inference is not None and not (float(t_inference) >= 0 and float(t_inference) != float("inf")):
         raise ValueError(f"t_inference must be a finite time in seconds >= 0 or None, got {t_inference!r}")
     placement = placement or Placement()
-    _check_allow_digital(allow_digital)
+    if allow_digital is not None:
+        _check_allow_digital(allow_digital)
+        placement = dataclasses.replace(placement, allow_digital=allow_digital)
     if any(isinstance(m, AnalogModule) or is_weight_analog(m) for m in model.modules()):
         raise ValueError("model is already analog; convert a fresh copy")
     check_placement(model, placement)
@@ -196,10 +217,10 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
 
     routers = router_weight_modules(model)
     plan, reasons = conversion_plan(model, placement, routers)
-    left = unsupported_weights(model, placement, {name for name, _ in plan}, reasons, routers)
+    left = unsupported_weights(model, placement, {n for entry in plan for n in (entry[0], entry[2])}, reasons, routers)
     tensors = {param: why for param, why in left.items() if not _is_matrix_param(model, param)}
     left = {param: why for param, why in left.items() if param not in tensors}
-    allowed = {param: why for param, why in left.items() if _allowed(param, allow_digital)}
+    allowed = {param: why for param, why in left.items() if placement.allows_digital(param)}
     refused = {param: why for param, why in left.items() if param not in allowed}
     if refused:  # before anything is converted: the model is left as it was
         shown = "; ".join(f"{param} ({why})" for param, why in list(refused.items())[:6])
@@ -211,7 +232,7 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
             refused)
     if not plan:
         raise ValueError(f"nothing in {type(model).__name__} was converted: no module matches the placement")
-    for name, kind in plan:
+    for name, kind, weight_name in plan:
         module = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
@@ -222,7 +243,9 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
             analog = AnalogLinear.from_linear(module, config, seed=seed, layer_id=name, mvm_noise=mvm_noise, copy=False)
         else:
             if kind == "router":
-                adapter = make_router_analog(module, config, name=name, seed=seed, mvm_noise=mvm_noise)
+                weight = model.get_submodule(weight_name).weight if weight_name != name else None
+                adapter = make_router_analog(module, config, name=weight_name, seed=seed, mvm_noise=mvm_noise,
+                                             weight=weight)
             else:
                 adapter = make_weight_analog(module, config, name=name, seed=seed, mvm_noise=mvm_noise,
                                              transposed=kind == "conv1d",
@@ -237,7 +260,6 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
     # remembered so that save_analog() can write how to rebuild the same analog model
     model.romer_conversion = {"config": config.to_dict(), "placement": placement.to_dict(), "seed": seed,
                               "mvm_noise": mvm_noise, "keep_digital": keep_digital,
-                              "allow_digital": allow_digital if isinstance(allow_digital, bool) else list(allow_digital),
                               "digital_unsupported": allowed, "digital_tensors": tensors}
     return model
 
@@ -249,14 +271,23 @@ def _is_matrix_param(model: nn.Module, param: str) -> bool:
 
 
 def conversion_plan(model: nn.Module, placement: Placement, routers: set[str] | None = None
-                    ) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """What ``analogize_`` converts, in module order: ``(module name, kind)`` with kind ``experts``,
-    ``linear``, ``router``, ``own_forward``, ``grouped`` or ``conv1d`` (``conversion_kind``); and the
-    modules it wanted analog but cannot convert, with the reason."""
+                    ) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
+    """What ``analogize_`` converts, in module order: ``(module name, kind, weight module name)`` with kind
+    ``experts``, ``linear``, ``router``, ``own_forward``, ``grouped`` or ``conv1d`` (``conversion_kind``);
+    a router whose scoring weight is one ``nn.Linear`` child (``gate.wg``) is converted as a whole, with
+    that child as its weight module. Also the modules it wanted analog but cannot convert, with the reason."""
     routers = router_weight_modules(model) if routers is None else routers
+    containers = {block.router: block.router_weights[0] for block in moe_blocks(model)
+                  if block.router and len(block.router_weights) == 1 and block.router_weights[0] != block.router
+                  and isinstance(model.get_submodule(block.router_weights[0]), nn.Linear)}
     plan, reasons, inside = [], {}, None
     for name, module in model.named_modules():
         if not name or placement.is_digital(name) or (inside is not None and name.startswith(inside)):
+            continue
+        if name in containers:
+            if placement.router and not placement.is_digital(containers[name]):
+                plan.append((name, "router", containers[name]))
+                inside = name + "."
             continue
         category = categorize(name, module, routers)
         if not getattr(placement, category):
@@ -277,7 +308,7 @@ def conversion_plan(model: nn.Module, placement: Placement, routers: set[str] | 
             kind = "router"
         elif kind not in ("own_forward", "grouped", "conv1d"):
             continue
-        plan.append((name, kind))
+        plan.append((name, kind, name))
     return plan, reasons
 
 
@@ -290,16 +321,11 @@ class UnsupportedWeights(ValueError):
         self.weights = weights
 
 
-def _allowed(param: str, allow_digital) -> bool:
-    if isinstance(allow_digital, bool):
-        return allow_digital
-    return any(fnmatch.fnmatchcase(param, pattern) for pattern in allow_digital)
-
-
 def _check_allow_digital(allow_digital) -> None:
     if isinstance(allow_digital, bool):
         return
-    if isinstance(allow_digital, str) or not all(isinstance(p, str) for p in allow_digital):
+    if isinstance(allow_digital, str) or not isinstance(allow_digital, (list, tuple)) or \
+            not all(isinstance(p, str) for p in allow_digital):
         raise ValueError(f"allow_digital must be true/false or a list of parameter-name patterns, got {allow_digital!r}")
 
 
@@ -340,6 +366,8 @@ def unsupported_weights(model: nn.Module, placement: Placement, converted: set[s
     for name, module in model.named_modules():
         if (converted is not None and name in converted) or isinstance(module, AnalogModule) or is_weight_analog(module):
             covered.update(id(p) for p in module.parameters(recurse=False))
+        if is_weight_analog(module):
+            covered.add(id(module.analog.weight))
     left = {}
     for owner_name, owner in model.named_modules():
         if isinstance(owner, nn.Embedding) or (owner_name and placement.is_digital(owner_name)):
@@ -456,6 +484,7 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
     routers = router_weight_modules(model)
     reasons = getattr(model, "romer_conversion", {}).get("digital_unsupported", {})
     tensors = getattr(model, "romer_conversion", {}).get("digital_tensors", {})
+    never_called = set(getattr(model, "romer_conversion", {}).get("never_called", ()))
 
     def cover(module: nn.Module) -> None:
         covered.update(id(p) for p in module.parameters(recurse=False))
@@ -474,12 +503,17 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
             rows.append(PlacementRow(name, category, "analog", _own_params(module), module.num_tiles))
             cover(module)
         elif is_weight_analog(module):
-            rows.append(PlacementRow(name, category, "analog", module.weight.numel(), module.analog.num_tiles))
+            category = "router" if name in routers or module.analog.weight is not getattr(module, "weight", None) \
+                else category
+            rows.append(PlacementRow(name, category, "analog", module.analog.weight.numel(), module.analog.num_tiles))
             cover(module)
+            covered.add(id(module.analog.weight))
         elif conversion_kind(module) in ("experts", "linear", "own_forward", "grouped", "conv1d") or name in routers:
             if not any(reason_name.startswith(name + ".") or reason_name == name for reason_name in reasons):
                 rows.append(PlacementRow(name, category, "digital", _own_params(module), 0))
                 cover(module)
+        if name in never_called and rows and rows[-1].module == name:
+            rows[-1].kind = "digital in effect (analog, never called: the model reads its weight directly)"
     for name, parameter in model.named_parameters():
         if parameter.dim() < 2 or id(parameter) in covered:
             continue
@@ -488,7 +522,7 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
         owner = model.get_submodule(owner_name) if owner_name else model
         if isinstance(owner, nn.Embedding):
             rows.append(PlacementRow(owner_name, "embeddings", "digital (lookup, no MVM)", parameter.numel(), 0))
-        elif name in tensors:
+        elif name in tensors and name not in reasons:
             rows.append(PlacementRow(name, categorize(owner_name, owner, routers) if owner_name else "other",
                                      f"digital (tensor outside a linear layer: {type(owner).__name__}.{attribute})",
                                      parameter.numel(), 0))

@@ -78,7 +78,8 @@ class RoutingTrace:
             layer.weights.clear()
 
 
-def _top_k(model: nn.Module) -> int | None:
+def top_k_of(model: nn.Module) -> int | None:
+    """Experts per token from the model's config (the field's name differs between architectures)."""
     config = getattr(model, "config", None)
     config = getattr(config, "text_config", None) or config
     config = getattr(config, "ffn_config", None) if hasattr(getattr(config, "ffn_config", None), "moe_top_k") else config
@@ -132,7 +133,7 @@ def trace_routing(model: nn.Module):
     found by structure (``moe.structure.moe_blocks``): the module next to each experts module that scores
     every expert slot."""
     trace = RoutingTrace()
-    k = _top_k(model)
+    k = top_k_of(model)
     handles = []
     modules = dict(model.named_modules())
     for block in moe_blocks(model):

@@ -74,15 +74,18 @@ class AnalogRouter(AnalogWeight):
 
 
 def make_router_analog(router: nn.Module, config: AnalogConfig | str | None = None, *, name: str = "router",
-                       seed: int = 0, mvm_noise: bool = True) -> AnalogRouter:
+                       seed: int = 0, mvm_noise: bool = True, weight: nn.Parameter | None = None) -> AnalogRouter:
     """Put the logits of ``router`` (a module with a ``weight [E, H]`` used via ``F.linear``, an
-    ``nn.Linear`` subclass with its own forward included) on a chip."""
-    weight = getattr(router, "weight", None)
+    ``nn.Linear`` subclass with its own forward included) on a chip. ``weight``: the scoring weight when
+    it belongs to a child of the router (``gate.wg``, ``router.proj``): the product is answered wherever
+    in the router's forward it happens, so the router's own rules (and direct reads of the weight) stay."""
+    weight = getattr(router, "weight", None) if weight is None else weight
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(f"{type(router).__name__} has no [experts, hidden] weight to put on a crossbar")
     if type(router) is nn.Linear:
         raise TypeError("a plain nn.Linear router is converted with AnalogLinear, not make_router_analog")
-    return make_weight_analog(router, config, name=name, seed=seed, mvm_noise=mvm_noise, adapter_class=AnalogRouter)
+    return make_weight_analog(router, config, name=name, seed=seed, mvm_noise=mvm_noise, adapter_class=AnalogRouter,
+                              weight=weight)
 
 
 def make_router_digital(router: nn.Module) -> nn.Module:

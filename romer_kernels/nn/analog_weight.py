@@ -178,9 +178,12 @@ class AnalogWeight(AnalogModule):
 
 def make_weight_analog(module: nn.Module, config: AnalogConfig | str | None = None, *, name: str = "weight",
                        seed: int = 0, mvm_noise: bool = True, transposed: bool = False, blocks: int = 1,
-                       adapter_class: type[AnalogWeight] = AnalogWeight) -> AnalogWeight:
-    """Put the products of ``module`` with its own 2-D ``weight`` on a chip; its forward still runs."""
-    weight = getattr(module, "weight", None)
+                       adapter_class: type[AnalogWeight] = AnalogWeight, weight: nn.Parameter | None = None
+                       ) -> AnalogWeight:
+    """Put the products of ``module`` with its own 2-D ``weight`` on a chip; its forward still runs.
+    ``weight``: another parameter the module's forward multiplies with (a router module whose scoring
+    ``nn.Linear`` child it calls or reads), default ``module.weight``."""
+    weight = getattr(module, "weight", None) if weight is None else weight
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(f"{type(module).__name__} has no 2-D weight to put on a crossbar")
     if hasattr(module, "analog"):
