@@ -29,7 +29,7 @@ from romer_kernels.moe.convert import Placement, analogize_, placement_report, r
 from romer_kernels.moe.routing import trace_routing
 from romer_kernels.moe.structure import moe_blocks
 from romer_kernels.nn.analog_experts import AnalogExperts
-from romer_kernels.nn.analog_weight import is_weight_analog
+from romer_kernels.nn.analog_weight import AnalogSlices, is_weight_analog
 from romer_kernels.nn.model_helpers import program_analog_, reset_noise_counters
 
 ARCHS = [arch.model_type for arch in moe_architectures()]
@@ -70,6 +70,10 @@ def _experts_layout(model) -> str:
             if layout.identity_experts:
                 parts.append(f"{layout.identity_experts} identity experts")
             kinds.add(", ".join(parts))
+        elif isinstance(getattr(module, "analog", None), AnalogSlices):
+            slices = module.analog.slices
+            kinds.add(f"{type(module).__name__.removeprefix('Analog')}, per-expert slices of "
+                      + ", ".join(f"{a}{' (used transposed)' if t else ''}" for a, (_, _, _, t) in slices.items()))
     return "; ".join(sorted(kinds))
 
 
@@ -110,12 +114,11 @@ def check_architecture(arch: str) -> Report:
         check = check_conversion(model, ids[:1])
     assert not check.never_called, f"{arch}: {check.never_called}"
     rows = placement_report(model)
-    unsupported = sorted({row.kind.removeprefix("digital (unsupported: ").rstrip(")") for row in rows if row.unsupported})
+    prefix = "digital (unsupported: "
+    unsupported = sorted({row.kind[len(prefix):-1] for row in rows if row.unsupported})
     in_products = set(check.digital_products)
     tensors = set(model.romer_conversion["digital_tensors"])
     assert in_products <= tensors, f"{arch}: weights computed digitally, listed nowhere: {sorted(in_products - tensors)}"
-    if in_products:
-        unsupported.append("2-D tensors used in products: " + ", ".join(sorted({p.split('.')[-1] for p in in_products})))
     listed = set()  # every parameter a report row stands for (a tied weight is listed once)
     modules, parameters = dict(model.named_modules()), dict(model.named_parameters(remove_duplicate=False))
     for row in rows:

@@ -379,13 +379,14 @@ def _analog_view(model: nn.Module):
     from romer_kernels.moe.convert import categorize  # noqa: PLC0415
     from romer_kernels.nn.analog_experts import AnalogExperts  # noqa: PLC0415
     from romer_kernels.nn.analog_linear import AnalogLinear  # noqa: PLC0415
-    from romer_kernels.nn.analog_weight import AnalogWeight  # noqa: PLC0415
+    from romer_kernels.nn.analog_weight import AnalogSlices, AnalogWeight  # noqa: PLC0415
 
     # chips answering products on a weight: a router's own, or that of its scoring child (gate.wg)
     from romer_kernels.moe.structure import router_weight_modules  # noqa: PLC0415
 
     routers = router_weight_modules(model)
-    adapters = {id(m.analog.weight): m.analog for m in model.modules() if isinstance(getattr(m, "analog", None), AnalogWeight)}
+    adapters = {id(w): m.analog for m in model.modules() if isinstance(getattr(m, "analog", None), AnalogWeight)
+                for w in m.analog.analog_weights()}
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         if not own:
@@ -408,6 +409,10 @@ def _analog_view(model: nn.Module):
         elif adapter is not None:
             matrices = [AnalogMatrixShape(category, adapter.block_rows, adapter.matrix.in_features, adapter.blocks)]
             analog = adapter.weight.numel()
+        elif isinstance(getattr(module, "analog", None), AnalogSlices):  # expert slices of its own parameters
+            slices = module.analog.slices.values()
+            matrices = [AnalogMatrixShape(category, *((c, r) if t else (r, c)), e) for e, r, c, t in slices]
+            analog = sum(e * r * c for e, r, c, _ in slices)
         else:
             analog = 0
         yield name, module, category, params, analog, matrices

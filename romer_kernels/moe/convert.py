@@ -30,11 +30,12 @@ from torch import nn
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.presets import resolve_config
-from romer_kernels.moe.structure import moe_blocks, router_weight_modules
+from romer_kernels.moe.structure import moe_blocks, router_weight_modules, sliced_expert_parameters
 from romer_kernels.nn.analog_experts import AnalogExperts, experts_layout
 from romer_kernels.nn.analog_linear import AnalogLinear
 from romer_kernels.nn.analog_router import make_router_analog
-from romer_kernels.nn.analog_weight import AnalogWeight, is_weight_analog, make_weight_analog, make_weight_digital
+from romer_kernels.nn.analog_weight import (AnalogWeight, is_weight_analog, make_slices_analog, make_weight_analog,
+                                            make_weight_digital, slice_of)
 from romer_kernels.nn.base import AnalogModule
 
 CATEGORIES = ("experts", "shared_experts", "router", "attention", "dense_mlp", "lm_head", "other")
@@ -155,10 +156,11 @@ def is_router(name: str, module: nn.Module) -> bool:
 def categorize(name: str, module: nn.Module, routers: set[str] | None = None) -> str:
     """The placement category of a module from its name and type; ``routers``: the names of the modules
     inside routers (``moe.structure.router_weight_modules``), else routers are recognised by name."""
-    if is_fused_experts(module) or _EXPERT_LINEAR.search(name + "."):
-        return "experts"
     if "shared_expert" in name:
         return "shared_experts"
+    if is_fused_experts(module) or _EXPERT_LINEAR.search(name + ".") or (
+            routers is not None and hasattr(routers, "in_experts") and routers.in_experts(name)):
+        return "experts"
     if (name in routers) if routers is not None else is_router(name, module):
         return "router"
     parts = name.split(".")
@@ -216,7 +218,7 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
             analog.drop_digital_()
 
     routers = router_weight_modules(model)
-    plan, reasons = conversion_plan(model, placement, routers)
+    plan, reasons, slices = conversion_plan(model, placement, routers)
     left = unsupported_weights(model, placement, {n for entry in plan for n in (entry[0], entry[2])}, reasons, routers)
     tensors = {param: why for param, why in left.items() if not _is_matrix_param(model, param)}
     left = {param: why for param, why in left.items() if param not in tensors}
@@ -241,6 +243,11 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
                                                 digital_experts=placement.digital_experts.get(name, ()))
         elif kind == "linear":
             analog = AnalogLinear.from_linear(module, config, seed=seed, layer_id=name, mvm_noise=mvm_noise, copy=False)
+        elif kind == "slices":
+            adapter = make_slices_analog(module, slices[name], config, name=name, seed=seed, mvm_noise=mvm_noise)
+            if t_inference is not None:
+                adapter.program_(seed).drift_(float(t_inference))
+            continue
         else:
             if kind == "router":
                 weight = model.get_submodule(weight_name).weight if weight_name != name else None
@@ -271,18 +278,26 @@ def _is_matrix_param(model: nn.Module, param: str) -> bool:
 
 
 def conversion_plan(model: nn.Module, placement: Placement, routers: set[str] | None = None
-                    ) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
+                    ) -> tuple[list[tuple[str, str, str]], dict[str, str], dict[str, dict]]:
     """What ``analogize_`` converts, in module order: ``(module name, kind, weight module name)`` with kind
     ``experts``, ``linear``, ``router``, ``own_forward``, ``grouped`` or ``conv1d`` (``conversion_kind``);
     a router whose scoring weight is one ``nn.Linear`` child (``gate.wg``) is converted as a whole, with
-    that child as its weight module. Also the modules it wanted analog but cannot convert, with the reason."""
+    that child as its weight module; expert weights stored as slices of one parameter (``slices``, with
+    the spec ``AnalogSlices`` takes) are found by one forward of 4 tokens that shows how the model
+    multiplies them. Also the modules it wanted analog but cannot convert, with the reason."""
     routers = router_weight_modules(model) if routers is None else routers
     containers = {block.router: block.router_weights[0] for block in moe_blocks(model)
                   if block.router and len(block.router_weights) == 1 and block.router_weights[0] != block.router
                   and isinstance(model.get_submodule(block.router_weights[0]), nn.Linear)}
     plan, reasons, inside = [], {}, None
+    candidates = {owner: attrs for owner, attrs in sliced_expert_parameters(model).items()
+                  if placement.experts and not placement.is_digital(owner)}
+    slices = _slice_specs(model, candidates, reasons) if candidates else {}
     for name, module in model.named_modules():
         if not name or placement.is_digital(name) or (inside is not None and name.startswith(inside)):
+            continue
+        if name in slices:
+            plan.append((name, "slices", name))
             continue
         if name in containers:
             if placement.router and not placement.is_digital(containers[name]):
@@ -309,7 +324,53 @@ def conversion_plan(model: nn.Module, placement: Placement, routers: set[str] | 
         elif kind not in ("own_forward", "grouped", "conv1d"):
             continue
         plan.append((name, kind, name))
-    return plan, reasons
+    return plan, reasons, slices
+
+
+def _slice_specs(model: nn.Module, candidates: dict[str, dict[str, tuple[int, int, int]]],
+                 reasons: dict[str, str]) -> dict[str, dict[str, tuple[int, int, int, bool]]]:
+    """How the model multiplies each sliced expert weight, from one forward of 4 tokens: slice ``s`` of a
+    parameter as ``F.linear(x, s)`` / ``x @ s.T`` (the chip holds ``s``) or ``x @ s`` (it holds ``s.T``).
+    A parameter used otherwise, both ways, or not at all goes to ``reasons``."""
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+    from torch.overrides import TorchFunctionMode  # noqa: PLC0415
+
+    params = {(owner, attr): (getattr(model.get_submodule(owner), attr), spec)
+              for owner, attrs in candidates.items() for attr, spec in attrs.items()}
+    seen: dict[tuple[str, str], set] = {key: set() for key in params}
+    matmuls = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.linear or func in matmuls:
+                operand = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
+                for key, (param, (experts, rows, cols)) in params.items():
+                    found = slice_of(operand, param, experts, rows, cols)
+                    if found is not None:
+                        as_transpose = found[1]
+                        # F.linear(x, s) and x @ s.T: the chip holds s; x @ s: it holds s.T
+                        seen[key].add(("linear" if not as_transpose else "other") if func is F.linear
+                                      else ("linear" if as_transpose else "transposed"))
+            return func(*args, **kwargs)
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 8
+    ids = torch.arange(4).remainder(vocab)[None].to(next(model.parameters()).device)
+    with torch.no_grad(), Watch():
+        try:
+            model(ids, use_cache=False)
+        except TypeError:
+            model(ids)
+    specs: dict[str, dict[str, tuple[int, int, int, bool]]] = {}
+    for (owner, attr), uses in seen.items():
+        experts, rows, cols = params[(owner, attr)][1]
+        if len(uses) == 1 and uses <= {"linear", "transposed"}:
+            specs.setdefault(owner, {})[attr] = (experts, rows, cols, uses == {"transposed"})
+        else:
+            how = "not multiplied in a forward" if not uses else f"multiplied as {', '.join(sorted(uses))}"
+            reasons[owner] = f"{type(model.get_submodule(owner)).__name__}.{attr}: per-expert slices {how}"
+    return {owner: spec for owner, spec in specs.items() if owner not in reasons}
 
 
 class UnsupportedWeights(ValueError):
@@ -367,7 +428,7 @@ def unsupported_weights(model: nn.Module, placement: Placement, converted: set[s
         if (converted is not None and name in converted) or isinstance(module, AnalogModule) or is_weight_analog(module):
             covered.update(id(p) for p in module.parameters(recurse=False))
         if is_weight_analog(module):
-            covered.add(id(module.analog.weight))
+            covered.update(id(p) for p in module.analog.analog_weights())
     left = {}
     for owner_name, owner in model.named_modules():
         if isinstance(owner, nn.Embedding) or (owner_name and placement.is_digital(owner_name)):
@@ -503,11 +564,12 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
             rows.append(PlacementRow(name, category, "analog", _own_params(module), module.num_tiles))
             cover(module)
         elif is_weight_analog(module):
-            category = "router" if name in routers or module.analog.weight is not getattr(module, "weight", None) \
-                else category
-            rows.append(PlacementRow(name, category, "analog", module.analog.weight.numel(), module.analog.num_tiles))
+            weights = module.analog.analog_weights()
+            if isinstance(module.analog, AnalogWeight) and module.analog.weight is not getattr(module, "weight", None):
+                category = "router"  # a router converted as a whole, its scoring weight in a child
+            rows.append(PlacementRow(name, category, "analog", sum(w.numel() for w in weights), module.analog.num_tiles))
             cover(module)
-            covered.add(id(module.analog.weight))
+            covered.update(id(w) for w in weights)
         elif conversion_kind(module) in ("experts", "linear", "own_forward", "grouped", "conv1d") or name in routers:
             if not any(reason_name.startswith(name + ".") or reason_name == name for reason_name in reasons):
                 rows.append(PlacementRow(name, category, "digital", _own_params(module), 0))

@@ -89,10 +89,57 @@ def moe_blocks(model: nn.Module) -> list[MoeBlock]:
             router_weights = tuple(
                 f"{router}.{n}" if n else router for n, sub in sibling.named_modules()
                 if isinstance(getattr(sub, "weight", None), nn.Parameter) and sub.weight.dim() == 2)
+        if router is not None and any(block.router == router for block in blocks):
+            continue  # a second experts module of the same MoE layer (JetMoE's output_linear)
         blocks.append(MoeBlock(name, counts[0], router, router_weights, router_rows))
     return blocks
 
 
-def router_weight_modules(model: nn.Module) -> set[str]:
-    """Names of every weight-carrying module inside a router (the ``router`` placement category)."""
-    return {name for block in moe_blocks(model) for name in block.router_weights}
+class ModuleRoles(set):
+    """The names of every weight-carrying module inside a router (the set itself: the ``router``
+    placement category), and in ``experts`` the names of the experts modules found by structure (those
+    not recognisable by name, e.g. DBRX's ``ffn.experts`` or JetMoE's parallel-expert linears)."""
+
+    def __init__(self, routers=(), experts=()) -> None:
+        super().__init__(routers)
+        self.experts = frozenset(experts)
+
+    def in_experts(self, name: str) -> bool:
+        return any(name == e or name.startswith(e + ".") for e in self.experts)
+
+
+def router_weight_modules(model: nn.Module) -> ModuleRoles:
+    """The routers' weight-carrying modules and the experts modules of ``model`` (``ModuleRoles``)."""
+    blocks = moe_blocks(model)
+    experts = [name for name, module in model.named_modules() if name and _experts_count(name, module) is not None
+               and not isinstance(module, nn.ModuleList)]
+    return ModuleRoles({name for block in blocks for name in block.router_weights}, experts)
+
+
+def sliced_expert_parameters(model: nn.Module) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """Expert weights stored as slices of one parameter inside an experts module that is not a fused
+    experts module: owner module name -> {parameter: (experts, rows, cols)} for a 3-D ``[E, rows, cols]``
+    or a flat 2-D ``[E * rows, cols]`` parameter."""
+    found: dict[str, dict[str, tuple[int, int, int]]] = {}
+    for name, module in model.named_modules():
+        counts = _experts_count(name, module) if name else None
+        if counts is None or isinstance(module, nn.ModuleList) or _is_fused(module):
+            continue
+        experts = counts[0]
+        for sub_name, sub in module.named_modules(prefix=name):
+            if isinstance(sub, nn.Linear):
+                continue
+            for attr, p in sub.named_parameters(recurse=False):
+                if p.dim() == 3 and p.shape[0] == experts:
+                    found.setdefault(sub_name, {})[attr] = (experts, p.shape[1], p.shape[2])
+                elif p.dim() == 2 and p.shape[0] > experts and p.shape[0] % experts == 0:
+                    found.setdefault(sub_name, {})[attr] = (experts, p.shape[0] // experts, p.shape[1])
+    return found
+
+
+def _is_fused(module: nn.Module) -> bool:
+    for first in ("gate_up_proj", "up_proj"):
+        weight, down = getattr(module, first, None), getattr(module, "down_proj", None)
+        if isinstance(weight, nn.Parameter) and isinstance(down, nn.Parameter) and weight.dim() == 3 and down.dim() == 3:
+            return True
+    return False
