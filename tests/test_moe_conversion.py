@@ -1,9 +1,12 @@
 """analogize_ on tiny random models of every supported architecture: equivalence, noise, generate, tracing,
 save/load, placement overrides."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from moe_models import BUILDERS, LegacyMoEModel, build
 from torch import nn
+import torch.nn.functional as F
 
 from romer_kernels import AnalogLinear, preset, program_analog_, reset_noise_counters
 from romer_kernels.evaluation import relative_error
@@ -157,25 +160,23 @@ def test_top_level_api_names():
 
 
 def test_the_report_lists_every_weight_matrix_none_silently_digital():
-    class RawProjection(nn.Module):  # a weight used through torch.matmul: the conversion cannot see its MVM
+    class RawProjection(nn.Module):  # a weight used through einsum: the conversion cannot intercept its MVM
         def __init__(self):
             super().__init__()
             self.kernel = nn.Parameter(torch.randn(8, 8))
 
         def forward(self, x):
-            return x @ self.kernel
+            return torch.einsum("bti,io->bto", x, self.kernel)
 
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), RawProjection())
-    analogize_(model, "ideal")
+    model.config = SimpleNamespace(vocab_size=10)  # a language model: the conversion's probe forward runs
+    with pytest.raises(UnsupportedWeights, match="RawProjection.kernel: multiplied as other"):
+        analogize_(model, "ideal")  # the probe forward saw the einsum
+    analogize_(model, "ideal", allow_digital=True)
     rows = {row.module: row for row in placement_report(model)}
     assert rows["0"].kind == "digital (lookup, no MVM)" and rows["0"].category == "embeddings"
     assert rows["1"].kind == "analog"
-    assert rows["2.kernel"].kind == "digital (tensor outside a linear layer: RawProjection.kernel)"
-    # a forward shows that the tensor is a weight matrix computing digitally: from then on it is unsupported
-    check = check_conversion(model, torch.tensor([[1, 2, 3]]))
-    assert check.digital_products == ["2.kernel"] and not check.never_called and not check.ok
-    rows = {row.module: row for row in placement_report(model)}
-    assert rows["2.kernel"].unsupported and "computed digitally in a matrix product" in rows["2.kernel"].kind
+    assert rows["2.kernel"].unsupported and "multiplied as other, which the package does not intercept" in rows["2.kernel"].kind
     reported = sum(row.parameters for row in rows.values())
     assert reported == sum(p.numel() for p in model.parameters() if p.dim() >= 2) + model[1].bias.numel()
 
@@ -208,3 +209,34 @@ def test_unknown_weight_matrices_raise_unless_allowed_and_then_are_listed():
     assert rows["0"].kind == "analog" and rows["1.weight"].unsupported and rows["2.weight"].unsupported
     with pytest.raises(ValueError, match="allow_digital must be"):
         analogize_(build(), "ideal", allow_digital="2.*")
+
+
+def test_tensors_multiplied_like_linear_weights_go_analog_and_the_check_sees_the_rest():
+    class Mix(nn.Module):  # F.linear with a 2-D parameter that is not called weight (hyper-connections)
+        def __init__(self):
+            super().__init__()
+            self.fn = nn.Parameter(torch.randn(8, 8) * 0.3)
+
+        def forward(self, x):
+            return F.linear(x, self.fn)
+
+    class Proj(nn.Module):  # x @ p, p stored [in, out]
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Parameter(torch.randn(8, 8) * 0.3)
+            self.scale = nn.Parameter(torch.ones(2, 8))  # elementwise: no product, stays digital, listed
+
+        def forward(self, x):
+            return (x @ self.proj) * self.scale[0]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), Mix(), Proj())
+    model.config = SimpleNamespace(vocab_size=10)
+    ids = torch.tensor([[1, 2, 3]])
+    reference = model(ids)
+    analogize_(model, "ideal")
+    assert torch.allclose(model(ids), reference, atol=1e-6)
+    rows = {row.module: row for row in placement_report(model)}
+    assert rows["1"].kind == "analog" and rows["2"].kind == "analog" and rows["2"].tiles == 1
+    assert rows["2.scale"].kind == "digital (tensor outside a linear layer: Proj.scale)"
+    assert check_conversion(model, ids).ok

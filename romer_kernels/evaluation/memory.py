@@ -490,7 +490,8 @@ def estimate_memory(model_or_config: Any, config: AnalogConfig | str | None = No
     if any(getattr(placement, category) for category in CATEGORIES):
         # analogize_ only builds the analog modules here (chips are programmed lazily, at the first forward
         # or program_()), so it runs on meta tensors and decides exactly as it does for a real model.
-        analogize_(model, analog_config, placement)
+        # what stays digital is counted as digital memory, so an estimate never refuses a model
+        analogize_(model, analog_config, placement, allow_digital=True)
 
     rows = {key: MemoryRow(label) for key, label in CATEGORY_LABELS.items()}
     weight_bytes = WEIGHT_DTYPES[weight_name].itemsize

@@ -26,7 +26,7 @@ from romer_kernels.nn.analog_linear import AnalogLinear
 from romer_kernels.nn.analog_weight import is_weight_analog
 from romer_kernels.nn.base import AnalogModule
 
-_PRODUCTS = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
+PRODUCTS = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
              torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.Tensor.addmm, torch.baddbmm,
              torch.einsum, F.conv1d, F.conv2d, torch.conv1d, torch.conv2d}
 
@@ -55,7 +55,7 @@ class _ProductWatch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _PRODUCTS:
+        if func in PRODUCTS:
             for value in list(args) + list(kwargs.values()):
                 for tensor in value if isinstance(value, (list, tuple)) else (value,):
                     if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":

@@ -219,8 +219,12 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
 
     routers = router_weight_modules(model)
     plan, reasons, slices = conversion_plan(model, placement, routers)
-    left = unsupported_weights(model, placement, {n for entry in plan for n in (entry[0], entry[2])}, reasons, routers)
-    tensors = {param: why for param, why in left.items() if not _is_matrix_param(model, param)}
+    whole = {n for name, kind, weight in plan if kind not in ("tensor", "tensor_t") for n in (name, weight)}
+    left = unsupported_weights(model, placement, whole, reasons, routers,
+                               {weight for _, kind, weight in plan if kind in ("tensor", "tensor_t")})
+    # a tensor the probe forward saw in a product (reasons) is a weight matrix whatever its name
+    tensors = {param: why for param, why in left.items()
+               if not _is_matrix_param(model, param) and param.rpartition(".")[0] not in reasons}
     left = {param: why for param, why in left.items() if param not in tensors}
     allowed = {param: why for param, why in left.items() if placement.allows_digital(param)}
     refused = {param: why for param, why in left.items() if param not in allowed}
@@ -249,6 +253,13 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
                 adapter.program_(seed).drift_(float(t_inference))
             continue
         else:
+            if kind in ("tensor", "tensor_t"):
+                adapter = make_weight_analog(module, config, name=weight_name, seed=seed, mvm_noise=mvm_noise,
+                                             transposed=kind == "tensor_t",
+                                             weight=getattr(module, weight_name.rpartition(".")[2]))
+                if t_inference is not None:
+                    adapter.program_(seed).drift_(float(t_inference))
+                continue
             if kind == "router":
                 weight = model.get_submodule(weight_name).weight if weight_name != name else None
                 adapter = make_router_analog(module, config, name=weight_name, seed=seed, mvm_noise=mvm_noise,
@@ -324,7 +335,104 @@ def conversion_plan(model: nn.Module, placement: Placement, routers: set[str] | 
         elif kind not in ("own_forward", "grouped", "conv1d"):
             continue
         plan.append((name, kind, name))
+    plan += _tensor_plan(model, placement, routers, plan, slices, reasons)
     return plan, reasons, slices
+
+
+def _tensor_plan(model: nn.Module, placement: Placement, routers, plan, slices, reasons) -> list[tuple[str, str, str]]:
+    """2-D parameters outside any linear layer that the model multiplies like a linear weight
+    (``F.linear(x, p)``: kind ``tensor``; ``x @ p``: ``tensor_t``, stored [in, out]), found by one forward
+    of 4 tokens; used otherwise (elementwise, einsum) they are left to ``unsupported_weights``."""
+    import torch  # noqa: PLC0415
+
+    taken = {entry[0] for entry in plan} | set(slices) | set(reasons)
+    inside = [name + "." for name, kind, _ in plan if kind in ("experts", "router", "slices")]
+    candidates = {}
+    for name, module in model.named_modules():
+        if (not name or name in taken or any(name.startswith(p) for p in inside) or placement.is_digital(name)
+                or isinstance(module, (nn.Embedding, nn.Linear, nn.modules.conv._ConvNd))
+                or not getattr(placement, categorize(name, module, routers))):
+            continue
+        own = [(attr, p) for attr, p in module.named_parameters(recurse=False) if p.dim() == 2 and min(p.shape) > 1]
+        for attr, p in own:
+            candidates[(name, attr)] = p
+    if not candidates:
+        return []
+    uses = _watch_products(model, candidates)
+    found, owners = [], {}
+    for (name, attr), used in uses.items():
+        if used:
+            owners.setdefault(name, []).append((attr, used))
+    for name, used in owners.items():
+        cls = type(model.get_submodule(name)).__name__
+        if len(used) > 1:  # one adapter per module
+            reasons[name] = f"{cls}: {', '.join(a for a, _ in used)} all enter products; one analog weight per module"
+            continue
+        attr, how = used[0]
+        if how == {"linear"}:
+            found.append((name, "tensor", f"{name}.{attr}"))
+        elif how == {"transposed"}:
+            found.append((name, "tensor_t", f"{name}.{attr}"))
+        else:
+            reasons[name] = f"{cls}.{attr}: multiplied as {', '.join(sorted(how))}, which the package does not intercept"
+    return found
+
+
+def _watch_products(model: nn.Module, params: dict) -> dict[str, set[str]]:
+    """How one forward of 4 tokens multiplies each tensor of ``params``: ``linear`` (``F.linear(x, p)``),
+    ``transposed`` (``x @ p``) or ``other`` (any other product it enters)."""
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+    from torch.overrides import TorchFunctionMode  # noqa: PLC0415
+
+    from romer_kernels.moe.check import PRODUCTS  # noqa: PLC0415
+
+    uses = {key: set() for key in params}
+    matmuls = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+    def same(tensor, param) -> bool:
+        return (isinstance(tensor, torch.Tensor) and tensor.shape == param.shape and tensor.stride() == param.stride()
+                and tensor.data_ptr() == param.data_ptr())
+
+    def touches(value, param) -> bool:
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        return any(isinstance(t, torch.Tensor) and t.device == param.device
+                   and t.untyped_storage().data_ptr() == param.untyped_storage().data_ptr() for t in values)
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in PRODUCTS:
+                for name, param in params.items():
+                    if func is F.linear and len(args) > 1 and same(args[1], param) and not touches(args[0], param):
+                        uses[name].add("linear")
+                    elif func in matmuls and len(args) == 2 and same(args[1], param) and not touches(args[0], param):
+                        uses[name].add("transposed")
+                    elif any(touches(v, param) for v in list(args) + list(kwargs.values())):
+                        uses[name].add("other")
+            return func(*args, **kwargs)
+
+    _probe_forward(model, Watch())
+    return uses
+
+
+def _probe_forward(model: nn.Module, mode) -> bool:
+    """One forward of 4 token ids under ``mode``; False when the model does not take token ids (no
+    ``config.vocab_size``: not a language model), so nothing could be watched."""
+    import torch  # noqa: PLC0415
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or any(p.device.type == "meta" for p in model.parameters()):
+        return False  # not a language model, or no weights to run (a memory estimate on the meta device)
+    ids = torch.arange(4).remainder(vocab)[None].to(next(model.parameters()).device)
+    with torch.no_grad(), mode:
+        try:
+            model(ids, use_cache=False)
+        except TypeError as error:  # a model without transformers' use_cache argument
+            if "use_cache" not in str(error):
+                raise
+            model(ids)
+    return True
 
 
 def _slice_specs(model: nn.Module, candidates: dict[str, dict[str, tuple[int, int, int]]],
@@ -355,13 +463,7 @@ def _slice_specs(model: nn.Module, candidates: dict[str, dict[str, tuple[int, in
                                       else ("linear" if as_transpose else "transposed"))
             return func(*args, **kwargs)
 
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 8
-    ids = torch.arange(4).remainder(vocab)[None].to(next(model.parameters()).device)
-    with torch.no_grad(), Watch():
-        try:
-            model(ids, use_cache=False)
-        except TypeError:
-            model(ids)
+    _probe_forward(model, Watch())
     specs: dict[str, dict[str, tuple[int, int, int, bool]]] = {}
     for (owner, attr), uses in seen.items():
         experts, rows, cols = params[(owner, attr)][1]
@@ -416,16 +518,18 @@ def conversion_kind(module: nn.Module) -> str | None:
 
 
 def unsupported_weights(model: nn.Module, placement: Placement, converted: set[str] | None = None,
-                        reasons: dict[str, str] | None = None, routers: set[str] | None = None) -> dict[str, str]:
+                        reasons: dict[str, str] | None = None, routers: set[str] | None = None,
+                        converted_parameters: set[str] = frozenset()) -> dict[str, str]:
     """Parameters of two or more dimensions that stay digital although the placement wants them analog:
     parameter name -> why. ``converted``: the modules whose own parameters go (or went) analog (default:
-    the analog modules of a converted model). Embedding tables (a lookup, no MVM), modules digital by
+    the analog modules of a converted model); ``converted_parameters``: single parameters that go analog.
+    Embedding tables (a lookup, no MVM), modules digital by
     placement and experts digital by placement are not listed."""
     reasons = reasons or {}
     routers = router_weight_modules(model) if routers is None else routers
-    covered = set()
+    covered = {id(p) for name, p in model.named_parameters() if name in converted_parameters}
     for name, module in model.named_modules():
-        if (converted is not None and name in converted) or isinstance(module, AnalogModule) or is_weight_analog(module):
+        if (converted is not None and name in converted) or isinstance(module, AnalogModule):
             covered.update(id(p) for p in module.parameters(recurse=False))
         if is_weight_analog(module):
             covered.update(id(p) for p in module.analog.analog_weights())
@@ -449,13 +553,18 @@ def unsupported_weights(model: nn.Module, placement: Placement, converted: set[s
     return left
 
 
+def _class_name(module: nn.Module) -> str:
+    """The module's own class name (not that of the analog subclass swapped in)."""
+    return type(module).__mro__[1].__name__ if is_weight_analog(module) else type(module).__name__
+
+
 def _why_digital(owner: nn.Module, attribute: str, parameter: nn.Parameter) -> str:
-    cls = type(owner).__name__
+    cls = _class_name(owner)
     if isinstance(owner, nn.modules.conv._ConvNd):
         depthwise = owner.groups == owner.in_channels and owner.groups > 1
         return f"{cls}: {'depthwise ' if depthwise else ''}convolutions are not supported"
     if parameter.dim() == 3:
-        return f"{cls}.{attribute} {tuple(parameter.shape)}: a per-expert weight in a layout the package does not know"
+        return f"{cls}.{attribute} {tuple(parameter.shape)}: a 3-D weight in a layout the package does not know"
     return f"{cls}.{attribute} {tuple(parameter.shape)}: a weight of a module the package does not know"
 
 
@@ -568,8 +677,7 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
             if isinstance(module.analog, AnalogWeight) and module.analog.weight is not getattr(module, "weight", None):
                 category = "router"  # a router converted as a whole, its scoring weight in a child
             rows.append(PlacementRow(name, category, "analog", sum(w.numel() for w in weights), module.analog.num_tiles))
-            cover(module)
-            covered.update(id(w) for w in weights)
+            covered.update(id(w) for w in weights)  # other parameters of the module are listed on their own
         elif conversion_kind(module) in ("experts", "linear", "own_forward", "grouped", "conv1d") or name in routers:
             if not any(reason_name.startswith(name + ".") or reason_name == name for reason_name in reasons):
                 rows.append(PlacementRow(name, category, "digital", _own_params(module), 0))
@@ -586,7 +694,7 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
             rows.append(PlacementRow(owner_name, "embeddings", "digital (lookup, no MVM)", parameter.numel(), 0))
         elif name in tensors and name not in reasons:
             rows.append(PlacementRow(name, categorize(owner_name, owner, routers) if owner_name else "other",
-                                     f"digital (tensor outside a linear layer: {type(owner).__name__}.{attribute})",
+                                     f"digital (tensor outside a linear layer: {_class_name(owner)}.{attribute})",
                                      parameter.numel(), 0))
         else:
             why = reasons.get(name) or _why_digital(owner, attribute, parameter)
