@@ -230,3 +230,26 @@ def test_dense_models_convert_fully(arch):
     program_analog_(model, seed=1)
     noisy = _logits(model, ids)
     assert torch.isfinite(noisy).all() and not torch.equal(noisy, digital)
+
+
+@pytest.mark.parametrize("arch,placement", [("gpt_oss", Placement()), ("dbrx", Placement()),
+                                            ("hunyuan_v1_moe", Placement()),
+                                            ("qwen3_next", Placement(allow_digital=("*.conv1d.weight",)))])
+def test_noise_sweep_runs_on_other_layouts(arch, placement, tmp_path):
+    """A Monte Carlo sweep (one model re-programmed in place per trial) on layouts beyond the standard:
+    no noise reproduces the clean routing, noise moves it, and a resumed sweep stores nothing new."""
+    from romer_kernels.config.presets import preset  # noqa: PLC0415
+    from romer_kernels.evaluation.sweep import SweepSettings, noise_sweep  # noqa: PLC0415
+
+    model = tiny_model(arch)
+    ids = torch.randint(3, 128, (400,), generator=torch.Generator().manual_seed(1))
+    settings = SweepSettings(config=preset("gaussian-chip"), placement=placement, seeds=(0, 1),
+                             noise_scales=(0.0, 4.0), times=(0.0,), seq_len=32, batch_size=4, max_windows=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = noise_sweep(model, ids, settings, tmp_path, arch, "random", progress=False)
+        table = {row["noise_scale"]: row for row in result.table()}
+        assert table[0.0]["flip_rate"][0] == 0.0
+        assert table[0.0]["ppl"][0] == pytest.approx(result.clean.perplexity, rel=1e-4)
+        assert table[4.0]["flip_rate"][0] > 0.0
+        assert noise_sweep(model, ids, settings, tmp_path, arch, "random", progress=False).trials_run == 0

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from romer_kernels.moe.convert import is_router
+from romer_kernels.moe.structure import moe_blocks
 from romer_kernels.moe.routing import RoutingSummary, RoutingTrace, summarize, trace_routing
+from romer_kernels.models.loading import lm_forward
 
 
 class NonFiniteOutput(ValueError):
@@ -68,7 +69,7 @@ def evaluate_lm(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 256, s
         for first in range(0, len(spans), batch_size):
             batch = spans[first:first + batch_size]
             ids = torch.stack([token_ids[start:end] for start, end, _ in batch]).to(device)
-            logits = model(ids).logits.float()
+            logits = lm_forward(model, ids).logits.float()
             log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
             targets = ids[:, 1:]
             nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1)      # [B, L-1], target j+1
@@ -96,4 +97,4 @@ def evaluate_lm(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 256, s
 
 
 def _has_router(model: nn.Module) -> bool:
-    return any(is_router(name, module) for name, module in model.named_modules())
+    return any(block.router for block in moe_blocks(model))

@@ -20,6 +20,7 @@ from torch import nn
 
 from romer_kernels.moe.convert import Placement, is_fused_experts
 from romer_kernels.moe.routing import trace_routing
+from romer_kernels.models.loading import lm_forward
 
 SCORES = ("maxnn", "frequency", "weight", "router_norm", "random")
 NEURON_CONVENTIONS = ("hidden", "rows")
@@ -102,7 +103,7 @@ def calibration_trace(model: nn.Module, calib_ids: torch.Tensor, batch_size: int
         calib_ids = calib_ids[None]
     with trace_routing(model) as trace:
         for start in range(0, calib_ids.shape[0], batch_size):
-            model(calib_ids[start:start + batch_size])
+            lm_forward(model, calib_ids[start:start + batch_size])
     return trace
 
 

@@ -22,6 +22,7 @@ from romer_kernels.methods.romer import MoELayer, ReplicaDispatch, _noise_counte
 from romer_kernels.nn.analog_experts import AnalogExperts
 from romer_kernels.nn.analog_matrix import AnalogMatrix
 from romer_kernels.moe.convert import require_digital_weights
+from romer_kernels.models.loading import lm_forward
 
 IMPORTANCE = ("wanda", "ablation")
 
@@ -175,7 +176,7 @@ def wanda_importance(model: nn.Module, calib_ids: torch.Tensor, batch_size: int 
     try:
         calib_ids = torch.as_tensor(calib_ids)
         for start in range(0, calib_ids.shape[0], batch_size):
-            model(calib_ids[start:start + batch_size])
+            lm_forward(model, calib_ids[start:start + batch_size])
     finally:
         for handle in handles:
             handle.remove()
@@ -212,7 +213,7 @@ def ablation_importance(model: nn.Module, calib_ids: torch.Tensor, batch_size: i
         total = 0.0
         for start in range(0, calib_ids.shape[0], batch_size):
             batch = calib_ids[start:start + batch_size]
-            total += float(model(batch, labels=batch).loss) * batch.shape[0]
+            total += float(lm_forward(model, batch, labels=batch).loss) * batch.shape[0]
         for owner, value in counters:
             owner.forward_calls = value
         return total / calib_ids.shape[0]

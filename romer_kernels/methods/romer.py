@@ -37,6 +37,7 @@ from romer_kernels.nn.analog_matrix import AnalogMatrix
 from romer_kernels.nn.analog_router import AnalogRouter
 from romer_kernels.nn.analog_weight import AnalogWeight
 from romer_kernels.nn.base import AnalogModule
+from romer_kernels.models.loading import lm_forward
 
 STAGES = ("replace", "recalibrate")
 MODES = ("average", "split")
@@ -204,7 +205,7 @@ def calibration_pass(model: nn.Module, calib_ids: torch.Tensor, *, batch_size: i
         handles.append(layer.router.register_forward_hook(hook))
     try:
         for start in range(0, calib_ids.shape[0], batch_size):
-            model(calib_ids[start:start + batch_size])
+            lm_forward(model, calib_ids[start:start + batch_size])
     finally:
         for handle in handles:
             handle.remove()
@@ -470,7 +471,7 @@ def _flip_rate(model: nn.Module, clean_trace, calib_ids: torch.Tensor, batch_siz
     try:
         with torch.no_grad(), trace_routing(model) as trace:
             for start in range(0, calib_ids.shape[0], batch_size):
-                model(calib_ids[start:start + batch_size])
+                lm_forward(model, calib_ids[start:start + batch_size])
     finally:
         for owner, value in counters:
             owner.forward_calls = value
@@ -493,7 +494,7 @@ def romer_(model: nn.Module, calib_ids: torch.Tensor, config: RomerConfig | None
     if clean_model is not None:
         with trace_routing(clean_model) as clean_trace:
             for start in range(0, calib_ids.shape[0], config.batch_size):
-                clean_model(calib_ids[start:start + config.batch_size])
+                lm_forward(clean_model, calib_ids[start:start + config.batch_size])
         flip_before = _flip_rate(model, clean_trace, calib_ids, config.batch_size)
     only_recalibrate = "replace" not in config.stages
     stats = calibration_pass(model, calib_ids, logits=only_recalibrate, raw=only_recalibrate, **kwargs)

@@ -52,3 +52,12 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[nn
                                 "only bundled models and local folders work.") from error
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+def lm_forward(model: nn.Module, input_ids, **kwargs):
+    """``model(input_ids, **kwargs)`` without a KV cache where the model has one (transformers models):
+    scoring and calibration never reuse it, and hybrid models whose layers are all linear attention
+    cannot build one."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs.setdefault("use_cache", False)
+    return model(input_ids, **kwargs)

@@ -3,12 +3,15 @@ from romer_kernels.moe.convert import (
     CATEGORIES,
     Placement,
     PlacementRow,
+    UnsupportedWeights,
     analogize_,
     categorize,
     placement_report,
     restore_digital_,
 )
+from romer_kernels.moe.check import ConversionCheck, check_conversion
 from romer_kernels.moe.persist import load_analog, save_analog
+from romer_kernels.moe.structure import MoeBlock, moe_blocks
 from romer_kernels.moe.routing import (
     LayerRouting,
     RoutingSummary,
@@ -26,7 +29,8 @@ from romer_kernels.moe.routing import (
 )
 
 __all__ = [
-    "CATEGORIES", "LayerRouting", "Placement", "PlacementRow", "RoutingSummary", "RoutingTrace", "analogize_",
+    "CATEGORIES", "ConversionCheck", "LayerRouting", "MoeBlock", "Placement", "PlacementRow", "RoutingSummary",
+    "RoutingTrace", "UnsupportedWeights", "analogize_", "check_conversion", "moe_blocks",
     "categorize", "coefficient_of_variation", "load_analog", "save_analog", "expert_counts", "flip_rate", "frequency_kl", "load_imbalance_score",
     "max_over_mean", "placement_report", "restore_digital_", "routing_entropy", "summarize", "top_k_overlap", "trace_routing",
 ]
