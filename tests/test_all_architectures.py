@@ -253,3 +253,25 @@ def test_noise_sweep_runs_on_other_layouts(arch, placement, tmp_path):
         assert table[0.0]["ppl"][0] == pytest.approx(result.clean.perplexity, rel=1e-4)
         assert table[4.0]["flip_rate"][0] > 0.0
         assert noise_sweep(model, ids, settings, tmp_path, arch, "random", progress=False).trials_run == 0
+
+
+def test_romer_on_a_router_with_a_scoring_child():
+    """ROMER's logit recalibration on HunYuan (gate.wg) and Gemma-4 (router.proj after a norm): the chip's
+    own input and output are the noisy/clean logit pair; the map changes the noisy model's logits."""
+    from romer_kernels.methods.romer import RomerConfig, romer_  # noqa: PLC0415
+
+    for arch in ("hunyuan_v1_moe", "gemma4_text"):
+        model = tiny_model(arch)
+        ids = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(2))
+        analogize_(model, "rasch2023")
+        program_analog_(model, seed=1)
+        reset_noise_counters(model)
+        before = _logits(model, ids[:2])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            romer_(model, ids, RomerConfig(stages=("recalibrate",)))
+        reset_noise_counters(model)
+        after = _logits(model, ids[:2])
+        assert torch.isfinite(after).all() and not torch.equal(after, before), arch
+        modules = dict(model.named_modules())
+        assert any(modules[b.router].analog.affine for b in moe_blocks(model)), arch

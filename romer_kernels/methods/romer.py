@@ -174,7 +174,7 @@ def calibration_pass(model: nn.Module, calib_ids: torch.Tensor, *, batch_size: i
     stride = max(1, math.ceil(calib_ids.numel() / max_tokens))
     layers = moe_layers(model)
     stats: dict[str, LayerStats] = {}
-    saved_affine, handles = [], []
+    saved_affine, handles, recording = [], [], []
     counters = _noise_counters(model)
     top_k = top_k_of(model)
     for layer in layers:
@@ -187,17 +187,29 @@ def calibration_pass(model: nn.Module, calib_ids: torch.Tensor, *, batch_size: i
             adapter.set_logit_affine(torch.ones(num_experts), torch.where(mask, MASK, 0.0))
 
         weight = adapter.weight if isinstance(adapter, AnalogWeight) else getattr(layer.router, "weight", None)
-        if logits and (not isinstance(weight, torch.Tensor) or weight is not getattr(layer.router, "weight", None)):
-            raise ValueError(f"router {layer.router_name}: its logits are not F.linear(input, router.weight) (the "
-                             "scoring weight belongs to a child module), so ROMER's clean logit reference is not "
-                             "defined for it")
+        # a router whose scoring weight is a child's (gate.wg, router.proj after a norm): its logits are what
+        # its chip computes inside its forward, recorded there with the chip's own input
+        inner = isinstance(adapter, AnalogWeight) and weight is not getattr(layer.router, "weight", None)
+        if logits and not inner and not isinstance(getattr(layer.router, "weight", None), torch.Tensor):
+            raise ValueError(f"router {layer.router_name} is digital and its scoring weight belongs to a child "
+                             "module: ROMER's logit reference needs it analog (Placement(router=True))")
+        if logits and inner:
+            adapter.recording = []
+            recording.append(adapter)
 
-        def hook(module, inputs, output, entry=entry, num_experts=num_experts, name=layer.router_name, weight=weight):
+        def hook(module, inputs, output, entry=entry, num_experts=num_experts, name=layer.router_name, weight=weight,
+                 adapter=adapter if inner else None):
             router_logits, _, index = router_decision(output, num_experts, top_k, name)
             index = index.detach().reshape(-1, index.shape[-1]).long().cpu()
             entry.batch_indices.append(index)
             entry.batch_counts.append(torch.bincount(index.reshape(-1), minlength=num_experts).double())
-            if logits:
+            if logits and adapter is not None:
+                chip_in = torch.cat([x for x, _ in adapter.recording])
+                chip_out = torch.cat([y for _, y in adapter.recording])
+                adapter.recording = []
+                entry.noisy.append(chip_out[::stride].float().cpu())
+                entry.clean.append(F.linear(chip_in[::stride].float(), weight.detach().float()).cpu())
+            elif logits:
                 hidden = inputs[0].detach().reshape(-1, weight.shape[1])
                 entry.noisy.append(router_logits.detach().reshape(-1, num_experts)[::stride].float().cpu())
                 entry.clean.append(F.linear(hidden[::stride].float(), weight.detach().float()).cpu())
@@ -209,6 +221,8 @@ def calibration_pass(model: nn.Module, calib_ids: torch.Tensor, *, batch_size: i
     finally:
         for handle in handles:
             handle.remove()
+        for adapter in recording:
+            adapter.recording = None
         for adapter, scale, shift in saved_affine:
             adapter.set_logit_affine(scale, shift)
         for owner, value in counters:

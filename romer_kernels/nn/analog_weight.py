@@ -75,6 +75,9 @@ class AnalogWeight(AnalogModule):
         check_seed(seed)
         self.matrices = [AnalogMatrix(config, self.block_rows, in_features, name if blocks == 1 else f"{name}.{g}",
                                       seed, mvm_noise) for g in range(blocks)]
+        # a list to record (chip input [N, in], output after the ADC and post_adc [N, out]) of every MVM
+        # into, or None: how calibration methods see a router's logits when they sit inside its forward
+        self.recording: list | None = None
 
     @property
     def weight(self) -> nn.Parameter:
@@ -128,8 +131,10 @@ class AnalogWeight(AnalogModule):
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], self.block_rows)
-        y = self.matrices[block].matmul(flat, self.block_weight(block), bias)
-        return self.post_adc(y).to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], self.block_rows)
+        y = self.post_adc(self.matrices[block].matmul(flat, self.block_weight(block), bias))
+        if self.recording is not None:
+            self.recording.append((flat.detach(), y.detach()))
+        return y.to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], self.block_rows)
 
     def post_adc(self, y: torch.Tensor) -> torch.Tensor:
         """Digital periphery after the ADC (subclasses: per-output affine maps)."""
