@@ -101,8 +101,7 @@ class ReplicaBank:
             hidden = nn.functional.linear(x.float(), self.gate_up_weights[j])
         else:
             hidden = self.gate_up[j].matmul(x, self.gate_up_weights[j], row_ids=token_ids, call_index=call_index)
-        gate, up = hidden.chunk(2, dim=-1)
-        hidden = self.experts.act_fn(gate) * up
+        hidden = self.experts.activation(hidden)
         if self.digital[j]:
             return nn.functional.linear(hidden, self.down_weights[j])
         return self.down[j].matmul(hidden, self.down_weights[j], row_ids=token_ids, call_index=call_index)
@@ -155,9 +154,8 @@ def wanda_importance(model: nn.Module, calib_ids: torch.Tensor, batch_size: int 
     handles = []
     for layer in layers:
         experts = layer.experts
-        num, two_inter, hidden_dim = experts.gate_up_proj.shape
-        sums[layer.experts_name] = [torch.zeros(num, hidden_dim, dtype=torch.float64),
-                                    torch.zeros(num, two_inter // 2, dtype=torch.float64)]
+        sums[layer.experts_name] = [torch.zeros(experts.num_experts, experts.hidden_dim, dtype=torch.float64),
+                                    torch.zeros(experts.num_experts, experts.intermediate_dim, dtype=torch.float64)]
 
         def pre_hook(module, args, acc=sums[layer.experts_name]):
             hidden, index = args[0].detach().float().cpu(), args[1].detach().long().cpu()
@@ -166,8 +164,7 @@ def wanda_importance(model: nn.Module, calib_ids: torch.Tensor, batch_size: int 
                     continue
                 x = hidden[(index == e).any(dim=1)]
                 inner = nn.functional.linear(x, module.expert_params(e)[0].detach().float())
-                gate, up = inner.chunk(2, dim=-1)
-                acts = module.act_fn(gate) * up
+                acts = module.activation(inner)
                 acc[0][e] += (x.double() ** 2).sum(0)
                 acc[1][e] += (acts.double() ** 2).sum(0)
 
@@ -269,6 +266,11 @@ def quantized_needed(replicas: int, replica_bits: int, quant_bits: int, base_bit
 def _analog_experts(layer: MoELayer) -> AnalogExperts:
     if not isinstance(layer.experts, AnalogExperts):
         raise ValueError(f"{layer.experts_name} is not AnalogExperts: convert the model first")
+    layout = layer.experts.layout
+    if layout.bias or layout.post_norm or layout.identity_experts or layout.all_tokens:
+        # replicas compute gate/up, activation and down only: biases, a post-norm or identity slots would be lost
+        raise NotImplementedError(f"{layer.experts_name}: Replicate-and-Quantize supports experts without biases, "
+                                  f"post-norm, identity experts or all-token blocks, got {layout}")
     return layer.experts
 
 
