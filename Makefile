@@ -13,12 +13,12 @@ CPP_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
 $(DEPS_STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install -qq --upgrade pip
+	$(PIP) install -qq -r requirements.txt
 	touch $@
 
 $(EXT_STAMP): $(DEPS_STAMP) setup.py $(CPP_SOURCES)
-	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	$(PIP) install -qq --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(EXT_STAMP)
@@ -27,8 +27,8 @@ demo: build
 	$(PY) -m romer_kernels demo
 
 test-cpp: $(DEPS_STAMP)
-	cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja
-	cmake --build build
+	cmake --log-level=WARNING -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja
+	cmake --build build -- --quiet
 	ctest --test-dir build --output-on-failure
 
 test-py: build

@@ -9,7 +9,7 @@ The torch-free C++ core and its unit tests are built separately with CMake (see 
 """
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = Path(__file__).resolve().parent
@@ -31,7 +31,9 @@ setup(
     name="romer_kernels",
     version="0.1.0",
     description="Fast analog in-memory-computing simulation for Mixture-of-Experts language models",
-    packages=find_packages(include=["romer_kernels", "romer_kernels.*"]),
+    # namespace discovery: the asset folders (data, no __init__.py) are packages too, so setuptools ships
+    # them without its "package would be ignored" warning
+    packages=find_namespace_packages(include=["romer_kernels", "romer_kernels.*"]),
     package_data={"romer_kernels": ["assets/corpus/*", "assets/models/*/*", "assets/configs/*.json"]},
     include_package_data=True,
     entry_points={"console_scripts": ["romer = romer_kernels.cli.main:main"]},

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from romer_kernels.kernels.backends import BACKENDS, resolve_backend, set_backend
-from romer_kernels.config.presets import PRESETS, preset
+from romer_kernels.config.presets import PRESETS, config_label, load_config, preset
 
 # wide enough for module names when the output is a file or a CI log, not a terminal
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -20,6 +20,27 @@ DEFAULT_MODEL = "tiny-olmoe"
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
+PRESET_HELP = (f"a preset ({', '.join(PRESETS)}) or a JSON config file (start from `romer presets NAME --out "
+               "FILE`); default rasch2023")
+SET_HELP = ("override config fields on top of --preset, e.g. --set io.out_noise=0.02 noise.prog_noise_scale=1.5 "
+            "(values as JSON)")
+
+
+def _config(args):
+    """The analog config of a command: --preset (a name or a JSON file) with the --set overrides."""
+    return load_config(args.preset, getattr(args, "set", None) or [])
+
+
+def _label(args) -> str:
+    """The config's name in titles and default run folders (overrides add a short digest, so that two
+    configs never share a folder)."""
+    import hashlib  # noqa: PLC0415
+
+    sets = getattr(args, "set", None) or []
+    digest = f"+{hashlib.sha1(' '.join(sets).encode()).hexdigest()[:6]}" if sets else ""
+    return config_label(args.preset) + digest
+
+
 ALLOW_DIGITAL_HELP = ("let weight matrices the package cannot put on crossbars (convolutions, unknown layouts) stay "
                       "digital: 'all', or comma-separated parameter-name patterns such as '*.conv1d.weight'; "
                       "without it such a model is refused with the list")
@@ -48,7 +69,7 @@ def _settings(args, placement=None):
     from romer_kernels.evaluation.sweep import SweepSettings  # noqa: PLC0415
     from romer_kernels.moe.convert import Placement  # noqa: PLC0415
 
-    return SweepSettings(config=preset(args.preset), placement=placement or Placement(), seeds=tuple(range(args.seeds)),
+    return SweepSettings(config=_config(args), placement=placement or Placement(), seeds=tuple(range(args.seeds)),
                          noise_scales=tuple(args.scales), times=tuple(args.times), seq_len=args.seq_len,
                          batch_size=args.batch_size, max_windows=args.windows)
 
@@ -96,7 +117,7 @@ def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
 
     settings = _settings(args, _placement(args))
     executor = _executor(args)
-    console.print(f"[bold]{title}[/]: model {model_name}, preset {args.preset}, {args.seeds} chip seeds x noise "
+    console.print(f"[bold]{title}[/]: model {model_name}, preset {_label(args)}, {args.seeds} chip seeds x noise "
                   f"scales {args.scales} x t {args.times} s on {args.data}/{args.split}, windows of {args.seq_len} "
                   f"(at most {args.windows}), run folder {run_dir}, executor {executor.describe()}")
     start = time.perf_counter()
@@ -104,7 +125,7 @@ def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
     noisy = {}
     result = noise_sweep(_workload(args, model_name), None, settings, run_dir, on_clean=_print_clean,
                          executor=executor, on_session=lambda session: noisy.update(trace=session.evaluate(worst).trace))
-    table = Table(title=f"{model_name} on analog hardware ({args.preset}), mean ± std over chip seeds")
+    table = Table(title=f"{model_name} on analog hardware ({_label(args)}), mean ± std over chip seeds")
     for column in ("noise scale", "t (s)", "n", "PPL", "LIS", "flip rate", "top-k overlap", "KL(noisy‖clean)"):
         table.add_column(column, justify="right")
     clean = result.clean
@@ -117,7 +138,7 @@ def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
     console.print(table)
     _print_failures(result.failed)
     plot = plot_sweep(result, noisy["trace"], run_dir / "sweep.png",
-                      f"{model_name}, {args.preset}; expert load at noise scale {worst.noise_scale:g}")
+                      f"{model_name}, {_label(args)}; expert load at noise scale {worst.noise_scale:g}")
     write_text_atomic(run_dir / "summary.json", json.dumps(
         {"clean": {"ppl": clean.perplexity, "lis": clean.routing.lis if clean.routing else None},
          "rows": result.table()}, indent=1))
@@ -127,7 +148,8 @@ def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser, run_dir: str) -> None:
-    parser.add_argument("--preset", default="rasch2023", choices=list(PRESETS))
+    parser.add_argument("--preset", default="rasch2023", help=PRESET_HELP)
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="PART.FIELD=VALUE", help=SET_HELP)
     parser.add_argument("--placement", help="JSON file with a Placement (default: all analog but lm_head)")
     parser.add_argument("--allow-digital", metavar="all|PATTERNS", help=ALLOW_DIGITAL_HELP)
     parser.add_argument("--data", default="bundled", help="'bundled', a text file, or hf:NAME:CONFIG[:SPLIT]")
@@ -163,7 +185,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     args.windows = args.windows or None
-    run_dir = Path(args.run_dir or f"runs/eval-{Path(args.model).name}-{args.preset}")
+    run_dir = Path(args.run_dir or f"runs/eval-{Path(args.model).name}-{_label(args)}")
     args.run_dir = str(run_dir)
     return _sweep(args, args.model, run_dir, "romer eval")
 
@@ -175,18 +197,18 @@ def _compare(args: argparse.Namespace) -> int:
     if args.placement:
         raise ValueError("romer compare sets the placement per variant; --placement is not used here")
     args.windows = args.windows or None
-    run_dir = Path(args.run_dir or f"runs/compare-{Path(args.model).name}-{args.preset}")
+    run_dir = Path(args.run_dir or f"runs/compare-{Path(args.model).name}-{_label(args)}")
     args.run_dir = str(run_dir)
     settings = _settings(args)
     executor = _executor(args)
-    console.print(f"[bold]romer compare[/]: {args.model}, preset {args.preset}, variants {', '.join(args.variants)}, "
+    console.print(f"[bold]romer compare[/]: {args.model}, preset {_label(args)}, variants {', '.join(args.variants)}, "
                   f"{args.seeds} chip seeds x scales {args.scales} x t {args.times} s; calibration on "
                   f"{args.calib_windows} windows of the {args.calib_split} split, evaluation on {args.split}; "
                   f"executor {executor.describe()}")
     start = time.perf_counter()
     result = compare_methods(_workload(args, args.model, args.calib_split), None, None, settings, tuple(args.variants),
                              run_dir, calib_windows=args.calib_windows, executor=executor)
-    table = Table(title=f"{args.model} ({args.preset}): methods, mean ± std over {args.seeds} chip seeds")
+    table = Table(title=f"{args.model} ({_label(args)}): methods, mean ± std over {args.seeds} chip seeds")
     for column in ("noise scale", "t (s)", "variant", "n", "PPL", "LIS", "flip rate"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     clean = result.clean
@@ -200,7 +222,7 @@ def _compare(args: argparse.Namespace) -> int:
                       _fmt(metrics.get("flip_rate")))
     console.print(table)
     _print_failures(result.failed)
-    plot = plot_compare(result, run_dir / "compare.png", f"{args.model}, {args.preset}")
+    plot = plot_compare(result, run_dir / "compare.png", f"{args.model}, {_label(args)}")
     rows = [{"noise_scale": k[0], "t": k[1], "variant": k[3], **{m: v for m, v in metrics.items()}}
             for k, metrics in sorted(by_key.items())]
     write_text_atomic(run_dir / "summary.json", json.dumps({"clean": {"ppl": clean.perplexity, "lis": clean.routing.lis},
@@ -224,13 +246,13 @@ def _info(args: argparse.Namespace) -> int:
     from romer_kernels.moe.convert import analogize_, placement_report  # noqa: PLC0415
 
     model, _ = load_model_and_tokenizer(args.model)
-    analogize_(model, preset(args.preset), _placement(args))
+    analogize_(model, _config(args), _placement(args))
     check = None
     if args.check:
         from romer_kernels.moe.check import check_conversion  # noqa: PLC0415
 
         check = check_conversion(model)  # one forward of 8 tokens: programs every chip
-    table = Table(title=f"{args.model}: placement with preset {args.preset}")
+    table = Table(title=f"{args.model}: placement with preset {_label(args)}")
     for column in ("module", "category", "analog/digital", "parameters", "tiles"):
         table.add_column(column, justify="right" if column in ("parameters", "tiles") else "left")
     analog_params = total = tiles = 0
@@ -261,7 +283,7 @@ def _info_memory(args: argparse.Namespace) -> int:
     from romer_kernels.evaluation.memory import estimate_memory, parse_size  # noqa: PLC0415
 
     limit = parse_size(args.fit) if args.fit is not None else None  # a bad size fails before any work
-    estimate = estimate_memory(args.model, args.preset, _placement(args), weight_dtype=args.dtype or "float32",
+    estimate = estimate_memory(args.model, _config(args), _placement(args), weight_dtype=args.dtype or "float32",
                                state_dtype=args.state_dtype, device=args.device or "cpu",
                                tokens=2048 if args.tokens is None else args.tokens)
     print(estimate.table())
@@ -290,8 +312,17 @@ def _layers(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
+    if args.out and not args.name:
+        raise ValueError("--out needs a preset NAME to write")
     if args.name:
-        print(preset(args.name).to_json(indent=2))
+        text = preset(args.name).to_json(indent=2)
+        if args.out:
+            from romer_kernels.evaluation.montecarlo import write_text_atomic  # noqa: PLC0415
+
+            write_text_atomic(Path(args.out), text + "\n")
+            console.print(f"wrote {args.out}: edit it and pass it as --preset {args.out}")
+        else:
+            print(text)
         return 0
     for name, factory in PRESETS.items():
         print(f"{name:16s} {(factory.__doc__ or '').strip().splitlines()[0]}")
@@ -335,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "it needs")
     info.add_argument("--model", default=DEFAULT_MODEL, help="bundled model or config name (e.g. olmoe-1b-7b), local "
                       "folder, config.json file (--memory) or hub id")
-    info.add_argument("--preset", default="rasch2023", choices=list(PRESETS))
+    info.add_argument("--preset", default="rasch2023", help=PRESET_HELP)
+    info.add_argument("--set", nargs="+", action="extend", default=[], metavar="PART.FIELD=VALUE", help=SET_HELP)
     info.add_argument("--placement", help="JSON file with a Placement")
     info.add_argument("--allow-digital", metavar="all|PATTERNS", help=ALLOW_DIGITAL_HELP)
     info.add_argument("--no-check", dest="check", action="store_false",
@@ -365,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = commands.add_parser("presets", help="list presets, or print one as JSON")
     presets.add_argument("name", nargs="?", choices=list(PRESETS))
+    presets.add_argument("--out", metavar="FILE", help="write the preset as a JSON config file to edit")
     presets.set_defaults(func=_presets)
 
     train = commands.add_parser("train-tiny", help="train a bundled tiny MoE model (see romer train-tiny --help)",
@@ -381,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return tiny.main([a for a in argv[1:] if a != "--"]) or 0
     args = build_parser().parse_args(argv)
+    if hasattr(args, "preset"):
+        try:  # a bad config is refused before any model is loaded
+            _config(args)
+        except (ValueError, FileNotFoundError) as error:
+            console.print(f"[red]error:[/] {error}".replace("\n", " "), highlight=False)
+            return 2
     try:
         if args.backend is not None:
             resolve_backend(args.backend)  # fail now, with the reason, if it cannot run here

@@ -95,3 +95,52 @@ def resolve_config(config: AnalogConfig | str | None) -> AnalogConfig:
     if isinstance(config, AnalogConfig):
         return config
     raise ValueError(f"config must be an AnalogConfig or a preset name, got {type(config).__name__}")
+
+
+def load_config(spec: str, overrides: "list[str] | tuple[str, ...]" = ()) -> AnalogConfig:
+    """A preset name or the path of a JSON file (``AnalogConfig.to_json``, e.g. from ``romer presets NAME
+    --out FILE``), with ``overrides`` of the form ``part.field=value`` (``io.out_noise=0.02``,
+    ``noise.prog_noise_scale=1.5``; values are JSON: numbers, true/false, null, strings). Every field is
+    checked by the config itself: unknown keys, wrong types and out-of-range values name the field."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    if spec in PRESETS:
+        config = preset(spec)
+    elif spec.endswith(".json") or Path(spec).is_file():
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        try:
+            config = AnalogConfig.from_dict(json.loads(path.read_text()))
+        except ValueError as error:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"config file {path}: {error}") from None
+    else:
+        raise ValueError(f"unknown preset {spec!r}: give one of {', '.join(PRESETS)} or a JSON config file")
+    if not overrides:
+        return config
+    data = config.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ValueError(f"override {item!r} must look like part.field=value (e.g. io.out_noise=0.02)")
+        part, name = parts
+        if part not in data or not isinstance(data[part], dict):
+            known = ", ".join(k for k, v in data.items() if isinstance(v, dict))
+            raise ValueError(f"override {item!r}: no config part {part!r} (parts with fields: {known})")
+        if name not in data[part]:
+            raise ValueError(f"override {item!r}: {part} has no field {name!r}; known: {', '.join(data[part])}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare word: a string (e.g. w_noise_type=pcm)
+        data[part][name] = value
+    return AnalogConfig.from_dict(data)
+
+
+def config_label(spec: str) -> str:
+    """A short name for a config spec in titles and run-folder names: the preset or the file's stem."""
+    from pathlib import Path  # noqa: PLC0415
+
+    return spec if spec in PRESETS else Path(spec).stem

@@ -126,7 +126,9 @@ def load_tokens(tokenizer, data: str = "bundled", split: str = "test"):
     """1-D int64 token ids of ``load_text(data, split)`` under ``tokenizer``."""
     import torch  # noqa: PLC0415
 
-    return torch.tensor(tokenizer(load_text(data, split))["input_ids"], dtype=torch.long)
+    # verbose=False: the whole split is one sequence longer than the model's context, which transformers
+    # warns about; it is cut into windows before any forward, so the warning does not apply
+    return torch.tensor(tokenizer(load_text(data, split), verbose=False)["input_ids"], dtype=torch.long)
 
 
 # -- building ----------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def text_perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, 
     """Perplexity of ``model`` on ``text`` tokenised by ``tokenizer`` (no special tokens added)."""
     if not text:
         raise ValueError("the text is empty")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # windowed before any forward
     return perplexity(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size, max_windows=max_windows)
 
 

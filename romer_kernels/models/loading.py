@@ -31,7 +31,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[nn.Module, object]:
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", progress: bool = False) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` in eval mode; errors name the model and say what went wrong.
 
     ``dtype``: "auto" loads the checkpoint in its own dtype, straight from the file (a bfloat16 checkpoint
@@ -43,6 +43,10 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[nn
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype, None)
     if torch_dtype != "auto" and not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    if not progress:  # transformers' per-file "Loading weights" bar: a second or less for the bundled models
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except ValueError as error:  # transformers: unrecognized configuration class / model type
@@ -50,6 +54,9 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto") -> tuple[nn
     except OSError as error:
         raise FileNotFoundError(f"{name_or_path}: could not load the model ({error}). Without network access "
                                 "only bundled models and local folders work.") from error
+    finally:
+        if not progress:
+            hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
 
