@@ -130,10 +130,7 @@ class Placement:
                              f"(integers), got {experts!r}")
         data["digital"] = tuple(digital)
         data["digital_experts"] = {k: tuple(v) for k, v in experts.items()}
-        allow = data.get("allow_digital", False)
-        if not isinstance(allow, bool) and not (isinstance(allow, list) and all(isinstance(p, str) for p in allow)):
-            raise ValueError(f"Placement.allow_digital must be true/false or a list of parameter-name patterns, got {allow!r}")
-        return cls(**data)
+        return cls(**data)  # __post_init__ checks allow_digital
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -204,8 +201,7 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
     if t_inference is not None and not (float(t_inference) >= 0 and float(t_inference) != float("inf")):
         raise ValueError(f"t_inference must be a finite time in seconds >= 0 or None, got {t_inference!r}")
     placement = placement or Placement()
-    if allow_digital is not None:
-        _check_allow_digital(allow_digital)
+    if allow_digital is not None:  # checked by the Placement it goes into
         placement = dataclasses.replace(placement, allow_digital=allow_digital)
     if any(isinstance(m, AnalogModule) or is_weight_analog(m) for m in model.modules()):
         raise ValueError("model is already analog; convert a fresh copy")
@@ -242,39 +238,34 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
         module = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        if kind == "experts":
-            analog = AnalogExperts.from_experts(module, config, name=name, seed=seed, mvm_noise=mvm_noise,
-                                                digital_experts=placement.digital_experts.get(name, ()))
-        elif kind == "linear":
-            analog = AnalogLinear.from_linear(module, config, seed=seed, layer_id=name, mvm_noise=mvm_noise, copy=False)
-        elif kind == "slices":
-            adapter = make_slices_analog(module, slices[name], config, name=name, seed=seed, mvm_noise=mvm_noise)
-            if t_inference is not None:
-                adapter.program_(seed).drift_(float(t_inference))
-            continue
-        else:
-            if kind in ("tensor", "tensor_t"):
-                adapter = make_weight_analog(module, config, name=weight_name, seed=seed, mvm_noise=mvm_noise,
-                                             transposed=kind == "tensor_t",
-                                             weight=getattr(module, weight_name.rpartition(".")[2]))
-                if t_inference is not None:
-                    adapter.program_(seed).drift_(float(t_inference))
-                continue
-            if kind == "router":
-                weight = model.get_submodule(weight_name).weight if weight_name != name else None
-                adapter = make_router_analog(module, config, name=weight_name, seed=seed, mvm_noise=mvm_noise,
-                                             weight=weight)
+        if kind in ("experts", "linear"):  # a new module takes the digital one's place
+            if kind == "experts":
+                analog = AnalogExperts.from_experts(module, config, name=name, seed=seed, mvm_noise=mvm_noise,
+                                                    digital_experts=placement.digital_experts.get(name, ()))
             else:
-                adapter = make_weight_analog(module, config, name=name, seed=seed, mvm_noise=mvm_noise,
-                                             transposed=kind == "conv1d",
-                                             blocks=module.n_groups if kind == "grouped" else 1)
-            if t_inference is not None:
-                adapter.program_(seed).drift_(float(t_inference))
+                analog = AnalogLinear.from_linear(module, config, seed=seed, layer_id=name, mvm_noise=mvm_noise,
+                                                  copy=False)
+            analog.keep_digital_module(module)
+            setattr(owner, child, analog)
+            del module
+            finish(analog)
             continue
-        analog.keep_digital_module(module)
-        setattr(owner, child, analog)
-        del module
-        finish(analog)
+        # the module keeps its place and forward; an adapter answers the products on its weights
+        if kind == "slices":
+            adapter = make_slices_analog(module, slices[name], config, name=name, seed=seed, mvm_noise=mvm_noise)
+        elif kind in ("tensor", "tensor_t"):
+            adapter = make_weight_analog(module, config, name=weight_name, seed=seed, mvm_noise=mvm_noise,
+                                         transposed=kind == "tensor_t",
+                                         weight=getattr(module, weight_name.rpartition(".")[2]))
+        elif kind == "router":
+            weight = model.get_submodule(weight_name).weight if weight_name != name else None
+            adapter = make_router_analog(module, config, name=weight_name, seed=seed, mvm_noise=mvm_noise,
+                                         weight=weight)
+        else:
+            adapter = make_weight_analog(module, config, name=name, seed=seed, mvm_noise=mvm_noise,
+                                         transposed=kind == "conv1d", blocks=module.n_groups if kind == "grouped" else 1)
+        if t_inference is not None:
+            adapter.program_(seed).drift_(float(t_inference))
     # remembered so that save_analog() can write how to rebuild the same analog model
     model.romer_conversion = {"config": config.to_dict(), "placement": placement.to_dict(), "seed": seed,
                               "mvm_noise": mvm_noise, "keep_digital": keep_digital,
@@ -489,7 +480,8 @@ def _check_allow_digital(allow_digital) -> None:
         return
     if isinstance(allow_digital, str) or not isinstance(allow_digital, (list, tuple)) or \
             not all(isinstance(p, str) for p in allow_digital):
-        raise ValueError(f"allow_digital must be true/false or a list of parameter-name patterns, got {allow_digital!r}")
+        raise ValueError(f"Placement.allow_digital must be true/false or a list of parameter-name patterns, got "
+                         f"{allow_digital!r}")
 
 
 def conversion_kind(module: nn.Module) -> str | None:

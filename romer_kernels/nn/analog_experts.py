@@ -290,16 +290,6 @@ class AnalogExperts(AnalogModule):
         for matrix, weight in self._matrices():
             matrix.ensure_programmed(weight)
 
-    def program_(self, seed: int | None = None) -> "AnalogExperts":
-        for matrix, weight in self._matrices():
-            matrix.program(weight, seed)
-        return self
-
-    def drift_(self, t_inference: float, drift_index: int | None = None) -> "AnalogExperts":
-        for matrix, weight in self._matrices():
-            matrix.drift(weight, t_inference, drift_index)
-        return self
-
     def reset_noise_counter(self) -> None:
         self.forward_calls = 0
 

@@ -150,15 +150,8 @@ class AnalogWeight(AnalogModule):
         return torch.stack([self._mvm(x[g], g) for g in range(self.blocks)])
 
     # -- AnalogModule ---------------------------------------------------------------------------
-    def program_(self, seed: int | None = None) -> "AnalogWeight":
-        for g, matrix in enumerate(self.matrices):
-            matrix.program(self.block_weight(g), seed)
-        return self
-
-    def drift_(self, t_inference: float, drift_index: int | None = None) -> "AnalogWeight":
-        for g, matrix in enumerate(self.matrices):
-            matrix.drift(self.block_weight(g), t_inference, drift_index)
-        return self
+    def _matrices(self):
+        return ((matrix, self.block_weight(g)) for g, matrix in enumerate(self.matrices))
 
     def reset_noise_counter(self) -> None:
         for matrix in self.matrices:
@@ -320,31 +313,21 @@ class AnalogSlices(AnalogModule):
                           call_index=self.forward_calls)
         return y.to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], matrix.out_features)
 
-    def _pairs(self):
+    def _matrices(self):
         for attr, matrices in self.matrices.items():
             for e, matrix in enumerate(matrices):
                 yield matrix, self.slice_weight(attr, e)
-
-    def program_(self, seed: int | None = None) -> "AnalogSlices":
-        for matrix, weight in self._pairs():
-            matrix.program(weight, seed)
-        return self
-
-    def drift_(self, t_inference: float, drift_index: int | None = None) -> "AnalogSlices":
-        for matrix, weight in self._pairs():
-            matrix.drift(weight, t_inference, drift_index)
-        return self
 
     def reset_noise_counter(self) -> None:
         self.forward_calls = 0
 
     def set_mvm_noise(self, enabled: bool) -> None:
-        for matrix, _ in self._pairs():
+        for matrix, _ in self._matrices():
             matrix.mvm_noise = bool(enabled)
 
     @property
     def num_tiles(self) -> int:
-        return sum(matrix.num_tiles for matrix, _ in self._pairs())
+        return sum(matrix.num_tiles for matrix, _ in self._matrices())
 
     @property
     def config(self) -> AnalogConfig:

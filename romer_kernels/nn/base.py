@@ -9,15 +9,24 @@ from torch import nn
 class AnalogModule(nn.Module):
     """A module whose weights live on simulated crossbars (``AnalogLinear``, analog experts, ...)."""
 
-    @abstractmethod
+    def _matrices(self):
+        """``(AnalogMatrix, digital weight [out, in])`` of every analog matrix of the module: what the default
+        ``program_`` and ``drift_`` walk."""
+        raise NotImplementedError(f"{type(self).__name__} must define _matrices() or override program_/drift_")
+
     def program_(self, seed: int | None = None) -> "AnalogModule":
         """Program every crossbar of the module with chip ``seed``."""
+        for matrix, weight in self._matrices():
+            matrix.program(weight, seed)
+        return self
 
-    @abstractmethod
     def drift_(self, t_inference: float, drift_index: int | None = None) -> "AnalogModule":
         """Move every crossbar to ``t_inference`` seconds after programming, with the read noise of drift
         call ``drift_index`` of this programming (default: the next call; 0 = the first call's, so that a
         chip drifted to several times in turn reads each time as a freshly programmed chip would)."""
+        for matrix, weight in self._matrices():
+            matrix.drift(weight, t_inference, drift_index)
+        return self
 
     @abstractmethod
     def reset_noise_counter(self) -> None:
