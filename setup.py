@@ -34,7 +34,8 @@ setup(
     # namespace discovery: the asset folders (data, no __init__.py) are packages too, so setuptools ships
     # them without its "package would be ignored" warning
     packages=find_namespace_packages(include=["romer_kernels", "romer_kernels.*"]),
-    package_data={"romer_kernels": ["assets/corpus/*", "assets/models/*/*", "assets/configs/*.json"]},
+    package_data={"romer_kernels": ["assets/corpus/*", "assets/models/*/*", "assets/configs/*.json",
+                                    "assets/tasks/*/*"]},
     include_package_data=True,
     entry_points={"console_scripts": ["romer = romer_kernels.cli.main:main"]},
     python_requires=">=3.10",
@@ -52,7 +53,10 @@ setup(
         "scipy",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton==3.9.0", "ray>=2.40"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "triton==3.9.0", "ray>=2.40",
+                 "lm_eval>=0.4.9", "accelerate>=0.26"],
+        # downstream task accuracy (romer demo|eval|compare --tasks); tested with lm_eval 0.4.13
+        "lm_eval": ["lm_eval>=0.4.9", "accelerate>=0.26"],
         # distributed Monte Carlo (romer demo|eval|compare --executor ray); tested with 2.60.0
         "ray": ["ray>=2.40"],
     },

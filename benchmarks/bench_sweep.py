@@ -66,7 +66,7 @@ def child(spec: dict) -> dict:
 
     from romer_kernels.config import preset  # noqa: PLC0415
     from romer_kernels.evaluation.executors import LocalExecutor, RayExecutor, peak_rss, run_trials  # noqa: PLC0415
-    from romer_kernels.evaluation.lm_eval import evaluate_lm  # noqa: PLC0415
+    from romer_kernels.evaluation.lm_metrics import evaluate_lm  # noqa: PLC0415
     from romer_kernels.evaluation.montecarlo import ResultsStore, grid  # noqa: PLC0415
     from romer_kernels.evaluation.runner import SweepSettings, Workload  # noqa: PLC0415
     from romer_kernels.nn.model_helpers import drift_analog_, program_analog_  # noqa: PLC0415
@@ -120,12 +120,12 @@ def copy_per_trial(workload, settings):
 
     from romer_kernels.config.scaling import scale_noise  # noqa: PLC0415
     from romer_kernels.evaluation.executors import FunctionSession  # noqa: PLC0415
-    from romer_kernels.evaluation.lm_eval import evaluate_lm  # noqa: PLC0415
+    from romer_kernels.evaluation.lm_metrics import evaluate_lm  # noqa: PLC0415
     from romer_kernels.evaluation.runner import trial_metrics  # noqa: PLC0415
     from romer_kernels.moe.convert import analogize_  # noqa: PLC0415
     from romer_kernels.nn.model_helpers import drift_analog_, program_analog_  # noqa: PLC0415
 
-    model, eval_ids, _ = workload.load()
+    model, eval_ids, *_ = workload.load()
     clean = evaluate_lm(model, eval_ids, **settings.eval_args)
 
     def run_trial(trial):

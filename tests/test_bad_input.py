@@ -8,7 +8,7 @@ from moe_models import build
 from romer_kernels import AnalogLinear
 from romer_kernels.cli import main as cli
 from romer_kernels.config.analog import IOConfig
-from romer_kernels.evaluation.lm_eval import NonFiniteOutput, evaluate_lm
+from romer_kernels.evaluation.lm_metrics import NonFiniteOutput, evaluate_lm
 from romer_kernels.moe.convert import Placement, analogize_
 
 

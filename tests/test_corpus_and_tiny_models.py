@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from romer_kernels.evaluation.corpus import CORPUS_DIR, SPLITS, load_corpus, load_hf_dataset_text
+from romer_kernels.data.corpus import CORPUS_DIR, SPLITS, load_corpus, load_hf_dataset_text
 from romer_kernels.evaluation.perplexity import perplexity, unigram_perplexity
 from romer_kernels.models.tiny import (
     ARCHS,

@@ -86,7 +86,7 @@ def test_model_level_metrics_agree_across_backends():
     from romer_kernels.evaluation.montecarlo import Trial  # noqa: PLC0415
     from romer_kernels.evaluation.runner import SweepSettings, TrialRunner, Workload  # noqa: PLC0415
 
-    model, ids, _ = Workload("tiny-olmoe").load()
+    model, ids, *_ = Workload("tiny-olmoe").load()
     settings_ = SweepSettings(config=preset("rasch2023"), seq_len=128, batch_size=4, max_windows=2)
     trials = [Trial(0, 1.0, 3600.0), Trial(1, 4.0, 3600.0)]
     results = {}

@@ -7,7 +7,7 @@ import torch
 from moe_models import build
 
 from romer_kernels.config import preset
-from romer_kernels.evaluation.lm_eval import evaluate_lm, windows
+from romer_kernels.evaluation.lm_metrics import evaluate_lm, windows
 from romer_kernels.evaluation.executors import FunctionSession, run_trials
 from romer_kernels.evaluation.montecarlo import ResultsStore, Trial, grid, summarize_trials
 from romer_kernels.evaluation.sweep import SweepSettings, noise_sweep

@@ -42,7 +42,7 @@ def test_a_rerun_with_other_settings_is_refused_before_anything_is_written(tmp_p
 
 def test_a_changed_corpus_file_under_the_same_name_is_refused(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
-    from romer_kernels.evaluation.corpus import load_corpus  # noqa: PLC0415
+    from romer_kernels.data.corpus import load_corpus  # noqa: PLC0415
 
     corpus = load_corpus("test")
     text.write_text(corpus[: len(corpus) // 2])
@@ -123,7 +123,7 @@ def test_a_failed_trial_is_stored_with_its_reason_and_in_no_summary(tmp_path, mo
     import torch  # noqa: PLC0415
 
     from romer_kernels.config import preset  # noqa: PLC0415
-    from romer_kernels.evaluation.lm_eval import NonFiniteOutput  # noqa: PLC0415
+    from romer_kernels.evaluation.lm_metrics import NonFiniteOutput  # noqa: PLC0415
     from romer_kernels.evaluation.montecarlo import summarize_trials  # noqa: PLC0415
     from romer_kernels.evaluation.runner import SweepSettings, TrialRunner  # noqa: PLC0415
 

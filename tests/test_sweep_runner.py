@@ -8,7 +8,7 @@ from moe_models import build
 
 from romer_kernels.config import preset
 from romer_kernels.config.scaling import scale_noise
-from romer_kernels.evaluation.lm_eval import evaluate_lm
+from romer_kernels.evaluation.lm_metrics import evaluate_lm
 from romer_kernels.evaluation.montecarlo import grid
 from romer_kernels.evaluation.runner import SweepSettings, TrialRunner, group_trials, trial_metrics
 from romer_kernels.evaluation.variants import VARIANTS, calibration_windows

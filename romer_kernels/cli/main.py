@@ -71,7 +71,17 @@ def _settings(args, placement=None):
 
     return SweepSettings(config=_config(args), placement=placement or Placement(), seeds=tuple(range(args.seeds)),
                          noise_scales=tuple(args.scales), times=tuple(args.times), seq_len=args.seq_len,
-                         batch_size=args.batch_size, max_windows=args.windows)
+                         batch_size=args.batch_size, max_windows=args.windows, tasks=_tasks(args),
+                         task_limit=args.task_limit)
+
+
+def _tasks(args) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
+
+
+def _task_columns(args) -> list[str]:
+    """The task metric shown in the printed tables (accuracy; acc_norm is in the CSV and JSON files)."""
+    return [f"acc:{task}" for task in _tasks(args)]
 
 
 def _fmt(cell, digits=3):
@@ -112,7 +122,7 @@ def _print_failures(failed) -> None:
 
 
 def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
-    from romer_kernels.evaluation.montecarlo import Trial, write_text_atomic  # noqa: PLC0415
+    from romer_kernels.evaluation.montecarlo import Trial  # noqa: PLC0415
     from romer_kernels.evaluation.sweep import noise_sweep, plot_sweep  # noqa: PLC0415
 
     settings = _settings(args, _placement(args))
@@ -126,24 +136,24 @@ def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
     result = noise_sweep(_workload(args, model_name), None, settings, run_dir, on_clean=_print_clean,
                          executor=executor, on_session=lambda session: noisy.update(trace=session.evaluate(worst).trace))
     table = Table(title=f"{model_name} on analog hardware ({_label(args)}), mean ± std over chip seeds")
-    for column in ("noise scale", "t (s)", "n", "PPL", "LIS", "flip rate", "top-k overlap", "KL(noisy‖clean)"):
+    tasks = _task_columns(args)
+    for column in ("noise scale", "t (s)", "n", "PPL", "LIS", "flip rate", "top-k overlap", "KL(noisy‖clean)",
+                   *(task.replace(":", " ") for task in tasks)):
         table.add_column(column, justify="right")
     clean = result.clean
     table.add_row("clean", "-", "1", f"{clean.perplexity:.3f}", f"{clean.routing.lis:.3f}" if clean.routing else "-",
-                  "0", "1", "0")
+                  "0", "1", "0", *(f"{clean.tasks[task]:.3f}" for task in tasks))
     for row in result.table():
         table.add_row(f"{row['noise_scale']:g}", f"{row['t']:g}", str(row["n"]), _fmt(row.get("ppl")),
                       _fmt(row.get("lis")), _fmt(row.get("flip_rate")), _fmt(row.get("overlap")),
-                      _fmt(row.get("kl_to_clean"), 4))
+                      _fmt(row.get("kl_to_clean"), 4), *(_fmt(row.get(task)) for task in tasks))
     console.print(table)
     _print_failures(result.failed)
-    plot = plot_sweep(result, noisy["trace"], run_dir / "sweep.png",
+    plot = plot_sweep(result, noisy["trace"], run_dir / f"sweep.{args.plot_format}",
                       f"{model_name}, {_label(args)}; expert load at noise scale {worst.noise_scale:g}")
-    write_text_atomic(run_dir / "summary.json", json.dumps(
-        {"clean": {"ppl": clean.perplexity, "lis": clean.routing.lis if clean.routing else None},
-         "rows": result.table()}, indent=1))
-    console.print(f"{result.trials_run} trials run now ({len(result.summaries) and 'results in'} "
-                  f"{run_dir / 'results.sqlite'}), plot {plot}, {time.perf_counter() - start:.0f} s")
+    console.print(f"{result.trials_run} trials run now; {run_dir}: results.sqlite (resumable store), results.csv "
+                  f"(one row per trial), summary.json (this table), plot {plot.name}; "
+                  f"{time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -163,6 +173,12 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, run_dir: str) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dtype of the digital weights; auto = the checkpoint's own (a bfloat16 checkpoint "
                              "stays bfloat16, with no float32 copy)")
+    parser.add_argument("--tasks", metavar="TASK[,TASK...]",
+                        help="also score lm-evaluation-harness tasks on the clean model and every chip (pip install "
+                             "'romer_kernels[lm_eval]'), e.g. wiki_cloze (bundled, offline) or hellaswag,arc_easy,piqa "
+                             "(data from the local datasets cache; runs are offline)")
+    parser.add_argument("--task-limit", type=int, help="--tasks: the first N documents of each task (default: all)")
+    parser.add_argument("--plot-format", default="png", choices=["png", "svg"], help="file format of the plot")
     parser.add_argument("--run-dir", default=run_dir)
     parser.add_argument("--executor", default="local", choices=["local", "ray"],
                         help="where the trials run: local = this process (default), ray = Ray workers that each "
@@ -192,7 +208,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from romer_kernels.evaluation.compare import compare_methods, plot_compare  # noqa: PLC0415
-    from romer_kernels.evaluation.montecarlo import write_text_atomic  # noqa: PLC0415
 
     if args.placement:
         raise ValueError("romer compare sets the placement per variant; --placement is not used here")
@@ -209,26 +224,66 @@ def _compare(args: argparse.Namespace) -> int:
     result = compare_methods(_workload(args, args.model, args.calib_split), None, None, settings, tuple(args.variants),
                              run_dir, calib_windows=args.calib_windows, executor=executor)
     table = Table(title=f"{args.model} ({_label(args)}): methods, mean ± std over {args.seeds} chip seeds")
-    for column in ("noise scale", "t (s)", "variant", "n", "PPL", "LIS", "flip rate"):
+    tasks = _task_columns(args)
+    for column in ("noise scale", "t (s)", "variant", "n", "PPL", "LIS", "flip rate",
+                   *(task.replace(":", " ") for task in tasks)):
         table.add_column(column, justify="left" if column == "variant" else "right")
     clean = result.clean
-    table.add_row("-", "-", "clean", "1", f"{clean.perplexity:.3f}", f"{clean.routing.lis:.3f}", "0")
+    table.add_row("-", "-", "clean", "1", f"{clean.perplexity:.3f}", f"{clean.routing.lis:.3f}", "0",
+                  *(f"{clean.tasks[task]:.3f}" for task in tasks))
     by_key: dict[tuple, dict] = {}
     for s in result.summaries:
         by_key.setdefault((s.noise_scale, s.t_inference, args.variants.index(s.variant)
                            if s.variant in args.variants else 99, s.variant), {})[s.metric] = (s.mean, s.std, s.ci_low, s.ci_high)
     for (scale, t, _, variant), metrics in sorted(by_key.items()):
         table.add_row(f"{scale:g}", f"{t:g}", variant, str(args.seeds), _fmt(metrics.get("ppl")), _fmt(metrics.get("lis")),
-                      _fmt(metrics.get("flip_rate")))
+                      _fmt(metrics.get("flip_rate")), *(_fmt(metrics.get(task)) for task in tasks))
     console.print(table)
     _print_failures(result.failed)
-    plot = plot_compare(result, run_dir / "compare.png", f"{args.model}, {_label(args)}")
-    rows = [{"noise_scale": k[0], "t": k[1], "variant": k[3], **{m: v for m, v in metrics.items()}}
-            for k, metrics in sorted(by_key.items())]
-    write_text_atomic(run_dir / "summary.json", json.dumps({"clean": {"ppl": clean.perplexity, "lis": clean.routing.lis},
-                                                      "rows": rows}, indent=1))
-    console.print(f"{result.trials_run} trials run now, results in {run_dir / 'results.sqlite'}, plot {plot}, "
-                  f"{time.perf_counter() - start:.0f} s")
+    plot = plot_compare(result, run_dir / f"compare.{args.plot_format}", f"{args.model}, {_label(args)}")
+    console.print(f"{result.trials_run} trials run now; {run_dir}: results.sqlite, results.csv, summary.json, "
+                  f"plot {plot.name}; {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from romer_kernels.evaluation.sensitivity import plot_sensitivity, sensitivity_sweep, sweep_parts  # noqa: PLC0415
+
+    if args.placement:
+        raise ValueError("romer sensitivity places one part at a time; --placement is not used here")
+    args.windows = args.windows or None
+    run_dir = Path(args.run_dir or f"runs/sensitivity-{Path(args.model).name}-{_label(args)}")
+    categories = tuple(c.strip() for c in args.categories.split(",")) if args.categories else None
+    workload = _workload(args, args.model)
+    parts = sweep_parts(workload, not args.no_per_layer, args.per_expert, categories)
+    settings = _settings(args)
+    executor = _executor(args)
+    console.print(f"[bold]romer sensitivity[/]: {args.model}, preset {_label(args)}, {len(parts)} parts (one analog at "
+                  f"a time, the rest digital) x {args.seeds} chip seeds x scales {args.scales} x t {args.times} s; "
+                  f"run folder {run_dir}, executor {executor.describe()}")
+    start = time.perf_counter()
+    result = sensitivity_sweep(workload, None, settings, run_dir, parts=parts, executor=executor)
+    _print_clean(result.clean)
+    table = Table(title=f"{args.model} ({_label(args)}): one part analog, mean ± std over {args.seeds} chip seeds; "
+                        "increase over clean with its 95 % interval")
+    for column in ("part", "layer", "expert", "noise scale", "t (s)", "n", "PPL", "PPL increase", "LIS increase"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+
+    def increase(cell, digits=2):
+        return "-" if cell is None else f"{cell[0]:+.{digits}f} [{cell[1]:+.{digits}f}, {cell[2]:+.{digits}f}]"
+
+    for row in result.rows():
+        table.add_row(row["category"], "all" if row["layer"] is None else str(row["layer"]),
+                      "-" if row["expert"] is None else str(row["expert"]), f"{row['noise_scale']:g}", f"{row['t']:g}",
+                      str(row["n"]), _fmt(row.get("ppl")), increase(row.get("ppl_increase")),
+                      increase(row.get("lis_increase"), 3))
+    console.print(table)
+    _print_failures(result.failed)
+    has_layers = any(part.layer is not None for part in parts)
+    plot = plot_sensitivity(result, run_dir / f"sensitivity.{args.plot_format}",
+                            f"{args.model}, {_label(args)}") if has_layers else None
+    console.print(f"{result.trials_run} trials run now; {run_dir}: results.sqlite, results.csv, summary.json"
+                  + (f", heatmap {plot.name}" if plot else "") + f"; {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -329,6 +384,15 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    from romer_kernels.evaluation.results import format_summary, format_trials, read_run  # noqa: PLC0415
+
+    record = read_run(args.run_dir)
+    text = format_trials(record.trials, args.format) if args.trials else format_summary(record, args.format)
+    sys.stdout.write(text)
+    return 0
+
+
 def _train_tiny(args: argparse.Namespace) -> int:
     from romer_kernels.models import tiny  # noqa: PLC0415
 
@@ -361,6 +425,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--calib-windows", type=int, default=8)
     _add_sweep_arguments(compare, "")
     compare.set_defaults(func=_compare, seeds=5, scales=[1.0, 2.0])
+
+    from romer_kernels.moe.convert import CATEGORIES  # noqa: PLC0415
+
+    sensitivity = commands.add_parser("sensitivity", help="which part of the model is sensitive: one part analog at a "
+                                                          "time (per category and layer), a table and a heatmap")
+    sensitivity.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name, local folder or hub id")
+    sensitivity.add_argument("--categories", metavar="CAT[,CAT...]",
+                             help=f"module categories to visit (default: every one the model has; of {', '.join(CATEGORIES)})")
+    sensitivity.add_argument("--no-per-layer", action="store_true", help="whole categories only, not per decoder layer")
+    sensitivity.add_argument("--per-expert", action="store_true", help="also every routed expert of every layer alone "
+                             "(for the placement methods)")
+    _add_sweep_arguments(sensitivity, "")
+    sensitivity.set_defaults(func=_sensitivity, scales=[1.0])
 
     info = commands.add_parser("info", help="print which modules of a model are analog, or (--memory) the memory "
                                             "it needs")
@@ -400,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--out", metavar="FILE", help="write the preset as a JSON config file to edit")
     presets.set_defaults(func=_presets)
 
+    results = commands.add_parser("results", help="print a stored run (any run folder) as a table, CSV, JSON or "
+                                                  "Markdown")
+    results.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of romer demo, eval, compare or sensitivity")
+    results.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
+    results.add_argument("--trials", action="store_true", help="one row per trial instead of the summary")
+    results.set_defaults(func=_results)
+
     train = commands.add_parser("train-tiny", help="train a bundled tiny MoE model (see romer train-tiny --help)",
                                 add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
@@ -415,9 +499,15 @@ def main(argv: list[str] | None = None) -> int:
         return tiny.main([a for a in argv[1:] if a != "--"]) or 0
     args = build_parser().parse_args(argv)
     if hasattr(args, "preset"):
-        try:  # a bad config is refused before any model is loaded
+        try:  # a bad config or task list is refused before any model is loaded
             _config(args)
-        except (ValueError, FileNotFoundError) as error:
+            if getattr(args, "tasks", None):
+                from romer_kernels.evaluation.tasks import check_tasks  # noqa: PLC0415
+
+                check_tasks(_tasks(args))
+            if getattr(args, "task_limit", None) is not None and args.task_limit < 1:
+                raise ValueError(f"--task-limit must be a positive number of documents, got {args.task_limit}")
+        except (ValueError, FileNotFoundError, ImportError) as error:
             console.print(f"[red]error:[/] {error}".replace("\n", " "), highlight=False)
             return 2
     try:

@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from romer_kernels.evaluation.executors import LocalExecutor, RayExecutor, run_trials
-from romer_kernels.evaluation.lm_eval import LMEval
+from romer_kernels.evaluation.lm_metrics import LMEval
+from romer_kernels.evaluation.results import write_run_files
 from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, grid, summarize_trials, write_text_atomic
 from romer_kernels.evaluation.runner import SweepSettings, Workload, trial_metrics
 from romer_kernels.evaluation.sweep import errorbar_vs_scale, finish_axis, open_session, save_figure, workload_of
-from romer_kernels.evaluation.variants import DEFAULT_VARIANTS, VARIANTS, Variant, calibration_windows  # noqa: F401
+from romer_kernels.evaluation.variants import (DEFAULT_VARIANTS, VARIANTS, Variant,  # noqa: F401
+                                               calibration_windows, variant_of)
 
 
 @dataclass
@@ -42,13 +44,11 @@ def compare_methods(model: nn.Module | Workload, eval_ids: torch.Tensor | None, 
 
     ``model``: a model object with its ``eval_ids`` / ``calib_ids`` (local executor), or a ``Workload``
     with a ``calib_split`` (any executor)."""
-    unknown = [name for name in variants if name not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    if isinstance(model, Workload) and model.calib_split is None:
-        raise ValueError("compare_methods needs calibration tokens: give the Workload a calib_split")
-    if not isinstance(model, Workload) and calib_ids is None:
-        raise ValueError("compare_methods needs calib_ids")
+    needs_calib = [spec.name for spec in map(variant_of, variants) if spec is not None and spec.needs_calib]
+    if needs_calib and isinstance(model, Workload) and model.calib_split is None:
+        raise ValueError(f"variants {', '.join(needs_calib)} need calibration tokens: give the Workload a calib_split")
+    if needs_calib and not isinstance(model, Workload) and calib_ids is None:
+        raise ValueError(f"variants {', '.join(needs_calib)} need calib_ids")
     workload, model_id, data_id = workload_of(model, eval_ids, calib_ids, model_id, data_id)
     run_dir = Path(run_dir)
     trials = grid(settings.seeds, settings.noise_scales, settings.times, variants)
@@ -64,6 +64,7 @@ def compare_methods(model: nn.Module | Workload, eval_ids: torch.Tensor | None, 
             keys = [trial.key for trial in trials]
             summaries = summarize_trials(store.rows(keys))
             failed = store.failures(keys)
+            write_run_files(run_dir, trial_metrics(clean), summaries)
         finally:
             store.close()
     finally:

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from romer_kernels.evaluation.lm_eval import LMEval
+from romer_kernels.evaluation.lm_metrics import LMEval
 from romer_kernels.evaluation.montecarlo import ResultsStore, Trial
-from romer_kernels.evaluation.runner import SweepSettings, TrialResult, TrialRunner, Workload, group_trials
+from romer_kernels.evaluation.runner import Loaded, SweepSettings, TrialResult, TrialRunner, Workload, group_trials
 
 EXECUTORS = ("local", "ray")
 Result = TrialResult
@@ -45,9 +45,10 @@ class LoadedWorkload:
     model: nn.Module
     eval_ids: torch.Tensor
     calib_ids: torch.Tensor | None = None
+    tokenizer: Any = None      # needed only by downstream tasks (SweepSettings.tasks)
 
-    def load(self) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
-        return self.model, self.eval_ids, self.calib_ids
+    def load(self) -> Loaded:
+        return Loaded(self.model, self.eval_ids, self.calib_ids, self.tokenizer)
 
 
 class Session(Protocol):
@@ -110,8 +111,9 @@ class LocalExecutor:
     name = "local"
 
     def open(self, workload: Workload | LoadedWorkload, settings: SweepSettings, calib_windows: int = 8) -> LocalSession:
-        model, eval_ids, calib_ids = workload.load()
-        return LocalSession(TrialRunner(model, eval_ids, settings, calib_ids, calib_windows))
+        loaded = workload.load()
+        return LocalSession(TrialRunner(loaded.model, loaded.eval_ids, settings, loaded.calib_ids, calib_windows,
+                                        tokenizer=loaded.tokenizer))
 
     def describe(self) -> str:
         return "local (this process)"
@@ -149,13 +151,14 @@ class TrialActor:
     def __init__(self, workload: Workload, settings: SweepSettings, calib_windows: int, threads: int,
                  clean_box: list | None = None) -> None:
         torch.set_num_threads(max(1, threads))
-        model, eval_ids, calib_ids = workload.load()
+        loaded = workload.load()
         clean = None
         if clean_box:  # a list, so that Ray does not wait for the clean result before the model loads
             import ray  # noqa: PLC0415
 
             clean = ray.get(clean_box[0])
-        self.runner = TrialRunner(model, eval_ids, settings, calib_ids, calib_windows, clean=clean)
+        self.runner = TrialRunner(loaded.model, loaded.eval_ids, settings, loaded.calib_ids, calib_windows, clean=clean,
+                                  tokenizer=loaded.tokenizer)
 
     def ready(self) -> int:
         return os.getpid()

@@ -4,7 +4,7 @@ Windows of ``seq_len`` tokens start every ``stride`` tokens (default ``stride = 
 windows). Every token after the first is predicted once, from the context inside its window; the loss is
 the mean negative log-likelihood over all predicted tokens, and the perplexity is its exponential.
 Tokens after the last full window are not scored. The windowing and batching are those of
-``romer_kernels.evaluation.lm_eval.evaluate_lm``, which also reports routing metrics.
+``romer_kernels.evaluation.lm_metrics.evaluate_lm``, which also reports routing metrics.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from romer_kernels.evaluation.lm_eval import evaluate_lm, windows
+from romer_kernels.evaluation.lm_metrics import evaluate_lm, windows
 
 
 def _as_ids(token_ids) -> torch.Tensor:

@@ -27,9 +27,9 @@ from torch import nn
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.scaling import scale_noise
-from romer_kernels.evaluation.lm_eval import LMEval, NonFiniteOutput, evaluate_lm
+from romer_kernels.evaluation.lm_metrics import LMEval, NonFiniteOutput, evaluate_lm
 from romer_kernels.evaluation.montecarlo import Trial
-from romer_kernels.evaluation.variants import VARIANTS, Variant, calibration_windows
+from romer_kernels.evaluation.variants import calibration_windows, variant_of
 from romer_kernels.methods import undo_methods_
 from romer_kernels.moe.convert import Placement, analogize_, check_placement, restore_digital_
 from romer_kernels.nn.model_helpers import drift_analog_, program_analog_, reset_noise_counters
@@ -47,11 +47,21 @@ class SweepSettings:
     seq_len: int = 256
     batch_size: int = 8
     max_windows: int | None = 16
+    tasks: tuple[str, ...] = ()         # lm-eval tasks scored on the clean model and on every chip
+    task_limit: int | None = None       # documents per task (None: all)
+
+    def __post_init__(self) -> None:
+        self.tasks = tuple(self.tasks)
+        if self.task_limit is not None and self.task_limit < 1:
+            raise ValueError(f"task_limit must be a positive number of documents, got {self.task_limit}")
 
     def fingerprint(self, model_id: str, data_id: str) -> dict[str, Any]:
-        return {"model": model_id, "data": data_id, "config": self.config.to_dict(),
-                "placement": self.placement.to_dict(), "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "max_windows": self.max_windows}
+        out = {"model": model_id, "data": data_id, "config": self.config.to_dict(),
+               "placement": self.placement.to_dict(), "seq_len": self.seq_len, "batch_size": self.batch_size,
+               "max_windows": self.max_windows}
+        if self.tasks:  # absent without tasks, so that stores made before tasks existed still resume
+            out |= {"tasks": list(self.tasks), "task_limit": self.task_limit}
+        return out
 
     @property
     def eval_args(self) -> dict[str, Any]:
@@ -68,9 +78,19 @@ class TrialResult(NamedTuple):
     error: str | None = None
 
 
+class Loaded(NamedTuple):
+    """What a workload loads: the model, its evaluation and calibration tokens, its tokenizer (the
+    downstream tasks tokenize their own documents; None where no task runs)."""
+
+    model: nn.Module
+    eval_ids: torch.Tensor
+    calib_ids: torch.Tensor | None
+    tokenizer: Any = None
+
+
 def trial_metrics(result: LMEval) -> dict[str, float]:
     routing = result.routing
-    metrics = {"ppl": result.perplexity, "nll": result.nll}
+    metrics = {"ppl": result.perplexity, "nll": result.nll, **result.tasks}
     if routing is not None:
         metrics.update(lis=routing.lis, cv=routing.cv, entropy=routing.entropy, max_over_mean=routing.max_over_mean)
         for name in ("flip_rate", "overlap", "kl_to_clean"):
@@ -105,9 +125,10 @@ class Workload:
     def data_id(self) -> str:
         return f"{self.data}:{self.split}"
 
-    def load(self) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
-        """(model in eval mode on ``device``, evaluation token ids, calibration token ids or None)."""
-        from romer_kernels.evaluation.corpus import load_tokens  # noqa: PLC0415
+    def load(self) -> Loaded:
+        """The model in eval mode on ``device``, evaluation token ids, calibration token ids or None, and
+        the tokenizer."""
+        from romer_kernels.data.corpus import load_tokens  # noqa: PLC0415
         from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
 
         if self.backend is not None:
@@ -118,7 +139,7 @@ class Workload:
         model, tokenizer = load_model_and_tokenizer(self.model, self.dtype)
         model = model.to(self.device)
         calib = None if self.calib_split is None else load_tokens(tokenizer, self.data, self.calib_split)
-        return model, load_tokens(tokenizer, self.data, self.split), calib
+        return Loaded(model, load_tokens(tokenizer, self.data, self.split), calib, tokenizer)
 
 
 def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
@@ -131,16 +152,6 @@ def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
         flat = tensor.reshape(-1).cpu().contiguous()
         digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
     return digest.hexdigest()
-
-
-def variant_of(name: str) -> Variant | None:
-    """The registered variant ``name``; ``""`` (a plain noise sweep) is None."""
-    if name == "":
-        return None
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}") from None
 
 
 def group_trials(trials: Iterable[Trial]) -> list[list[Trial]]:
@@ -165,14 +176,23 @@ class TrialRunner:
     """
 
     def __init__(self, model: nn.Module, eval_ids: torch.Tensor, settings: SweepSettings,
-                 calib_ids: torch.Tensor | None = None, calib_windows: int = 8, clean: LMEval | None = None) -> None:
+                 calib_ids: torch.Tensor | None = None, calib_windows: int = 8, clean: LMEval | None = None,
+                 tokenizer: Any = None) -> None:
         self.model = model.eval()
         self.eval_ids = eval_ids
         self.settings = settings
+        self.tokenizer = tokenizer
         check_placement(model, settings.placement)  # before any result is stored
+        if settings.tasks:
+            if tokenizer is None:
+                raise ValueError(f"tasks {', '.join(settings.tasks)} need the model's tokenizer (LoadedWorkload(..., "
+                                 "tokenizer=...) or a Workload)")
+            from romer_kernels.evaluation.tasks import check_tasks  # noqa: PLC0415
+
+            check_tasks(settings.tasks)
         self.calib = None if calib_ids is None else calibration_windows(calib_ids, settings.seq_len, calib_windows)
         self.identity = self._identity()  # of the clean model, before any conversion
-        self.clean = clean if clean is not None else evaluate_lm(self.model, eval_ids, **settings.eval_args)
+        self.clean = clean if clean is not None else self._score()
         self._placements: dict[str, Placement] = {}
         self._placement: Placement | None = None       # of the current conversion (None: digital)
         self._programmed: tuple[float, int] | None = None
@@ -188,11 +208,16 @@ class TrialRunner:
 
         state = self.model.state_dict()
         device = next(self.model.parameters()).device
-        return {"weights": tensor_digest(state[name] for name in sorted(state)),
-                "dtype": sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()}),
-                "tokens": tensor_digest([torch.as_tensor(self.eval_ids)]),
-                "calib_tokens": None if self.calib is None else tensor_digest([self.calib]),
-                "backend": resolve_backend(None, device), "version": __version__}
+        out = {"weights": tensor_digest(state[name] for name in sorted(state)),
+               "dtype": sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()}),
+               "tokens": tensor_digest([torch.as_tensor(self.eval_ids)]),
+               "calib_tokens": None if self.calib is None else tensor_digest([self.calib]),
+               "backend": resolve_backend(None, device), "version": __version__}
+        if self.settings.tasks:  # task scores also depend on the harness' version (prompts, metrics)
+            from importlib.metadata import version  # noqa: PLC0415
+
+            out["lm_eval"] = version("lm_eval")
+        return out
 
     def placement(self, variant: str) -> Placement:
         """The placement of ``variant`` (the sweep's own for ``""``), computed once on the clean model."""
@@ -201,7 +226,8 @@ class TrialRunner:
             if spec is None:
                 self._placements[variant] = self.settings.placement
             else:
-                self._require_calib(variant)
+                if spec.needs_calib:
+                    self._require_calib(variant)
                 self._make_digital()  # placement scores read the clean model
                 self._placements[variant] = spec.placement(self.model, self.calib)
         return self._placements[variant]
@@ -246,12 +272,24 @@ class TrialRunner:
             variant.method(self.model, self.calib)
         return self.model
 
+    def _score(self, clean: LMEval | None = None) -> LMEval:
+        """Perplexity and routing of the model as it is now, then the accuracy of each task (the tasks run
+        after the perplexity windows, so a chip's task scores are as reproducible as its PPL)."""
+        result = evaluate_lm(self.model, self.eval_ids, clean=None if clean is None else clean.trace,
+                             **self.settings.eval_args)
+        if self.settings.tasks:
+            from romer_kernels.evaluation.tasks import task_accuracy  # noqa: PLC0415
+
+            result.tasks = task_accuracy(self.model, self.tokenizer, self.settings.tasks, self.settings.task_limit,
+                                         self.settings.batch_size)
+        return result
+
     def evaluate(self, trial: Trial) -> LMEval:
-        """Trial ``trial``'s evaluation, with its routing trace. A non-finite output fails the trial with
-        an error naming it (nothing is stored for it)."""
+        """Trial ``trial``'s evaluation, with its routing trace (and task scores). A non-finite output fails
+        the trial with an error naming it (nothing is stored for it)."""
         self.prepare(trial)
         try:
-            return evaluate_lm(self.model, self.eval_ids, clean=self.clean.trace, **self.settings.eval_args)
+            return self._score(self.clean)
         except NonFiniteOutput as error:
             raise NonFiniteOutput(f"trial {trial.key}: {error}") from None
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from romer_kernels.evaluation.executors import LoadedWorkload, LocalExecutor, RayExecutor, Session, run_trials
-from romer_kernels.evaluation.lm_eval import LMEval
+from romer_kernels.evaluation.lm_metrics import LMEval
+from romer_kernels.evaluation.results import write_run_files
 from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, grid, summarize_trials, write_text_atomic
 from romer_kernels.evaluation.runner import METRICS, SweepSettings, Workload, trial_metrics  # noqa: F401  (API)
 from romer_kernels.moe.routing import RoutingTrace
@@ -95,6 +96,7 @@ def noise_sweep(model: nn.Module | Workload, token_ids: torch.Tensor | None, set
             keys = [trial.key for trial in trials]
             summaries = summarize_trials(store.rows(keys))  # this request's trials only
             failed = store.failures(keys)
+            write_run_files(run_dir, trial_metrics(clean), summaries)
         finally:
             store.close()
     finally:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from romer_kernels.evaluation.lm_eval import windows
+from romer_kernels.evaluation.lm_metrics import windows
 from romer_kernels.methods import RomerConfig, RQConfig, digital_placement, replicate_quantize_, romer_
+from romer_kernels.methods.placement import PART_PREFIX, Part, part_placement
 from romer_kernels.moe.convert import Placement
 
 PlacementFn = Callable[[nn.Module, torch.Tensor], Placement]
@@ -29,6 +30,7 @@ class Variant:
     placement: PlacementFn
     method: MethodFn | None = None
     description: str = ""
+    needs_calib: bool = True      # whether placement or method read calibration tokens
 
 
 def _all_analog(model: nn.Module, calib: torch.Tensor) -> Placement:
@@ -52,8 +54,9 @@ def _rq(model: nn.Module, calib: torch.Tensor) -> None:
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("noisy", _all_analog, None, "everything analog but lm_head, no method"),
-    Variant("dense-digital", _digital(0.0, "maxnn"), None, "attention, shared experts, dense MLPs digital"),
+    Variant("noisy", _all_analog, None, "everything analog but lm_head, no method", needs_calib=False),
+    Variant("dense-digital", _digital(0.0, "maxnn"), None, "attention, shared experts, dense MLPs digital",
+            needs_calib=False),
     Variant("maxnn-12.5", _digital(0.125, "maxnn"), None, "dense digital + top 12.5% experts by MaxNNScore digital"),
     Variant("random-12.5", _digital(0.125, "random"), None, "dense digital + random 12.5% experts digital"),
     Variant("frequency-12.5", _digital(0.125, "frequency"), None, "dense digital + most used 12.5% experts digital"),
@@ -64,6 +67,23 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("maxnn-12.5+romer", _digital(0.125, "maxnn"), _romer("replace", "recalibrate"), "MaxNN placement + ROMER"),
 )}
 DEFAULT_VARIANTS = ("noisy", "maxnn-12.5", "random-12.5", "romer-recal", "romer", "rq")
+
+
+def variant_of(name: str) -> Variant | None:
+    """The variant ``name``: a registered one, or a part of the model (``only:CATEGORY[@LAYER][#EXPERT]``,
+    that part analog and everything else digital, see ``methods.placement.Part``); ``""`` (a plain noise
+    sweep) is None."""
+    if name == "":
+        return None
+    if name.startswith(PART_PREFIX):
+        part = Part.parse(name)
+        return Variant(name, lambda model, calib: part_placement(model, part), None,
+                       f"only {part.category} analog", needs_calib=False)
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}, or a part only:CATEGORY[@LAYER]"
+                         "[#EXPERT]") from None
 
 
 def calibration_windows(token_ids: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:

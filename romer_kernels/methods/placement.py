@@ -12,8 +12,11 @@ converted one alike.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -196,3 +199,110 @@ def digital_fraction(model: nn.Module) -> float:
             module = model.get_submodule(row.module)
             digital += row.parameters * n // module.num_experts
     return digital / total if total else 0.0
+
+
+# -- one part of the model at a time (sensitivity maps) ----------------------------------------------
+PART_PREFIX = "only:"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a model: a module category, optionally in one decoder layer only, optionally one
+    routed expert of that layer only. Its ``name`` (``only:experts@3#5``) is a sweep variant: the model
+    with this part analog and everything else digital (``part_placement``)."""
+
+    category: str
+    layer: int | None = None
+    expert: int | None = None
+
+    def __post_init__(self) -> None:
+        from romer_kernels.moe.convert import CATEGORIES  # noqa: PLC0415
+
+        if self.category not in CATEGORIES:
+            raise ValueError(f"unknown module category {self.category!r}; known: {', '.join(CATEGORIES)}")
+        if self.expert is not None and (self.category != "experts" or self.layer is None):
+            raise ValueError("a single expert is a part of category 'experts' in one layer (only:experts@L#E)")
+        for what, value in (("layer", self.layer), ("expert", self.expert)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"Part.{what} must be a non-negative int, got {value!r}")
+
+    @property
+    def name(self) -> str:
+        layer = "" if self.layer is None else f"@{self.layer}"
+        expert = "" if self.expert is None else f"#{self.expert}"
+        return f"{PART_PREFIX}{self.category}{layer}{expert}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Part":
+        match = re.fullmatch(rf"{PART_PREFIX}([a-z_]+)(?:@(\d+))?(?:#(\d+))?", name)
+        if match is None:
+            raise ValueError(f"{name!r} is not a part name (only:CATEGORY, only:CATEGORY@LAYER or "
+                             "only:experts@LAYER#EXPERT)")
+        category, layer, expert = match.groups()
+        return cls(category, None if layer is None else int(layer), None if expert is None else int(expert))
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, int]:
+    """(name, length) of the model's list of decoder layers: the ``ModuleList`` of
+    ``config.num_hidden_layers`` blocks (the first, outermost, such list)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = getattr(text, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (count is None or len(module) == count):
+            return name, len(module)
+    raise ValueError(f"{type(model).__name__}: no ModuleList of {count} decoder layers found")
+
+
+def part_placement(model: nn.Module, part: Part) -> Placement:
+    """The placement with only ``part`` analog: its category, in its layer when given (the other layers'
+    modules digital), its expert when given (the layer's other experts digital)."""
+    digital: tuple[str, ...] = ()
+    digital_experts: dict[str, tuple[int, ...]] = {}
+    if part.layer is not None:
+        prefix, count = decoder_layers(model)
+        if part.layer >= count:
+            raise ValueError(f"{part.name}: the model has {count} decoder layers (0..{count - 1})")
+        digital = tuple(pattern for j in range(count) if j != part.layer
+                        for pattern in (f"{prefix}.{j}", f"{prefix}.{j}.*"))
+    if part.expert is not None:
+        prefix, _ = decoder_layers(model)
+        layer_experts = {name: module for name, module in routed_experts(model).items()
+                         if name.startswith(f"{prefix}.{part.layer}.")}
+        if not layer_experts:
+            raise ValueError(f"{part.name}: layer {part.layer} has no routed experts")
+        for name, module in layer_experts.items():
+            count = len(_num(module))
+            if part.expert >= count:
+                raise ValueError(f"{part.name}: {name} has {count} experts (0..{count - 1})")
+            digital_experts[name] = tuple(e for e in range(count) if e != part.expert)
+    return dataclasses.replace(Placement.all_digital_except(part.category), digital=digital,
+                               digital_experts=digital_experts)
+
+
+def model_parts(model: nn.Module, per_layer: bool = True, per_expert: bool = False,
+                categories: Iterable[str] | None = None) -> list[Part]:
+    """The parts of ``model`` a sensitivity sweep visits: every category that has a module to convert
+    (whole, and per decoder layer when ``per_layer``; ``lm_head`` is one part), and every routed expert
+    of every layer when ``per_expert``. Works on a meta-device model (no weights needed)."""
+    from romer_kernels.moe.convert import CATEGORIES, conversion_plan  # noqa: PLC0415
+
+    wanted = list(CATEGORIES if categories is None else categories)
+    parts = []
+    for category in wanted:
+        whole = Part(category)
+        if not conversion_plan(model, part_placement(model, whole))[0]:
+            continue                                  # nothing of this category in the model
+        parts.append(whole)
+        if per_layer and category != "lm_head":
+            _, count = decoder_layers(model)
+            parts += [p for p in (Part(category, layer) for layer in range(count))
+                      if conversion_plan(model, part_placement(model, p))[0]]
+    if per_expert:
+        prefix, count = decoder_layers(model)
+        experts = routed_experts(model)
+        for layer in range(count):
+            members = [m for name, m in experts.items() if name.startswith(f"{prefix}.{layer}.")]
+            if members:
+                parts += [Part("experts", layer, e) for e in range(len(_num(members[0])))]
+    return parts

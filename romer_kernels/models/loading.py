@@ -31,11 +31,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", progress: bool = False) -> tuple[nn.Module, object]:
+PROGRESS_BYTES = 1 << 30   # checkpoints from this size on show transformers' loading bar by default
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto",
+                             progress: bool | None = None) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` in eval mode; errors name the model and say what went wrong.
 
     ``dtype``: "auto" loads the checkpoint in its own dtype, straight from the file (a bfloat16 checkpoint
-    never passes through float32); "float32" / "bfloat16" / "float16" load directly into that dtype."""
+    never passes through float32); "float32" / "bfloat16" / "float16" load directly into that dtype.
+    ``progress``: transformers' loading bar (with ETA); by default only for a local checkpoint of at least
+    1 GiB (the bundled models load in well under a second and print nothing)."""
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
@@ -45,6 +51,9 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", progress: b
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
+    if progress is None:
+        folder = Path(path)
+        progress = folder.is_dir() and sum(f.stat().st_size for f in folder.glob("*.safetensors")) >= PROGRESS_BYTES
     if not progress:  # transformers' per-file "Loading weights" bar: a second or less for the bundled models
         hf_logging.disable_progress_bar()
     try:

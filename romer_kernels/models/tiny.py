@@ -251,7 +251,7 @@ def evaluate_tiny(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 256,
                   max_windows: int | None = None, trace: bool = True) -> dict:
     """Perplexity (non-overlapping windows) and, when traced, routing metrics of batches of
     ``batch_size`` x ``seq_len`` tokens: LIS, CV, entropy of the load, router entropy, top-k mass."""
-    from romer_kernels.evaluation.lm_eval import evaluate_lm  # noqa: PLC0415
+    from romer_kernels.evaluation.lm_metrics import evaluate_lm  # noqa: PLC0415
 
     was_training = model.training
     model.eval()
@@ -299,7 +299,7 @@ def train_tiny(arch: str, out_dir: str | Path | None, steps: int = 4000, seq_len
     """
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    from romer_kernels.evaluation.corpus import load_corpus  # noqa: PLC0415
+    from romer_kernels.data.corpus import load_corpus  # noqa: PLC0415
     from romer_kernels.evaluation.perplexity import unigram_perplexity  # noqa: PLC0415
 
     if arch not in ARCHS:

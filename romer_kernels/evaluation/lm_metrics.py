@@ -9,7 +9,7 @@ routing metrics are per batch as the Load-Imbalance Score requires.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ class LMEval:
     tokens: int             # scored tokens
     routing: RoutingSummary | None
     trace: RoutingTrace | None
+    tasks: dict[str, float] = field(default_factory=dict)   # downstream task scores ("acc:TASK"), when run
 
 
 def windows(num_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:

@@ -15,7 +15,7 @@ article title, then one line per paragraph, section heading or list item.
 
 Rebuild the assets (downloads the gensim wheel with pip, without installing it)::
 
-    python -m romer_kernels.evaluation.corpus --rebuild [--source FILE.bz2] [--out DIR]
+    python -m romer_kernels.data.corpus --rebuild [--source FILE.bz2] [--out DIR]
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def load_corpus(split: str = "test", path: str | Path | None = None) -> str:
         if not file.is_file():
             raise FileNotFoundError(
                 f"bundled corpus file {file} is missing; reinstall the package with its data files or run "
-                "`python -m romer_kernels.evaluation.corpus --rebuild`")
+                "`python -m romer_kernels.data.corpus --rebuild`")
     else:
         file = Path(path).expanduser()
         if not file.is_file():
@@ -326,7 +326,7 @@ def _license_text(splits: dict[str, list[Article]], stats: dict[str, dict], dige
         "(`gensim/test/test_data/`). The revisions in it date from 2014-2016.",
         "",
         "**Changes:** the text was converted from wikitext to plain text by",
-        f"`romer_kernels.evaluation.corpus.build_wiki_corpus` with mwparserfromhell {mw_version} (`strip_code()`):",
+        f"`romer_kernels.data.corpus.build_wiki_corpus` with mwparserfromhell {mw_version} (`strip_code()`):",
         "redirects and non-article pages were skipped; templates, references, tables, math, galleries, images and",
         "category / language links were removed; the sections References, External links, See also, Further",
         "reading, Notes (and similar) were dropped; links were replaced by their displayed text. Case and",
@@ -365,7 +365,7 @@ def fetch_source(work_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m romer_kernels.evaluation.corpus",
+    parser = argparse.ArgumentParser(prog="python -m romer_kernels.data.corpus",
                                      description="Show or rebuild the bundled Wikipedia corpus.")
     parser.add_argument("--rebuild", action="store_true", help="regenerate the corpus assets")
     parser.add_argument("--source", type=Path, help=f"local {SOURCE_NAME} (default: pip download gensim 4.4.0)")
