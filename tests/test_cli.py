@@ -8,7 +8,7 @@ from romer_kernels.cli.main import main
 from romer_kernels.models.loading import bundled_models
 
 FAST = ["--seeds", "2", "--scales", "1", "3", "--times", "3600", "--windows", "2", "--seq-len", "64",
-        "--batch-size", "2"]
+        "--batch-size", "2", "--tasks", "none"]
 
 
 def test_presets_and_errors(capsys):

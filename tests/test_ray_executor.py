@@ -98,7 +98,7 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(cluster, loc
     before the end (a round commits its groups within milliseconds of each other)."""
     command = [sys.executable, "-m", "romer_kernels", "demo", "--executor", "ray", "--address", cluster,
                "--workers", "2", "--seeds", "3", "--scales", "1", "4", "--times", "60", "3600", "--seq-len", "128",
-               "--batch-size", "4", "--windows", "2", "--run-dir", str(tmp_path)]
+               "--batch-size", "4", "--windows", "2", "--tasks", "none", "--run-dir", str(tmp_path)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
 
     def stop_after_more_trials(sig: int) -> int:

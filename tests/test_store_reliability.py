@@ -10,7 +10,7 @@ from romer_kernels.cli.main import main
 from romer_kernels.evaluation.executors import FunctionSession, SweepInterrupted, run_trials
 from romer_kernels.evaluation.montecarlo import ResultsStore, StoreError, grid
 
-FAST = ["--seeds", "1", "--scales", "2", "--windows", "1", "--seq-len", "64", "--batch-size", "1"]
+FAST = ["--seeds", "1", "--scales", "2", "--windows", "1", "--seq-len", "64", "--batch-size", "1", "--tasks", "none"]
 
 
 def demo(tmp_path, *extra, capsys=None):

@@ -76,7 +76,18 @@ def _settings(args, placement=None):
 
 
 def _tasks(args) -> tuple[str, ...]:
-    return tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
+    """The --tasks list; ``none`` = no task; ``auto`` (romer demo's default) = the bundled task when
+    lm-evaluation-harness is installed, else none."""
+    text = (args.tasks or "").strip()
+    if text == "auto":
+        import importlib.util  # noqa: PLC0415
+
+        from romer_kernels.evaluation.tasks import BUNDLED_TASKS  # noqa: PLC0415
+
+        return BUNDLED_TASKS if importlib.util.find_spec("lm_eval") is not None else ()
+    if text == "none":
+        return ()
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def _task_columns(args) -> list[str]:
@@ -176,7 +187,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, run_dir: str) -> None:
     parser.add_argument("--tasks", metavar="TASK[,TASK...]",
                         help="also score lm-evaluation-harness tasks on the clean model and every chip (pip install "
                              "'romer_kernels[lm_eval]'), e.g. wiki_cloze (bundled, offline) or hellaswag,arc_easy,piqa "
-                             "(data from the local datasets cache; runs are offline)")
+                             "(data from the local datasets cache; runs are offline); none = no task (romer demo's "
+                             "default, auto, runs wiki_cloze when lm_eval is installed)")
     parser.add_argument("--task-limit", type=int, help="--tasks: the first N documents of each task (default: all)")
     parser.add_argument("--plot-format", default="png", choices=["png", "svg"], help="file format of the plot")
     parser.add_argument("--run-dir", default=run_dir)
@@ -266,8 +278,9 @@ def _sensitivity(args: argparse.Namespace) -> int:
     _print_clean(result.clean)
     table = Table(title=f"{args.model} ({_label(args)}): one part analog, mean ± std over {args.seeds} chip seeds; "
                         "increase over clean with its 95 % interval")
-    for column in ("part", "layer", "expert", "noise scale", "t (s)", "n", "PPL", "PPL increase", "LIS increase"):
-        table.add_column(column, justify="left" if column == "part" else "right")
+    for column in ("analog part", "layer", "expert", "noise scale", "t (s)", "n", "PPL", "PPL increase",
+                   "LIS increase"):
+        table.add_column(column, justify="left" if column == "analog part" else "right")
 
     def increase(cell, digits=2):
         return "-" if cell is None else f"{cell[0]:+.{digits}f} [{cell[1]:+.{digits}f}, {cell[2]:+.{digits}f}]"
@@ -409,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the main job: bundled MoE model, clean vs analog at several noise scales")
     demo.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name, local folder or hub id")
     _add_sweep_arguments(demo, "runs/demo")
-    demo.set_defaults(func=_demo)
+    # the demo shows downstream accuracy too: the bundled task on its first 100 documents (~3 s per chip)
+    demo.set_defaults(func=_demo, tasks="auto", task_limit=100)
 
     evaluate = commands.add_parser("eval", help="the same sweep for any supported model")
     evaluate.add_argument("--model", required=True, help="bundled model name, local folder or hub id")

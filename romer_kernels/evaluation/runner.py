@@ -280,8 +280,7 @@ class TrialRunner:
         if self.settings.tasks:
             from romer_kernels.evaluation.tasks import task_accuracy  # noqa: PLC0415
 
-            result.tasks = task_accuracy(self.model, self.tokenizer, self.settings.tasks, self.settings.task_limit,
-                                         self.settings.batch_size)
+            result.tasks = task_accuracy(self.model, self.tokenizer, self.settings.tasks, self.settings.task_limit)
         return result
 
     def evaluate(self, trial: Trial) -> LMEval:

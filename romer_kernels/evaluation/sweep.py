@@ -105,7 +105,8 @@ def noise_sweep(model: nn.Module | Workload, token_ids: torch.Tensor | None, set
 
 
 def plot_sweep(result: SweepResult, noisy_trace: RoutingTrace | None, path: str | Path, title: str = "") -> Path:
-    """PPL and LIS vs noise scale (mean and 95% interval), and per-layer expert load clean vs noisy."""
+    """PPL, LIS and each task's accuracy vs noise scale (mean and 95% interval), and per-layer expert load
+    clean vs noisy."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -114,11 +115,14 @@ def plot_sweep(result: SweepResult, noisy_trace: RoutingTrace | None, path: str 
     clean_trace = result.clean.trace
     layers = list(clean_trace.layers) if clean_trace is not None else []
     n_rows = 1 + (1 if layers and noisy_trace is not None else 0)
-    fig = plt.figure(figsize=(11, 3.6 * n_rows), constrained_layout=True)
+    fig = plt.figure(figsize=(11 + 4 * sum(name.startswith("acc:") for name in result.clean.tasks), 3.6 * n_rows),
+                     constrained_layout=True)
     top = fig.add_gridspec(n_rows, 1)
-    axes = top[0].subgridspec(1, 2).subplots()
-    for ax, metric, clean_value, label in ((axes[0], "ppl", result.clean.perplexity, "perplexity"),
-                                           (axes[1], "lis", getattr(result.clean.routing, "lis", None), "LIS")):
+    panels = [("ppl", result.clean.perplexity, "perplexity"), ("lis", getattr(result.clean.routing, "lis", None), "LIS")]
+    panels += [(name, value, f"{name.split(':', 1)[1]} accuracy") for name, value in result.clean.tasks.items()
+               if name.startswith("acc:")]
+    axes = top[0].subgridspec(1, len(panels)).subplots()
+    for ax, (metric, clean_value, label) in zip(axes, panels):
         for t in sorted({s.t_inference for s in result.summaries}):
             errorbar_vs_scale(ax, [s for s in result.summaries if s.metric == metric and s.t_inference == t],
                               f"analog, t={t:g}s")

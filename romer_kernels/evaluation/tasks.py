@@ -20,6 +20,7 @@ from romer_kernels.data.cloze import TASKS_DIR
 
 BUNDLED_TASKS = tuple(sorted(path.stem for path in TASKS_DIR.glob("*/*.yaml")))
 TASK_METRICS = ("acc", "acc_norm")
+TASK_BATCH_SIZE = 32   # requests per forward (the documents' contexts are short: larger batches are faster)
 _EXTRA = "pip install 'romer_kernels[lm_eval]' (or pip install lm_eval)"
 
 
@@ -145,7 +146,7 @@ def _harness_model(model: nn.Module, tokenizer, batch_size: int):
         return QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def task_accuracy(model: nn.Module, tokenizer, tasks, limit: int | None = None, batch_size: int = 8,
+def task_accuracy(model: nn.Module, tokenizer, tasks, limit: int | None = None, batch_size: int = TASK_BATCH_SIZE,
                   verbose: bool = False) -> dict[str, float]:
     """``{"acc:TASK": ..., "acc_norm:TASK": ...}`` of ``model`` on each lm-eval task (zero-shot, the first
     ``limit`` documents of each when given). The model is used as it is (analog chips included) and left
