@@ -115,3 +115,10 @@ def test_without_lm_eval_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)   # import lm_eval -> ImportError
     with pytest.raises(ImportError, match=r"romer_kernels\[lm_eval\]"):
         tasks._lm_eval()
+
+
+def test_the_cli_refuses_a_task_without_local_data_before_loading_the_model(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["eval", "--model", "tiny-olmoe", "--tasks", "wiki_cloze,hellaswag", "--run-dir", str(run_dir)]) == 2
+    assert "'hellaswag': its dataset is not in the local datasets cache" in capsys.readouterr().out
+    assert not run_dir.exists()

@@ -516,9 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         try:  # a bad config or task list is refused before any model is loaded
             _config(args)
             if getattr(args, "tasks", None):
-                from romer_kernels.evaluation.tasks import check_tasks  # noqa: PLC0415
+                from romer_kernels.evaluation.tasks import BUNDLED_TASKS, check_tasks, load_task_dict  # noqa: PLC0415
 
                 check_tasks(_tasks(args))
+                # a task whose data is not in the local cache fails now, not after the model loaded
+                load_task_dict(tuple(t for t in _tasks(args) if t not in BUNDLED_TASKS))
             if getattr(args, "task_limit", None) is not None and args.task_limit < 1:
                 raise ValueError(f"--task-limit must be a positive number of documents, got {args.task_limit}")
         except (ValueError, FileNotFoundError, ImportError) as error:
