@@ -56,3 +56,29 @@ def test_the_cli_refuses_a_bad_config_before_loading_anything(tmp_path, capsys):
     assert "IOConfig.out_noise must be in" in capsys.readouterr().out
     assert not run_dir.exists()
     assert main(["presets", "--out", str(tmp_path / "x.json")]) != 0
+
+
+def test_a_json_config_with_overrides_gives_the_sweep_of_the_same_python_config(tmp_path, capsys):
+    import dataclasses
+
+    from romer_kernels.evaluation.results import read_run
+    from romer_kernels.evaluation.runner import SweepSettings, Workload
+    from romer_kernels.evaluation.sweep import noise_sweep
+
+    config_file = tmp_path / "chip.json"
+    assert main(["presets", "rasch2023", "--out", str(config_file)]) == 0
+    data = json.loads(config_file.read_text())
+    data["io"]["out_res"] = 126                                      # an edit in the file ...
+    config_file.write_text(json.dumps(data))
+    assert main(["eval", "--model", "tiny-olmoe", "--preset", str(config_file), "--set", "io.out_noise=0.06",
+                 "noise.prog_noise_scale=1.5", "--seeds", "2", "--scales", "1", "--windows", "2", "--tasks", "none",
+                 "--run-dir", str(tmp_path / "cli")]) == 0          # ... and two on the command line
+    base = preset("rasch2023")
+    config = base.replace(io=dataclasses.replace(base.io, out_res=126, out_noise=0.06),
+                          noise=dataclasses.replace(base.noise, prog_noise_scale=1.5))
+    settings = SweepSettings(config, seeds=(0, 1), noise_scales=(1.0,), max_windows=2)
+    noise_sweep(Workload("tiny-olmoe"), None, settings, tmp_path / "python", progress=False)
+    cli, python = read_run(tmp_path / "cli"), read_run(tmp_path / "python")
+    assert cli.fingerprint["config"] == python.fingerprint["config"] == config.to_dict()
+    assert [row.metrics for row in cli.trials] == [row.metrics for row in python.trials]
+    assert cli.trials[0].metrics["ppl"] != read_run(tmp_path / "python").clean["ppl"]

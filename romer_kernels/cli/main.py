@@ -414,7 +414,8 @@ def _train_tiny(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="romer", description="Analog in-memory-computing simulation for MoE LLMs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error, "
+                        "lm-evaluation-harness' logs and the model loading bar")
     parser.add_argument("--backend", default=None, choices=list(BACKENDS),
                         help="analog MVM backend (default: $ROMER_BACKEND or auto = C++ on CPU, Triton on CUDA)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -434,7 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="clean vs noisy vs noisy + each robustness method")
     compare.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name, local folder or hub id")
-    compare.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
+    compare.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="VARIANT",
+                         help=f"of {', '.join(VARIANTS)}; ROMER stage 1 swept: romer-replace-rN / romer-rN (the N "
+                              "coldest experts per layer replaced), romer-replace-tauX / romer-tauX (cold under X/E); "
+                              "a part alone: only:CATEGORY[@LAYER][#EXPERT] (default: %(default)s)")
     compare.add_argument("--calib-split", default="valid", choices=["train", "valid", "test"])
     compare.add_argument("--calib-windows", type=int, default=8)
     _add_sweep_arguments(compare, "")
@@ -512,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return tiny.main([a for a in argv[1:] if a != "--"]) or 0
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        import os  # noqa: PLC0415
+
+        os.environ["ROMER_VERBOSE"] = "1"   # read by the task runner, also in Ray workers started from here
     if hasattr(args, "preset"):
         try:  # a bad config or task list is refused before any model is loaded
             _config(args)
@@ -521,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
                 check_tasks(_tasks(args))
                 # a task whose data is not in the local cache fails now, not after the model loaded
                 load_task_dict(tuple(t for t in _tasks(args) if t not in BUNDLED_TASKS))
+            if getattr(args, "variants", None):
+                from romer_kernels.evaluation.variants import variant_of  # noqa: PLC0415
+
+                for name in args.variants:
+                    variant_of(name)
             if getattr(args, "task_limit", None) is not None and args.task_limit < 1:
                 raise ValueError(f"--task-limit must be a positive number of documents, got {args.task_limit}")
         except (ValueError, FileNotFoundError, ImportError) as error:

@@ -72,9 +72,12 @@ def check_tasks(tasks) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def _quiet(verbose: bool = False):
-    """lm-eval and datasets log every step at INFO/WARNING; a sweep shows only its own progress."""
+def _quiet(verbose: bool | None = None):
+    """lm-eval and datasets log every step at INFO/WARNING; a sweep shows only its own progress
+    (``verbose``, default ``$ROMER_VERBOSE`` = 1, which ``romer -v`` sets: their logs and bars)."""
     _lm_eval()
+    if verbose is None:
+        verbose = os.environ.get("ROMER_VERBOSE") == "1"
     import functools  # noqa: PLC0415
     from unittest import mock  # noqa: PLC0415
 
@@ -147,7 +150,7 @@ def _harness_model(model: nn.Module, tokenizer, batch_size: int):
 
 
 def task_accuracy(model: nn.Module, tokenizer, tasks, limit: int | None = None, batch_size: int = TASK_BATCH_SIZE,
-                  verbose: bool = False) -> dict[str, float]:
+                  verbose: bool | None = None) -> dict[str, float]:
     """``{"acc:TASK": ..., "acc_norm:TASK": ...}`` of ``model`` on each lm-eval task (zero-shot, the first
     ``limit`` documents of each when given). The model is used as it is (analog chips included) and left
     in eval mode."""
@@ -163,7 +166,7 @@ def task_accuracy(model: nn.Module, tokenizer, tasks, limit: int | None = None, 
     harness = _harness_model(model, tokenizer, batch_size)
     with _quiet(verbose):
         results = evaluate(harness, task_dict, limit=limit, bootstrap_iters=0, log_samples=False,
-                           verbosity="ERROR" if not verbose else "INFO")
+                           verbosity="INFO" if verbose or os.environ.get("ROMER_VERBOSE") == "1" else "ERROR")
     out = {}
     for task in tasks:
         scores = results["results"].get(task, {})

@@ -7,6 +7,7 @@ removes them without any weight having been copied.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,10 +44,29 @@ def _digital(fraction: float, score: str) -> PlacementFn:
     return placement
 
 
-def _romer(*stages: str) -> MethodFn:
+def _romer(*stages: str, **settings) -> MethodFn:
     def method(model: nn.Module, calib: torch.Tensor) -> None:
-        romer_(model, calib, RomerConfig(stages=stages))
+        romer_(model, calib, RomerConfig(stages=stages, **settings))
     return method
+
+
+# ROMER stage 1 swept: romer-replace-r2 (the 2 coldest experts per layer), romer-replace-tau1 (cold below
+# 1/E), and the same with stage 2 (romer-r2, romer-tau1)
+_ROMER_SWEEP = re.compile(r"(romer-replace|romer)-(?:r(\d+)|tau(\d+(?:\.\d+)?))")
+
+
+def _romer_sweep_variant(name: str) -> Variant | None:
+    match = _ROMER_SWEEP.fullmatch(name)
+    if match is None:
+        return None
+    base, budget, tau = match.groups()
+    stages = ("replace",) if base == "romer-replace" else ("replace", "recalibrate")
+    settings = {"replace_budget": int(budget)} if budget is not None else {"tau_under": float(tau)}
+    RomerConfig(stages=stages, **settings)  # a bad value fails here, naming it
+    what = (f"the {budget} coldest experts per layer replaced" if budget is not None
+            else f"experts under {tau}/E replaced (at most 12.5 % per layer)")
+    return Variant(name, _all_analog, _romer(*stages, **settings), f"ROMER stage 1{' + 2' if len(stages) > 1 else ''}: "
+                   + what)
 
 
 def _rq(model: nn.Module, calib: torch.Tensor) -> None:
@@ -75,6 +95,9 @@ def variant_of(name: str) -> Variant | None:
     sweep) is None."""
     if name == "":
         return None
+    swept = _romer_sweep_variant(name)
+    if swept is not None:
+        return swept
     if name.startswith(PART_PREFIX):
         part = Part.parse(name)
         return Variant(name, lambda model, calib: part_placement(model, part), None,
@@ -82,8 +105,9 @@ def variant_of(name: str) -> Variant | None:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}, or a part only:CATEGORY[@LAYER]"
-                         "[#EXPERT]") from None
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}; ROMER stage 1 swept: "
+                         "romer-replace-rN / romer-rN (N coldest experts per layer), romer-replace-tauX / romer-tauX "
+                         "(cold under X/E); a part: only:CATEGORY[@LAYER][#EXPERT]") from None
 
 
 def calibration_windows(token_ids: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:

@@ -53,6 +53,7 @@ class RomerConfig:
     # stage 1
     tau_under: float = 0.25                 # cold: f_e < tau_under / E
     max_replaced_fraction: float = 0.125    # at most floor(fraction * E) replaced per layer
+    replace_budget: int | None = None       # instead: the r coldest experts per layer, whatever their frequency
     mode: str = "average"
     num_donors: int | None = None           # donors per layer; None = one donor per replaced expert
     # stage 2
@@ -77,6 +78,9 @@ class RomerConfig:
             raise ValueError("tau_under must be >= 0 and max_replaced_fraction in [0, 1)")
         if self.num_donors is not None and self.num_donors < 1:
             raise ValueError("num_donors must be positive")
+        if self.replace_budget is not None and (isinstance(self.replace_budget, bool)
+                                                or not isinstance(self.replace_budget, int) or self.replace_budget < 0):
+            raise ValueError(f"replace_budget must be a non-negative int (experts per layer), got {self.replace_budget!r}")
         ps = tuple(float(p) for p in self.percentiles)
         if len(ps) < 2 or any(not 0 <= p <= 100 for p in ps) or len(set(ps)) != len(ps):
             raise ValueError(f"percentiles must be >= 2 distinct values in [0, 100], got {self.percentiles!r}")
@@ -371,14 +375,23 @@ class Replacement:
 
 
 def plan_replacement(frequency: torch.Tensor, tau_under: float = 0.25, max_replaced_fraction: float = 0.125,
-                     num_donors: int | None = None, excluded: set[int] = frozenset()) -> dict[int, int]:
+                     num_donors: int | None = None, excluded: set[int] = frozenset(),
+                     budget: int | None = None) -> dict[int, int]:
     """Cold slot -> donor for one layer: cold = ``f_e < tau_under / E`` (coldest first, at most
-    ``floor(max_replaced_fraction * E)``), donors = the most frequent of the others, paired round-robin
-    (coldest with most frequent). ``excluded``: experts that may be neither (already replaced)."""
+    ``floor(max_replaced_fraction * E)``), or with ``budget`` the ``budget`` coldest whatever their
+    frequency; donors = the most frequent of the others, paired round-robin (coldest with most
+    frequent). ``excluded``: experts that may be neither (already replaced)."""
     frequency = torch.as_tensor(frequency, dtype=torch.float64)
     num_experts = frequency.numel()
-    cap = math.floor(max_replaced_fraction * num_experts + 1e-9)
-    candidates = [e for e in range(num_experts) if e not in excluded and float(frequency[e]) < tau_under / num_experts]
+    free = [e for e in range(num_experts) if e not in excluded]
+    if budget is not None:
+        if budget >= len(free):
+            raise ValueError(f"replace_budget={budget} leaves no donor among the {len(free)} experts of the layer "
+                             "that can still be replaced")
+        candidates, cap = free, budget
+    else:
+        cap = math.floor(max_replaced_fraction * num_experts + 1e-9)
+        candidates = [e for e in free if float(frequency[e]) < tau_under / num_experts]
     cold = sorted(candidates, key=lambda e: (float(frequency[e]), e))[:cap]
     others = sorted((e for e in range(num_experts) if e not in cold and e not in excluded),
                     key=lambda e: (-float(frequency[e]), e))
@@ -434,7 +447,7 @@ def replace_experts_(model: nn.Module, calib_ids: torch.Tensor | None = None, co
         if isinstance(getattr(layer.experts, "dispatch", None), ReplicaDispatch):
             excluded = set(layer.experts.dispatch.dead)
         replaced = plan_replacement(frequency, config.tau_under, config.max_replaced_fraction, config.num_donors,
-                                    excluded)
+                                    excluded, config.replace_budget)
         if replaced:
             apply_replacement_(layer, replaced, config.mode)
         result.append(Replacement(layer.experts_name, layer.router_name, frequency.tolist(), replaced))

@@ -1,6 +1,7 @@
 """Find a model and its tokenizer: a bundled name, a local folder, or a Hugging Face hub id."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from torch import nn
@@ -51,6 +52,8 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto",
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
+    if progress is None and os.environ.get("ROMER_VERBOSE") == "1":
+        progress = True
     if progress is None:
         folder = Path(path)
         progress = folder.is_dir() and sum(f.stat().st_size for f in folder.glob("*.safetensors")) >= PROGRESS_BYTES

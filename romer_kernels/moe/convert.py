@@ -39,6 +39,7 @@ from romer_kernels.nn.analog_weight import (AnalogWeight, is_weight_analog, make
 from romer_kernels.nn.base import AnalogModule
 
 CATEGORIES = ("experts", "shared_experts", "router", "attention", "dense_mlp", "lm_head", "other")
+PROGRESS_PARAMETERS = 10**8   # programming a model this large takes long enough for a progress bar
 _EXPERT_LINEAR = re.compile(r"(^|\.)experts\.(\d+)\.")
 
 
@@ -172,7 +173,8 @@ def categorize(name: str, module: nn.Module, routers: set[str] | None = None) ->
 
 def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, placement: Placement | None = None,
                *, seed: int = 0, mvm_noise: bool = True, t_inference: float | None = None,
-               keep_digital: bool = True, allow_digital: bool | tuple[str, ...] | None = None) -> nn.Module:
+               keep_digital: bool = True, allow_digital: bool | tuple[str, ...] | None = None,
+               progress: bool | None = None) -> nn.Module:
     """Convert ``model`` in place to analog hardware; returns the model.
 
     ``config``: an ``AnalogConfig`` or a preset name. ``placement``: which modules are analog
@@ -193,6 +195,9 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
     each and why, unless ``allow_digital`` lets it stay digital (``True``: any; a list: parameter-name
     fnmatch patterns; ``None``: the placement's ``allow_digital``); those are then listed in
     ``model.romer_conversion["digital_unsupported"]`` and in ``placement_report``. Modules digital by ``placement`` and embedding tables are not counted.
+
+    ``progress``: a progress bar (with ETA) over the modules while ``t_inference`` programs them; by
+    default only from 10^8 weight parameters on (minutes on a CPU), never for the lazy conversion.
 
     Raises ``ValueError`` if nothing was converted, or if a digital override names a module that does
     not exist.
@@ -234,7 +239,13 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
             refused)
     if not plan:
         raise ValueError(f"nothing in {type(model).__name__} was converted: no module matches the placement")
-    for name, kind, weight_name in plan:
+    steps = plan
+    if t_inference is not None and (progress or (progress is None and sum(
+            p.numel() for p in model.parameters() if p.dim() >= 2) >= PROGRESS_PARAMETERS)):
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        steps = tqdm(plan, desc="programming chips", unit="module", leave=False)
+    for name, kind, weight_name in steps:
         module = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model

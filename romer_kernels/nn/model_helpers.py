@@ -27,13 +27,23 @@ def _require_analog(model: nn.Module) -> list[AnalogModule]:
     return layers
 
 
-def program_analog_(model: nn.Module, seed: int, config: "AnalogConfig | None" = None) -> nn.Module:
+def _steps(layers: list, progress: bool, what: str):
+    if not progress:
+        return layers
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(layers, desc=what, unit="module", leave=False)
+
+
+def program_analog_(model: nn.Module, seed: int, config: "AnalogConfig | None" = None,
+                    progress: bool = False) -> nn.Module:
     """Program every analog layer with chip ``seed`` (each layer's own stream comes from its layer_id).
 
     ``config``: program with this configuration from now on (it must tile like the conversion's, e.g.
     ``scale_noise(config, s)``). Every chip is re-programmed in place into the state tensor it already
     holds, so a Monte Carlo re-programs one converted model per trial instead of copying it; the result
-    is the chip a fresh conversion programmed with ``seed`` and ``config`` would be."""
+    is the chip a fresh conversion programmed with ``seed`` and ``config`` would be. ``progress``: a
+    progress bar over the modules (for large models)."""
     layers = _require_analog(model)
     if config is not None:
         for matrix in analog_matrices(model):
@@ -41,17 +51,18 @@ def program_analog_(model: nn.Module, seed: int, config: "AnalogConfig | None" =
         conversion = getattr(model, "romer_conversion", None)
         if isinstance(conversion, dict):
             conversion["config"] = config.to_dict()
-    for layer in layers:
+    for layer in _steps(layers, progress, "programming chips"):
         layer.program_(seed)
     return model
 
 
-def drift_analog_(model: nn.Module, t_inference: float, drift_index: int | None = None) -> nn.Module:
+def drift_analog_(model: nn.Module, t_inference: float, drift_index: int | None = None,
+                  progress: bool = False) -> nn.Module:
     """Move every analog layer to ``t_inference`` seconds after programming, with the read noise of drift
     call ``drift_index`` (default: each chip's next; ``0`` replays the first call's, so drifting one
     programming to several times in turn gives at each time the chip a fresh programming drifted once
     would be)."""
-    for layer in _require_analog(model):
+    for layer in _steps(_require_analog(model), progress, "drifting chips"):
         layer.drift_(t_inference, drift_index)
     return model
 
