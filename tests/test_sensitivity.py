@@ -102,3 +102,13 @@ def test_the_cli_prints_the_table_writes_the_heatmap_and_resumes(tmp_path, capsy
     assert "0 trials run now" in capsys.readouterr().out
     assert main(["sensitivity", "--categories", "bogus", "--run-dir", str(tmp_path / "x")]) == 2
     assert "unknown module category 'bogus'" in capsys.readouterr().out
+
+
+def test_per_expert_parts_print_the_score_correlations_and_their_scatter(tmp_path, capsys):
+    run_dir = tmp_path / "experts"
+    assert main(["sensitivity", "--categories", "experts", "--no-per-layer", "--per-expert", "--seeds", "1",
+                 "--windows", "1", "--tasks", "none", "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "Spearman rank correlation" in out and "MaxNNScore" in out
+    assert "65 trials run now" in out                      # experts whole + 4 layers x 16 experts, 1 seed
+    assert (run_dir / "expert-scores.png").stat().st_size > 10_000 and (run_dir / "sensitivity.png").is_file()

@@ -292,12 +292,39 @@ def _sensitivity(args: argparse.Namespace) -> int:
                       increase(row.get("lis_increase"), 3))
     console.print(table)
     _print_failures(result.failed)
+    if args.per_expert:
+        _print_score_correlations(args, result)
     has_layers = any(part.layer is not None for part in parts)
     plot = plot_sensitivity(result, run_dir / f"sensitivity.{args.plot_format}",
                             f"{args.model}, {_label(args)}") if has_layers else None
     console.print(f"{result.trials_run} trials run now; {run_dir}: results.sqlite, results.csv, summary.json"
                   + (f", heatmap {plot.name}" if plot else "") + f"; {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _print_score_correlations(args, result) -> None:
+    """How well the placement scores predict the measured per-expert sensitivity (Spearman per layer)."""
+    from romer_kernels.evaluation.sensitivity import expert_points, plot_expert_scores, score_correlations  # noqa: PLC0415
+    from romer_kernels.evaluation.variants import calibration_windows  # noqa: PLC0415
+
+    loaded = _workload(args, args.model, "valid").load()          # the digital model, scores read its weights
+    calib = calibration_windows(loaded.calib_ids, args.seq_len, 8)
+    rows = score_correlations(result, loaded.model, calib)
+    plot = plot_expert_scores(expert_points(result, loaded.model, calib), result.run_dir / f"expert-scores.{args.plot_format}",
+                              f"{args.model}: expert scores vs measured sensitivity")
+    table = Table(title="Spearman rank correlation of each expert score with the PPL increase when that expert "
+                        "alone is analog (p-value); > 0: the score ranks sensitive experts first")
+    for column in ("layer", "experts", "MaxNNScore", "frequency (valid split)", "random"):
+        table.add_column(column, justify="right")
+
+    def cell(value):
+        return "-" if value is None else f"{value[0]:+.2f} (p={value[1]:.2f})"
+
+    for row in rows:
+        table.add_row(str(row["layer"]), str(row["experts"]), cell(row.get("maxnn")), cell(row.get("frequency")),
+                      cell(row.get("random")))
+    console.print(table)
+    console.print(f"scatter of scores vs sensitivity: {plot}")
 
 
 def _info(args: argparse.Namespace) -> int:

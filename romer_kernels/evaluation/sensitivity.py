@@ -130,3 +130,73 @@ def plot_sensitivity(result: SensitivityResult, path: str | Path, title: str = "
         fig.colorbar(image, ax=ax, label=f"{metric.upper()} increase over clean (%)")
     subtitle = f"one part analog, the rest digital; noise scale {scale:g}, t = {t:g} s, mean of n = {rows[0]['n']} chips"
     return save_figure(fig, path, f"{title}\n{subtitle}" if title else subtitle)
+
+
+def expert_points(result: SensitivityResult, model: nn.Module, calib_ids: torch.Tensor | None = None,
+                  scores: tuple[str, ...] = ("maxnn", "frequency", "random"), metric: str = "ppl",
+                  seed: int = 0) -> dict[int, dict[str, list[tuple[float, float]]]]:
+    """Per layer and score: (score, measured increase of ``metric``) of every expert of the sweep's
+    per-expert parts (first noise scale and time; mean over chip seeds)."""
+    from romer_kernels.methods.placement import decoder_layers, expert_scores  # noqa: PLC0415
+
+    rows = [r for r in result.rows() if r["expert"] is not None and f"{metric}_increase" in r]
+    if not rows:
+        raise ValueError("the sweep has no per-expert part: run it with per_expert=True")
+    scale, t = rows[0]["noise_scale"], rows[0]["t"]
+    measured: dict[int, dict[int, float]] = {}
+    for r in rows:
+        if r["noise_scale"] == scale and r["t"] == t:
+            measured.setdefault(r["layer"], {})[r["expert"]] = r[f"{metric}_increase"][0]
+    prefix, _ = decoder_layers(model)
+    values = {name: expert_scores(model, name, calib_ids=calib_ids, seed=seed) for name in scores}
+    out: dict[int, dict[str, list[tuple[float, float]]]] = {}
+    for layer, increases in sorted(measured.items()):
+        for name, per_module in values.items():
+            module = next((m for m in per_module if m.startswith(f"{prefix}.{layer}.")), None)
+            if module is not None:
+                out.setdefault(layer, {})[name] = [(float(per_module[module][e]), increases[e]) for e in sorted(increases)]
+    return out
+
+
+def plot_expert_scores(points: dict[int, dict[str, list[tuple[float, float]]]], path: str | Path,
+                       title: str = "") -> Path:
+    """One panel per score: each expert's score (rank within its layer, 0 = lowest) against its measured
+    PPL increase, one colour per layer."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    names = sorted({name for per_layer in points.values() for name in per_layer})
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), constrained_layout=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for layer, per_layer in points.items():
+            pairs = per_layer.get(name, [])
+            order = sorted(range(len(pairs)), key=lambda i: pairs[i][0])
+            ranks = [order.index(i) for i in range(len(pairs))]
+            ax.scatter(ranks, [y for _, y in pairs], s=14, label=f"layer {layer}")
+        ax.axhline(0, color="k", linewidth=0.6)
+        ax.set_xlabel(f"{name} score rank within the layer")
+        ax.set_ylabel("PPL increase, expert alone analog")
+    axes[0][0].legend(fontsize=7)
+    return save_figure(fig, path, title)
+
+
+def score_correlations(result: SensitivityResult, model: nn.Module, calib_ids: torch.Tensor | None = None,
+                       scores: tuple[str, ...] = ("maxnn", "frequency", "random"), metric: str = "ppl",
+                       seed: int = 0) -> list[dict[str, Any]]:
+    """Per decoder layer with per-expert parts: the Spearman rank correlation of each expert score
+    (``methods.placement.expert_scores`` on the digital ``model``; ``frequency`` needs ``calib_ids``)
+    with the measured increase of ``metric`` when that expert alone is analog (mean over chip seeds, the
+    sweep's first noise scale and time). A placement score that predicts sensitivity correlates
+    positively (it keeps the experts digital whose noise costs most)."""
+    from scipy.stats import spearmanr  # noqa: PLC0415
+
+    out = []
+    for layer, per_layer in expert_points(result, model, calib_ids, scores, metric, seed).items():
+        row: dict[str, Any] = {"layer": layer, "experts": len(next(iter(per_layer.values())))}
+        for name, pairs in per_layer.items():
+            rho = spearmanr([x for x, _ in pairs], [y for _, y in pairs])
+            row[name] = (float(rho.statistic), float(rho.pvalue))
+        out.append(row)
+    return out
