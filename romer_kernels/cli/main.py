@@ -235,13 +235,15 @@ def _compare(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = compare_methods(_workload(args, args.model, args.calib_split), None, None, settings, tuple(args.variants),
                              run_dir, calib_windows=args.calib_windows, executor=executor)
-    table = Table(title=f"{args.model} ({_label(args)}): methods, mean ± std over {args.seeds} chip seeds")
+    table = Table(title=f"{args.model} ({_label(args)}): methods, mean ± std over {args.seeds} chip seeds; LIS of the "
+                        "router's top-k and of the crossbars (after copies / replicas share an expert's tokens)")
     tasks = _task_columns(args)
-    for column in ("noise scale", "t (s)", "variant", "n", "PPL", "LIS", "flip rate",
+    for column in ("noise scale", "t (s)", "variant", "n", "PPL", "LIS", "crossbar LIS", "flip rate",
                    *(task.replace(":", " ") for task in tasks)):
         table.add_column(column, justify="left" if column == "variant" else "right")
     clean = result.clean
-    table.add_row("-", "-", "clean", "1", f"{clean.perplexity:.3f}", f"{clean.routing.lis:.3f}", "0",
+    table.add_row("-", "-", "clean", "1", f"{clean.perplexity:.3f}", f"{clean.routing.lis:.3f}",
+                  "-" if clean.crossbar_lis is None else f"{clean.crossbar_lis:.3f}", "0",
                   *(f"{clean.tasks[task]:.3f}" for task in tasks))
     by_key: dict[tuple, dict] = {}
     for s in result.summaries:
@@ -249,7 +251,8 @@ def _compare(args: argparse.Namespace) -> int:
                            if s.variant in args.variants else 99, s.variant), {})[s.metric] = (s.mean, s.std, s.ci_low, s.ci_high)
     for (scale, t, _, variant), metrics in sorted(by_key.items()):
         table.add_row(f"{scale:g}", f"{t:g}", variant, str(args.seeds), _fmt(metrics.get("ppl")), _fmt(metrics.get("lis")),
-                      _fmt(metrics.get("flip_rate")), *(_fmt(metrics.get(task)) for task in tasks))
+                      _fmt(metrics.get("crossbar_lis")), _fmt(metrics.get("flip_rate")),
+                      *(_fmt(metrics.get(task)) for task in tasks))
     console.print(table)
     _print_failures(result.failed)
     plot = plot_compare(result, run_dir / f"compare.{args.plot_format}", f"{args.model}, {_label(args)}")

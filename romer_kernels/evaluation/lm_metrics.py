@@ -31,6 +31,7 @@ class LMEval:
     routing: RoutingSummary | None
     trace: RoutingTrace | None
     tasks: dict[str, float] = field(default_factory=dict)   # downstream task scores ("acc:TASK"), when run
+    crossbar_lis: float | None = None   # LIS of the crossbar slots after dispatch hooks (set by the trial runner)
 
 
 def windows(num_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:

@@ -26,7 +26,7 @@ from romer_kernels.evaluation.montecarlo import Summary, Trial, summarize_trials
 
 FORMATS = ("table", "csv", "json", "markdown")
 # the metrics shown first, in this order; any other stored metric (task scores, ...) follows by name
-LEAD_METRICS = ("ppl", "lis", "flip_rate", "overlap", "kl_to_clean")
+LEAD_METRICS = ("ppl", "lis", "crossbar_lis", "flip_rate", "overlap", "kl_to_clean")
 
 
 @dataclass

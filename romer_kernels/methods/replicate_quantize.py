@@ -130,16 +130,31 @@ def _slot_counts(experts: nn.Module, index: torch.Tensor, slots: int) -> torch.T
 def crossbar_lis(model: nn.Module, stats) -> float:
     """LIS of the crossbar slots: ``E * max_slot n_slot / (n k)`` per layer and batch (E = the router's
     experts, so replicas lower it by sharing load), mean over batches and layers."""
+    return slot_lis(model, {name: (s.num_experts, s.batch_indices) for name, s in stats.items()})
+
+
+def slot_lis(model: nn.Module, routed: dict[str, tuple[int, list[torch.Tensor]]]) -> float:
+    """``crossbar_lis`` from the router's top-k index of each batch (``{router name: (E, [index per
+    batch])}``, e.g. from a routing trace): the tokens each crossbar slot computes after the experts'
+    dispatch (ROMER copies, R&Q replicas), ``E * max_slot n_slot / (n k)``, mean over batches and layers."""
+    from romer_kernels.moe.structure import moe_blocks  # noqa: PLC0415
+
     per_layer = []
-    for layer in moe_layers(model):
-        experts = layer.experts
+    for block in moe_blocks(model):
+        if block.router not in routed:
+            continue
+        num_experts, indices = routed[block.router]
+        experts = model.get_submodule(block.experts)
         extra = getattr(experts, "extra_experts", None)
-        slots = layer.num_experts + (extra.num_experts if extra is not None else 0)
+        slots = num_experts + (extra.num_experts if extra is not None else 0)
         batches = []
-        for index in stats[layer.router_name].batch_indices:
+        for index in indices:
             counts = _slot_counts(experts, index, slots)
-            batches.append(layer.num_experts * float(counts.max()) / index.numel())
-        per_layer.append(sum(batches) / len(batches))
+            batches.append(num_experts * float(counts.max()) / index.numel())
+        if batches:
+            per_layer.append(sum(batches) / len(batches))
+    if not per_layer:
+        raise ValueError("no routed batch of any MoE layer to count")
     return sum(per_layer) / len(per_layer)
 
 
