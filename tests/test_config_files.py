@@ -82,3 +82,15 @@ def test_a_json_config_with_overrides_gives_the_sweep_of_the_same_python_config(
     assert cli.fingerprint["config"] == python.fingerprint["config"] == config.to_dict()
     assert [row.metrics for row in cli.trials] == [row.metrics for row in python.trials]
     assert cli.trials[0].metrics["ppl"] != read_run(tmp_path / "python").clean["ppl"]
+
+
+def test_reram_times_outside_its_fit_are_refused_before_anything_runs(tmp_path, capsys):
+    from romer_kernels.evaluation.runner import SweepSettings
+
+    run_dir = tmp_path / "run"
+    assert main(["demo", "--preset", "rasch2023-reram", "--run-dir", str(run_dir)]) == 2    # default t = 1 h
+    assert "fitted only at t = 1, 86400, 172800 s" in capsys.readouterr().out
+    assert not run_dir.exists()
+    with pytest.raises(ValueError, match="use --times 1 86400 172800"):
+        SweepSettings(preset("rasch2023-reram"), times=(1.0, 60.0))
+    SweepSettings(preset("rasch2023-reram"), times=(1.0, 86400.0, 172800.0))  # the fitted ones are fine

@@ -559,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                 check_tasks(_tasks(args))
                 # a task whose data is not in the local cache fails now, not after the model loaded
                 load_task_dict(tuple(t for t in _tasks(args) if t not in BUNDLED_TASKS))
+            if getattr(args, "times", None) is not None:
+                _settings(args)        # options that contradict the config (e.g. ReRAM times) fail here
             if getattr(args, "variants", None):
                 from romer_kernels.evaluation.variants import variant_of  # noqa: PLC0415
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Callable
 
 from romer_kernels.config.analog import AnalogConfig, DriftCompensationConfig, IOConfig, MappingConfig, TileConfig
-from romer_kernels.config.device_noise import GaussianNoiseConfig, PCMNoiseConfig
+from romer_kernels.config.device_noise import (GaussianNoiseConfig, HermesNoiseConfig, PCMNoiseConfig,
+                                               ReRamWan2022NoiseConfig)
 
 
 def ideal() -> AnalogConfig:
@@ -44,6 +45,18 @@ def rasch2023() -> AnalogConfig:
     )
 
 
+def rasch2023_hermes() -> AnalogConfig:
+    """``rasch2023``'s periphery with HERMES PCM devices (aihwkit ``HermesNoiseModel``, 2 devices per
+    weight, Le Gallo et al. 2023) instead of the PCM-like model; global drift compensation."""
+    return rasch2023().replace(noise=HermesNoiseConfig())
+
+
+def rasch2023_reram() -> AnalogConfig:
+    """``rasch2023``'s periphery with ReRAM devices (aihwkit ``ReRamWan2022NoiseModel``, Wan et al. 2022):
+    readable only at t = 1 s, 1 day and 2 days (the fitted times); global drift compensation."""
+    return rasch2023().replace(noise=ReRamWan2022NoiseConfig())
+
+
 def lightning_8bit(prog_noise_scale: float = 1.0) -> AnalogConfig:
     """aihwkit-lightning-style inference: 512x512 tiles, 8-bit DAC with per-vector abs-max input range,
     8-bit ADC over +-10 (in units of the column's w_max), PCM programming noise scaled by
@@ -73,6 +86,8 @@ PRESETS: dict[str, Callable[[], AnalogConfig]] = {
     "ideal": ideal,
     "aihwkit-default": aihwkit_default,
     "rasch2023": rasch2023,
+    "rasch2023-hermes": rasch2023_hermes,
+    "rasch2023-reram": rasch2023_reram,
     "lightning-8bit": lightning_8bit,
     "gaussian-chip": gaussian_chip,
 }

@@ -54,6 +54,14 @@ class SweepSettings:
         self.tasks = tuple(self.tasks)
         if self.task_limit is not None and self.task_limit < 1:
             raise ValueError(f"task_limit must be a positive number of documents, got {self.task_limit}")
+        fitted = getattr(self.config.noise, "FITTED_TIMES", None)
+        if fitted is not None:  # a device model characterised at a few times only (ReRAM, Wan 2022)
+            other = [t for t in self.times if float(t) not in fitted]
+            if other:
+                raise ValueError(f"the {self.config.noise.kind} device model is fitted only at t = "
+                                 f"{', '.join(f'{t:g}' for t in fitted)} s (1 s, 1 day, 2 days); the sweep asks for "
+                                 f"t = {', '.join(f'{float(t):g}' for t in other)} s: use --times "
+                                 f"{' '.join(f'{t:g}' for t in fitted)}")
 
     def fingerprint(self, model_id: str, data_id: str) -> dict[str, Any]:
         out = {"model": model_id, "data": data_id, "config": self.config.to_dict(),
