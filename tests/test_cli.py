@@ -76,3 +76,18 @@ def test_train_tiny_hands_all_arguments_to_its_own_parser(capsys):
     with pytest.raises(SystemExit) as failed:
         main(["train-tiny", "--arch", "tiny-mixtral"])
     assert failed.value.code == 2
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--scales", "1", "-1"], "--scales must be finite and >= 0, got -1"),
+    (["--windows", "-1"], "--windows must be at least 0"),
+    (["--times", "-5"], "--times must be finite and >= 0"),
+    (["--variants", "noisy", "romer-replace-rx"], "unknown variant 'romer-replace-rx'"),
+])
+def test_bad_sweep_options_are_refused_before_any_loading(option, message, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    command = "compare" if option[0] == "--variants" else "demo"
+    assert main([command, *option, "--run-dir", str(run_dir)]) == 2
+    assert message in capsys.readouterr().out
+    assert not run_dir.exists()

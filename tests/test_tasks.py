@@ -98,7 +98,7 @@ def test_unknown_tasks_and_bad_limits_are_refused_before_any_loading(tmp_path, c
     assert main(["demo", "--tasks", "wiki_clozee", "--run-dir", str(run_dir)]) == 2
     assert "unknown lm-eval task(s) wiki_clozee" in capsys.readouterr().out
     assert main(["demo", "--tasks", "wiki_cloze", "--task-limit", "0", "--run-dir", str(run_dir)]) == 2
-    assert "--task-limit must be a positive" in capsys.readouterr().out
+    assert "--task-limit must be at least 1 (documents per task), got 0" in capsys.readouterr().out
     assert not run_dir.exists()
     with pytest.raises(ValueError, match="named twice"):
         check_tasks(["wiki_cloze", "wiki_cloze"])

@@ -126,6 +126,17 @@ def _print_clean(clean) -> None:
     console.print(f"clean: PPL {clean.perplexity:.2f}{routing} on {clean.tokens} scored tokens")
 
 
+def _change(cell) -> str:
+    """A paired relative change with its interval; * when the interval excludes 0 (beyond the seed spread)."""
+    if cell is None:
+        return "-"
+    change, low, high, n = cell
+    if n < 2:
+        return f"{100 * change:+.1f} %"
+    star = " *" if low > 0 or high < 0 else ""
+    return f"{100 * change:+.1f} % [{100 * low:+.1f}, {100 * high:+.1f}]{star}"
+
+
 def _print_failures(failed) -> None:
     if failed:
         console.print(f"[yellow]{len(failed)} trial(s) failed and are in no row above[/]; the first: "
@@ -236,13 +247,17 @@ def _compare(args: argparse.Namespace) -> int:
     result = compare_methods(_workload(args, args.model, args.calib_split), None, None, settings, tuple(args.variants),
                              run_dir, calib_windows=args.calib_windows, executor=executor)
     table = Table(title=f"{args.model} ({_label(args)}): methods, mean ± std over {args.seeds} chip seeds; LIS of the "
-                        "router's top-k and of the crossbars (after copies / replicas share an expert's tokens)")
+                        "router's top-k and of the crossbars (after copies / replicas share an expert's tokens); "
+                        "PPL vs noisy: change on the same chips, 95 % t-interval on log PPL, * = beyond the seed spread")
     tasks = _task_columns(args)
-    for column in ("noise scale", "t (s)", "variant", "n", "PPL", "LIS", "crossbar LIS", "flip rate",
-                   *(task.replace(":", " ") for task in tasks)):
+    from romer_kernels.evaluation.compare import paired_change  # noqa: PLC0415
+
+    change = paired_change(result.rows) if "noisy" in args.variants else {}
+    for column in ("noise scale", "t (s)", "variant", "n", "PPL", "PPL vs noisy (95 % CI, paired)", "LIS",
+                   "crossbar LIS", "flip rate", *(task.replace(":", " ") for task in tasks)):
         table.add_column(column, justify="left" if column == "variant" else "right")
     clean = result.clean
-    table.add_row("-", "-", "clean", "1", f"{clean.perplexity:.3f}", f"{clean.routing.lis:.3f}",
+    table.add_row("-", "-", "clean", "1", f"{clean.perplexity:.3f}", "-", f"{clean.routing.lis:.3f}",
                   "-" if clean.crossbar_lis is None else f"{clean.crossbar_lis:.3f}", "0",
                   *(f"{clean.tasks[task]:.3f}" for task in tasks))
     by_key: dict[tuple, dict] = {}
@@ -250,7 +265,8 @@ def _compare(args: argparse.Namespace) -> int:
         by_key.setdefault((s.noise_scale, s.t_inference, args.variants.index(s.variant)
                            if s.variant in args.variants else 99, s.variant), {})[s.metric] = (s.mean, s.std, s.ci_low, s.ci_high)
     for (scale, t, _, variant), metrics in sorted(by_key.items()):
-        table.add_row(f"{scale:g}", f"{t:g}", variant, str(args.seeds), _fmt(metrics.get("ppl")), _fmt(metrics.get("lis")),
+        table.add_row(f"{scale:g}", f"{t:g}", variant, str(args.seeds), _fmt(metrics.get("ppl")),
+                      _change(change.get((scale, t, variant))), _fmt(metrics.get("lis")),
                       _fmt(metrics.get("crossbar_lis")), _fmt(metrics.get("flip_rate")),
                       *(_fmt(metrics.get(task)) for task in tasks))
     console.print(table)
@@ -400,10 +416,12 @@ def _layers(args: argparse.Namespace) -> int:
         rows = layer_error_table({name: name for name in names}, args.in_features, args.out_features, args.batch,
                                  args.seeds, args.t)
     table = Table(title="Output error and cost of one analog layer per preset")
-    for column in ("preset", "rel. error (mean ± std)", "forward ms", "nn.Linear ms", "slowdown", "program+drift ms"):
+    for column in ("preset", "t (s)", "rel. error (mean ± std)", "forward ms", "nn.Linear ms", "slowdown",
+                   "program+drift ms"):
         table.add_column(column, justify="left" if column == "preset" else "right")
     for row in rows:
-        table.add_row(row.name, f"{row.error_mean:.4f} ± {row.error_std:.4f}", f"{row.forward_ms:.2f}",
+        table.add_row(row.name, f"{row.t_inference:g}" + (" (nearest fitted)" if row.t_inference != args.t else ""),
+                      f"{row.error_mean:.4f} ± {row.error_std:.4f}", f"{row.forward_ms:.2f}",
                       f"{row.digital_ms:.2f}", f"{row.slowdown:.1f}x", f"{row.program_drift_ms:.1f}")
     console.print(table)
     return 0
@@ -440,6 +458,37 @@ def _train_tiny(args: argparse.Namespace) -> int:
     from romer_kernels.models import tiny  # noqa: PLC0415
 
     return tiny.main(args.rest) or 0
+
+
+def _check_options(args) -> None:
+    """Every option that can be checked without the model, in the order a user reads them: the config,
+    the sweep's numbers, the tasks (named and with local data), the variants, then the settings as a whole
+    (options that contradict the config, e.g. ReRAM read times)."""
+    _config(args)
+    for flag, value, least in (("--seeds", getattr(args, "seeds", None), 1),
+                               ("--windows", getattr(args, "windows", None), 0),
+                               ("--task-limit", getattr(args, "task_limit", None), 1)):
+        if value is not None and value < least:
+            meaning = {"--seeds": "chip seeds", "--windows": "windows (0 = all)",
+                       "--task-limit": "documents per task"}[flag]
+            raise ValueError(f"{flag} must be at least {least} ({meaning}), got {value}")
+    for flag in ("scales", "times"):
+        bad = [v for v in getattr(args, flag, None) or () if not v >= 0 or v == float("inf")]
+        if bad:
+            raise ValueError(f"--{flag} must be finite and >= 0, got {', '.join(f'{v:g}' for v in bad)}")
+    if getattr(args, "tasks", None):
+        from romer_kernels.evaluation.tasks import BUNDLED_TASKS, check_tasks, load_task_dict  # noqa: PLC0415
+
+        check_tasks(_tasks(args))
+        # a task whose data is not in the local cache fails now, not after the model loaded
+        load_task_dict(tuple(t for t in _tasks(args) if t not in BUNDLED_TASKS))
+    if getattr(args, "variants", None):
+        from romer_kernels.evaluation.variants import variant_of  # noqa: PLC0415
+
+        for name in args.variants:
+            variant_of(name)
+    if getattr(args, "times", None) is not None:
+        _settings(args)        # options that contradict the config (e.g. ReRAM read times) fail here
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -551,23 +600,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ["ROMER_VERBOSE"] = "1"   # read by the task runner, also in Ray workers started from here
     if hasattr(args, "preset"):
-        try:  # a bad config or task list is refused before any model is loaded
-            _config(args)
-            if getattr(args, "tasks", None):
-                from romer_kernels.evaluation.tasks import BUNDLED_TASKS, check_tasks, load_task_dict  # noqa: PLC0415
-
-                check_tasks(_tasks(args))
-                # a task whose data is not in the local cache fails now, not after the model loaded
-                load_task_dict(tuple(t for t in _tasks(args) if t not in BUNDLED_TASKS))
-            if getattr(args, "times", None) is not None:
-                _settings(args)        # options that contradict the config (e.g. ReRAM times) fail here
-            if getattr(args, "variants", None):
-                from romer_kernels.evaluation.variants import variant_of  # noqa: PLC0415
-
-                for name in args.variants:
-                    variant_of(name)
-            if getattr(args, "task_limit", None) is not None and args.task_limit < 1:
-                raise ValueError(f"--task-limit must be a positive number of documents, got {args.task_limit}")
+        try:  # a bad config, option or task list is refused before any model is loaded
+            _check_options(args)
         except (ValueError, FileNotFoundError, ImportError) as error:
             console.print(f"[red]error:[/] {error}".replace("\n", " "), highlight=False)
             return 2

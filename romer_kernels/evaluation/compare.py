@@ -11,16 +11,19 @@ themselves are in ``variants``.
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from scipy import stats
 from torch import nn
 
 from romer_kernels.evaluation.executors import LocalExecutor, RayExecutor, run_trials
 from romer_kernels.evaluation.lm_metrics import LMEval
 from romer_kernels.evaluation.results import write_run_files
-from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, grid, summarize_trials, write_text_atomic
+from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, Trial, grid, summarize_trials, write_text_atomic
 from romer_kernels.evaluation.runner import SweepSettings, Workload, trial_metrics
 from romer_kernels.evaluation.sweep import errorbar_vs_scale, finish_axis, open_session, save_figure, workload_of
 from romer_kernels.evaluation.variants import (DEFAULT_VARIANTS, VARIANTS, Variant,  # noqa: F401
@@ -34,6 +37,7 @@ class CompareResult:
     run_dir: Path
     trials_run: int
     failed: list = field(default_factory=list)   # (Trial, reason) of this request's failed trials
+    rows: list = field(default_factory=list)     # (Trial, metrics) of this request's trials, for paired statistics
 
 
 def compare_methods(model: nn.Module | Workload, eval_ids: torch.Tensor | None, calib_ids: torch.Tensor | None,
@@ -62,14 +66,15 @@ def compare_methods(model: nn.Module | Workload, eval_ids: torch.Tensor | None, 
             write_text_atomic(run_dir / "clean.json", json.dumps(trial_metrics(clean), indent=1))
             ran = run_trials(store, trials, session, progress=progress)
             keys = [trial.key for trial in trials]
-            summaries = summarize_trials(store.rows(keys))
+            rows = store.rows(keys)
+            summaries = summarize_trials(rows)
             failed = store.failures(keys)
             write_run_files(run_dir, trial_metrics(clean), summaries)
         finally:
             store.close()
     finally:
         session.close()
-    return CompareResult(clean, summaries, run_dir, ran, failed)
+    return CompareResult(clean, summaries, run_dir, ran, failed, rows)
 
 
 def plot_compare(result: CompareResult, path: str | Path, title: str = "") -> Path:
@@ -88,3 +93,30 @@ def plot_compare(result: CompareResult, path: str | Path, title: str = "") -> Pa
         finish_axis(ax, clean_values[metric], label)
     axes[0].legend(fontsize=8)
     return save_figure(fig, path, title)
+
+
+def paired_change(rows: list[tuple[Trial, dict[str, float]]], baseline: str = "noisy", metric: str = "nll",
+                  confidence: float = 0.95) -> dict[tuple[float, float, str], tuple[float, float, float, int]]:
+    """Per (noise scale, time, variant): the change of PPL against ``baseline`` on the same chips (seeds),
+    as a relative change ``exp(mean d) - 1`` with its Student-t interval, where ``d`` is the per-seed
+    difference of the mean NLL (= log PPL, so the interval is computed on the log scale and mapped back)
+    -- ``(change, low, high, n pairs)``. Variants and baseline pair by seed; unpaired seeds are skipped."""
+    by_key: dict[tuple[float, float, str], dict[int, float]] = {}
+    for trial, metrics in rows:
+        if metric in metrics:
+            by_key.setdefault((trial.noise_scale, trial.t_inference, trial.variant), {})[trial.seed] = metrics[metric]
+    out = {}
+    for (scale, t, variant), values in by_key.items():
+        base = by_key.get((scale, t, baseline))
+        if variant == baseline or base is None:
+            continue
+        diffs = [values[seed] - base[seed] for seed in sorted(values) if seed in base]
+        if not diffs:
+            continue
+        mean = statistics.fmean(diffs)
+        if len(diffs) > 1:
+            half = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        else:
+            half = math.nan
+        out[(scale, t, variant)] = (math.expm1(mean), math.expm1(mean - half), math.expm1(mean + half), len(diffs))
+    return out

@@ -31,7 +31,7 @@ class LMEval:
     routing: RoutingSummary | None
     trace: RoutingTrace | None
     tasks: dict[str, float] = field(default_factory=dict)   # downstream task scores ("acc:TASK"), when run
-    crossbar_lis: float | None = None   # LIS of the crossbar slots after dispatch hooks (set by the trial runner)
+    crossbar_lis: float | None = None   # LIS of the tokens each crossbar slot computes (after dispatch hooks)
 
 
 def windows(num_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
@@ -95,7 +95,21 @@ def evaluate_lm(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 256, s
     else:
         run(None)
     mean_nll = total_nll / total_tokens
-    return LMEval(math.exp(mean_nll), mean_nll, total_tokens, summary, recorded)
+    return LMEval(math.exp(mean_nll), mean_nll, total_tokens, summary, recorded,
+                  crossbar_lis=_crossbar_lis(model, recorded))
+
+
+def _crossbar_lis(model: nn.Module, trace: RoutingTrace | None) -> float | None:
+    """The load of the crossbars (what Replicate-and-Quantize and ROMER's copies balance): the router LIS
+    when no dispatch hook shares an expert's tokens over several slots; None without routed experts."""
+    if trace is None or not trace.layers:
+        return None
+    from romer_kernels.methods.replicate_quantize import slot_lis  # noqa: PLC0415
+
+    try:
+        return slot_lis(model, {name: (layer.num_experts, layer.indices) for name, layer in trace.layers.items()})
+    except ValueError:  # routers traced, but none next to an experts module
+        return None
 
 
 def _has_router(model: nn.Module) -> bool:

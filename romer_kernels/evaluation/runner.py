@@ -287,16 +287,6 @@ class TrialRunner:
         after the perplexity windows, so a chip's task scores are as reproducible as its PPL)."""
         result = evaluate_lm(self.model, self.eval_ids, clean=None if clean is None else clean.trace,
                              **self.settings.eval_args)
-        if result.trace is not None and result.trace.layers:
-            from romer_kernels.methods.replicate_quantize import slot_lis  # noqa: PLC0415
-
-            # the load of the crossbars (what Replicate-and-Quantize and ROMER's copies balance): equal to
-            # the router LIS when no dispatch hook shares an expert's tokens over several slots
-            try:
-                result.crossbar_lis = slot_lis(self.model, {name: (layer.num_experts, layer.indices)
-                                                            for name, layer in result.trace.layers.items()})
-            except ValueError:  # routers traced, but none next to an experts module (no crossbar slots)
-                result.crossbar_lis = None
         if self.settings.tasks:
             from romer_kernels.evaluation.tasks import task_accuracy  # noqa: PLC0415
 
