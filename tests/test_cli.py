@@ -91,3 +91,23 @@ def test_bad_sweep_options_are_refused_before_any_loading(option, message, tmp_p
     assert main([command, *option, "--run-dir", str(run_dir)]) == 2
     assert message in capsys.readouterr().out
     assert not run_dir.exists()
+
+
+def test_times_take_units(capsys):
+    from romer_kernels.cli.main import build_parser, seconds
+
+    assert [seconds(t) for t in ("3600", "60s", "5min", "1h", "1d", "1y", "1e3")] == [
+        3600.0, 60.0, 300.0, 3600.0, 86400.0, 365 * 86400.0, 1000.0]
+    assert build_parser().parse_args(["demo", "--times", "1s", "1h", "1d", "1y"]).times == [
+        1.0, 3600.0, 86400.0, 31536000.0]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--times", "1hour"])
+    assert "is not a time" in capsys.readouterr().err
+
+
+def test_a_model_that_is_nowhere_here_fails_at_once(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["eval", "--model", "nobody/no-such-model", "--run-dir", str(run_dir)]) == 2
+    out = " ".join(capsys.readouterr().out.split())     # the console wraps long lines
+    assert "not in the local Hugging Face cache (nothing is downloaded at run time" in out
+    assert "romer eval:" not in out and not run_dir.exists()

@@ -20,6 +20,19 @@ DEFAULT_MODEL = "tiny-olmoe"
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
+TIME_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0, "y": 365 * 86400.0}
+
+
+def seconds(text: str) -> float:
+    """A time in seconds from ``3600``, ``60s``, ``5min``, ``1h``, ``1d``, ``2w`` or ``1y`` (365 days)."""
+    import re  # noqa: PLC0415
+
+    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|min|h|d|w|y)?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time: give seconds (3600) or a number with a unit "
+                                         f"({', '.join(TIME_UNITS)}), e.g. 1h, 1d, 1y")
+    return float(match.group(1)) * TIME_UNITS[match.group(2) or "s"]
+
 PRESET_HELP = (f"a preset ({', '.join(PRESETS)}) or a JSON config file (start from `romer presets NAME --out "
                "FILE`); default rasch2023")
 SET_HELP = ("override config fields on top of --preset, e.g. --set io.out_noise=0.02 noise.prog_noise_scale=1.5 "
@@ -188,7 +201,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, run_dir: str) -> None:
     parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
     parser.add_argument("--seeds", type=int, default=3, help="chip instances per setting")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="noise scales")
-    parser.add_argument("--times", type=float, nargs="+", default=[3600.0], help="seconds after programming")
+    parser.add_argument("--times", type=seconds, nargs="+", default=[3600.0],
+                        help="times after programming: seconds or with a unit (1h, 1d, 1y = 365 days); default 1h")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--windows", type=int, default=8, help="at most this many windows per trial (0 = all)")
@@ -489,6 +503,10 @@ def _check_options(args) -> None:
             variant_of(name)
     if getattr(args, "times", None) is not None:
         _settings(args)        # options that contradict the config (e.g. ReRAM read times) fail here
+    if getattr(args, "seeds", None) is not None and getattr(args, "model", None):
+        from romer_kernels.models.loading import resolve_model_path  # noqa: PLC0415
+
+        resolve_model_path(args.model)   # a model that is nowhere here fails now, with the offline message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -565,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--out-features", type=int, default=1024)
     layers.add_argument("--batch", type=int, default=64)
     layers.add_argument("--seeds", type=int, default=3)
-    layers.add_argument("--t", type=float, default=3600.0, help="seconds after programming")
+    layers.add_argument("--t", type=seconds, default=3600.0, help="time after programming (3600, 1h, 1d, 1y)")
     layers.add_argument("--presets", nargs="*", choices=list(PRESETS), help="subset of presets (default: all)")
     layers.set_defaults(func=_layers)
 

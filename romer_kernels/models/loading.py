@@ -25,10 +25,17 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a transformers model folder")
         return str(path)
+    known = ", ".join(bundled_models()) or "none"
     if name_or_path.count("/") != 1 or name_or_path.startswith(("/", ".")):
-        known = ", ".join(bundled_models()) or "none"
         raise FileNotFoundError(f"no model {name_or_path!r}: not a bundled model ({known}), a local folder, or a "
                                 "hub id of the form owner/name")
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+
+    if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        # nothing is downloaded at run time: say so now instead of letting the hub client retry
+        raise FileNotFoundError(f"no model {name_or_path!r}: no such local folder, not a bundled model ({known}), "
+                                "and not in the local Hugging Face cache (nothing is downloaded at run time: "
+                                "download it once, e.g. `huggingface-cli download OWNER/NAME`, or pass its folder)")
     return name_or_path
 
 
