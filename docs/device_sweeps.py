@@ -57,14 +57,18 @@ def run() -> str:
     out += ["**Every preset, noise scale swept** (t = 1 h; ReRAM: t = 1 day, its nearest fitted time)", "",
             "| preset | device | clean PPL | " + " | ".join(f"PPL at {s:g}" for s in SCALES) + " | LIS at 4 |",
             "|---|---|---|" + "---|" * (len(SCALES) + 1)]
+    scale_curves = {}
     for name in PRESETS:
         config = load_config(name)
         t = DAY if name.endswith("reram") else HOUR
         result = _sweep(f"scales-{name}", config, SCALES, (t,))
         rows = {row["noise_scale"]: row for row in result.table()}
+        scale_curves[name] = [(s, rows[s]["ppl"][0], rows[s]["ppl"][1]) for s in SCALES]
         device = type(config.noise).__name__.removesuffix("NoiseConfig") if config.noise is not None else "-"
         out.append(f"| {name} | {device} | {result.clean.perplexity:.2f} | "
                    + " | ".join(_cell(rows[s], "ppl") for s in SCALES) + f" | {_cell(rows[4.0], 'lis', 3)} |")
+    _plot_scales(scale_curves)
+    out += ["", "![presets](img/presets-tiny-olmoe.png)"]
     all_times = sorted({t for times in DRIFT.values() for t in times})
     out += ["", "**Drift** (noise scale 1): PPL with global drift compensation / without", "",
             "| preset | " + " | ".join(_time(t) for t in all_times) + " |", "|---|" + "---|" * len(all_times)]
@@ -82,6 +86,25 @@ def run() -> str:
     _plot(curves)
     out += ["", "![drift](img/drift-tiny-olmoe.png)", ""]
     return "\n".join(out)
+
+
+def _plot_scales(curves) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), constrained_layout=True)
+    for i, (name, points) in enumerate(curves.items()):
+        scales, means, stds = zip(*points)
+        offset = 1 + 0.015 * (i - len(curves) / 2)          # side by side at the same noise scale
+        ax.errorbar([s * offset for s in scales], means, yerr=stds, marker="o", capsize=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("noise scale")
+    ax.set_ylabel("perplexity (mean ± std over 3 chips)")
+    ax.legend(fontsize=7)
+    save_figure(fig, ROOT / "img" / "presets-tiny-olmoe.png", f"{MODEL}: every preset, t = 1 h (ReRAM 1 day)")
 
 
 def _plot(curves) -> None:
