@@ -41,6 +41,13 @@ _EXPORTS = {
     "compare_methods": "romer_kernels.evaluation.compare",
     "LocalExecutor": "romer_kernels.evaluation.executors",
     "RayExecutor": "romer_kernels.evaluation.executors",
+    "load_model": "romer_kernels.models.loading",
+    "load_corpus": "romer_kernels.data",
+    "load_tokens": "romer_kernels.data",
+    "evaluate": "romer_kernels.evaluation.lm_metrics",
+    "task_accuracy": "romer_kernels.evaluation.tasks",
+    "sensitivity_sweep": "romer_kernels.evaluation.sensitivity",
+    "read_run": "romer_kernels.evaluation.results",
 }
 
 __all__ = sorted(_EXPORTS)

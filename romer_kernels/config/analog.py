@@ -193,6 +193,22 @@ class AnalogConfig:
         return self.io.is_perfect and self.noise is None and self.mapping.weight_scaling_omega == 0
 
     def replace(self, **changes: Any) -> "AnalogConfig":
+        """A copy with parts replaced: by objects (``io=IOConfig(...)``) or by dicts of the fields to change
+        (``io={"out_noise": 0.02}``, ``noise={"prog_noise_scale": 1.5}``; ``noise={"kind": "hermes", ...}``
+        switches the device model). Every field is validated by its part."""
+        for name, value in list(changes.items()):
+            if not isinstance(value, dict):
+                continue
+            if name == "noise":
+                if "kind" in value or self.noise is None:
+                    changes[name] = device_noise_from_dict(value)
+                else:
+                    changes[name] = device_noise_from_dict({**self.noise.to_dict(), **value})
+            elif name in ("tile", "io", "mapping", "drift_compensation"):
+                part = getattr(self, name)  # from_dict names an unknown field and lists the known ones
+                changes[name] = from_dict(type(part), {**to_dict(part), **value})
+            else:
+                raise ValueError(f"AnalogConfig.{name} does not take a dict")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -112,5 +112,14 @@ def _crossbar_lis(model: nn.Module, trace: RoutingTrace | None) -> float | None:
         return None
 
 
+def evaluate(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 256, stride: int | None = None,
+             batch_size: int = 8, max_windows: int | None = None) -> LMEval:
+    """Perplexity and routing metrics of ``model`` on ``token_ids`` (``evaluate_lm``; the package's
+    top-level ``romer_kernels.evaluate``): ``.perplexity``, ``.nll``, ``.tokens``, ``.routing`` (LIS, CV,
+    entropy, ...), ``.crossbar_lis``."""
+    return evaluate_lm(model, token_ids, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                       max_windows=max_windows)
+
+
 def _has_router(model: nn.Module) -> bool:
     return any(block.router for block in moe_blocks(model))

@@ -80,6 +80,12 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto",
     return model.eval(), tokenizer
 
 
+def load_model(name_or_path: str, dtype: str = "auto", progress: bool | None = None) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` of a bundled model name (``tiny-olmoe``, from any working directory), a local
+    checkpoint folder or a hub id in the local cache; the same as ``load_model_and_tokenizer``."""
+    return load_model_and_tokenizer(name_or_path, dtype, progress)
+
+
 def lm_forward(model: nn.Module, input_ids, **kwargs):
     """``model(input_ids, **kwargs)`` without a KV cache where the model has one (transformers models):
     scoring and calibration never reuse it, and hybrid models whose layers are all linear attention
