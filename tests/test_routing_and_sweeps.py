@@ -135,3 +135,18 @@ def test_noise_sweep_on_a_tiny_model_and_its_resume(tmp_path):
     assert table[3.0]["flip_rate"][0] > 0.0
     again = noise_sweep(model, ids, settings, tmp_path, "tiny", "random", progress=False)
     assert again.trials_run == 0 and again.table() == first.table()
+
+
+def test_ppl_intervals_are_on_the_log_scale_and_bounded_metrics_stay_in_range():
+    values = [80.0, 400.0]          # two chips far apart: a linear t-interval would reach about -2000
+    rows = [(Trial(s, 1.0, 0.0), {"ppl": v, "flip_rate": f, "lis": l, "acc:t": a})
+            for s, (v, f, l, a) in enumerate(zip(values, [0.05, 0.9], [1.05, 1.9], [0.1, 0.99]))]
+    by_metric = {s.metric: s for s in summarize_trials(rows)}
+    ppl = by_metric["ppl"]
+    t_value = 12.706204736174707
+    logs = [math.log(v) for v in values]
+    centre, half = sum(logs) / 2, t_value * abs(logs[0] - logs[1]) / math.sqrt(2) / math.sqrt(2)
+    assert ppl.ci_low == pytest.approx(math.exp(centre - half)) and ppl.ci_high == pytest.approx(math.exp(centre + half))
+    assert 0 < ppl.ci_low < ppl.mean < ppl.ci_high
+    assert by_metric["flip_rate"].ci_low == 0.0 and by_metric["flip_rate"].ci_high == 1.0
+    assert by_metric["lis"].ci_low == 1.0 and by_metric["acc:t"].ci_high == 1.0

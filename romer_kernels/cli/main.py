@@ -136,7 +136,9 @@ def _workload(args, model_name: str, calib_split: str | None = None):
 
 def _print_clean(clean) -> None:
     routing = f", LIS {clean.routing.lis:.3f}" if clean.routing else ""
-    console.print(f"clean: PPL {clean.perplexity:.2f}{routing} on {clean.tokens} scored tokens")
+    share = (f" ({100 * clean.tokens / clean.stream_tokens:.0f} % of the split's {clean.stream_tokens} tokens; "
+             "--windows 0 scores all)") if clean.stream_tokens else ""
+    console.print(f"clean: PPL {clean.perplexity:.2f}{routing} on {clean.tokens} scored tokens{share}")
 
 
 def _change(cell) -> str:
@@ -148,6 +150,12 @@ def _change(cell) -> str:
         return f"{100 * change:+.1f} %"
     star = " *" if low > 0 or high < 0 else ""
     return f"{100 * change:+.1f} % [{100 * low:+.1f}, {100 * high:+.1f}]{star}"
+
+
+def _warn_few_seeds(args) -> None:
+    if args.seeds < 3:
+        console.print(f"[yellow]note:[/] {args.seeds} chip seed(s): a std or interval from fewer than 3 chips says little; "
+                      "use --seeds 3 or more", highlight=False)
 
 
 def _print_failures(failed) -> None:
@@ -183,9 +191,11 @@ def _sweep(args, model_name: str, run_dir: Path, title: str) -> int:
                       _fmt(row.get("lis")), _fmt(row.get("flip_rate")), _fmt(row.get("overlap")),
                       _fmt(row.get("kl_to_clean"), 4), *(_fmt(row.get(task)) for task in tasks))
     console.print(table)
+    _warn_few_seeds(args)
     _print_failures(result.failed)
     plot = plot_sweep(result, noisy["trace"], run_dir / f"sweep.{args.plot_format}",
-                      f"{model_name}, {_label(args)}; expert load at noise scale {worst.noise_scale:g}")
+                      f"{model_name}, {_label(args)}; expert load of chip seed 0 at noise scale "
+                      f"{worst.noise_scale:g}, t = {worst.t_inference:g} s")
     console.print(f"{result.trials_run} trials run now; {run_dir}: results.sqlite (resumable store), results.csv "
                   f"(one row per trial), summary.json (this table), plot {plot.name}; "
                   f"{time.perf_counter() - start:.0f} s")
@@ -284,6 +294,7 @@ def _compare(args: argparse.Namespace) -> int:
                       _fmt(metrics.get("crossbar_lis")), _fmt(metrics.get("flip_rate")),
                       *(_fmt(metrics.get(task)) for task in tasks))
     console.print(table)
+    _warn_few_seeds(args)
     _print_failures(result.failed)
     plot = plot_compare(result, run_dir / f"compare.{args.plot_format}", f"{args.model}, {_label(args)}")
     console.print(f"{result.trials_run} trials run now; {run_dir}: results.sqlite, results.csv, summary.json, "
@@ -324,6 +335,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
                       str(row["n"]), _fmt(row.get("ppl")), increase(row.get("ppl_increase")),
                       increase(row.get("lis_increase"), 3))
     console.print(table)
+    _warn_few_seeds(args)
     _print_failures(result.failed)
     if args.per_expert:
         _print_score_correlations(args, result)

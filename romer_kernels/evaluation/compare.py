@@ -25,7 +25,8 @@ from romer_kernels.evaluation.lm_metrics import LMEval
 from romer_kernels.evaluation.results import write_run_files
 from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, Trial, grid, summarize_trials, write_text_atomic
 from romer_kernels.evaluation.runner import SweepSettings, Workload, trial_metrics
-from romer_kernels.evaluation.sweep import errorbar_vs_scale, finish_axis, open_session, save_figure, workload_of
+from romer_kernels.evaluation.sweep import (errorbar_vs_scale, finish_axis, interval_note, open_session, save_figure,
+                                           workload_of)
 from romer_kernels.evaluation.variants import (DEFAULT_VARIANTS, VARIANTS, Variant,  # noqa: F401
                                                calibration_windows, variant_of)
 
@@ -87,12 +88,16 @@ def plot_compare(result: CompareResult, path: str | Path, title: str = "") -> Pa
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     clean_values = {"ppl": result.clean.perplexity, "lis": getattr(result.clean.routing, "lis", None),
                     "flip_rate": 0.0}
-    for ax, metric, label in zip(axes, ("ppl", "lis", "flip_rate"), ("perplexity", "LIS", "flip rate")):
-        for variant in sorted({s.variant for s in result.summaries}):
-            errorbar_vs_scale(ax, [s for s in result.summaries if s.metric == metric and s.variant == variant], variant)
-        finish_axis(ax, clean_values[metric], label)
+    variants = list(dict.fromkeys(s.variant for s in result.summaries))
+    n = min((s.n for s in result.summaries), default=None)
+    for ax, metric, label in zip(axes, ("ppl", "lis", "flip_rate"),
+                                 ("perplexity", "LIS (load-imbalance score)", "flip rate (share of tokens whose top-k changed)")):
+        for i, variant in enumerate(variants):
+            errorbar_vs_scale(ax, [s for s in result.summaries if s.metric == metric and s.variant == variant], variant,
+                              i, len(variants))
+        finish_axis(ax, clean_values[metric], label, n, log=metric == "ppl")
     axes[0].legend(fontsize=8)
-    return save_figure(fig, path, title)
+    return save_figure(fig, path, title + interval_note(result.summaries))
 
 
 def paired_change(rows: list[tuple[Trial, dict[str, float]]], baseline: str = "noisy", metric: str = "nll",

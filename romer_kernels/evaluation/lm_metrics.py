@@ -32,6 +32,7 @@ class LMEval:
     trace: RoutingTrace | None
     tasks: dict[str, float] = field(default_factory=dict)   # downstream task scores ("acc:TASK"), when run
     crossbar_lis: float | None = None   # LIS of the tokens each crossbar slot computes (after dispatch hooks)
+    stream_tokens: int = 0              # tokens in the evaluated stream (``tokens`` of them are scored)
 
 
 def windows(num_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
@@ -96,7 +97,7 @@ def evaluate_lm(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 256, s
         run(None)
     mean_nll = total_nll / total_tokens
     return LMEval(math.exp(mean_nll), mean_nll, total_tokens, summary, recorded,
-                  crossbar_lis=_crossbar_lis(model, recorded))
+                  crossbar_lis=_crossbar_lis(model, recorded), stream_tokens=token_ids.numel())
 
 
 def _crossbar_lis(model: nn.Module, trace: RoutingTrace | None) -> float | None:

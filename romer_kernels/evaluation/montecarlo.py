@@ -210,8 +210,24 @@ class Summary:
     ci_high: float
 
 
+# Where each metric can lie: its interval is clipped to this range (a t-interval over a few chips can
+# otherwise reach impossible values, e.g. a negative flip rate). Accuracies ("acc:TASK") lie in [0, 1].
+METRIC_RANGES = {"lis": (1.0, math.inf), "crossbar_lis": (0.0, math.inf), "max_over_mean": (1.0, math.inf),
+                 "flip_rate": (0.0, 1.0), "overlap": (0.0, 1.0), "kl_to_clean": (0.0, math.inf),
+                 "entropy": (0.0, 1.0), "cv": (0.0, math.inf), "nll": (0.0, math.inf)}
+LOG_SCALE_METRICS = ("ppl",)   # intervals on the log (= NLL) scale, mapped back: always > 0, asymmetric
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    if metric.startswith(("acc:", "acc_norm:")):
+        return 0.0, 1.0
+    return METRIC_RANGES.get(metric, (-math.inf, math.inf))
+
+
 def summarize_trials(rows: list[tuple[Trial, dict[str, float]]], confidence: float = 0.95) -> list[Summary]:
-    """Mean, sample std and a Student-t confidence interval of each metric per (noise scale, time, variant)."""
+    """Mean, sample std and a Student-t confidence interval of each metric per (noise scale, time,
+    variant). PPL's interval is computed on log PPL and mapped back (``LOG_SCALE_METRICS``); bounded
+    metrics have their interval clipped to their range (``METRIC_RANGES``). n = 1 has no interval (NaN)."""
     groups: dict[tuple[float, float, str], list[dict[str, float]]] = {}
     for trial, metrics in rows:
         groups.setdefault((trial.noise_scale, trial.t_inference, trial.variant), []).append(metrics)
@@ -223,7 +239,16 @@ def summarize_trials(rows: list[tuple[Trial, dict[str, float]]], confidence: flo
                 continue
             mean = statistics.fmean(values)
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * std / math.sqrt(len(values)) \
-                if len(values) > 1 else math.nan
-            out.append(Summary(scale, t, variant, metric, len(values), mean, std, mean - half, mean + half))
+            t_value = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) if len(values) > 1 else math.nan
+            if metric in LOG_SCALE_METRICS and len(values) > 1 and min(values) > 0:
+                logs = [math.log(v) for v in values]
+                centre, half = statistics.fmean(logs), t_value * statistics.stdev(logs) / math.sqrt(len(logs))
+                low, high = math.exp(centre - half), math.exp(centre + half)
+            else:
+                half = t_value * std / math.sqrt(len(values)) if len(values) > 1 else math.nan
+                low, high = mean - half, mean + half
+                if len(values) > 1:
+                    lowest, highest = metric_range(metric)
+                    low, high = max(low, lowest), min(high, highest)
+            out.append(Summary(scale, t, variant, metric, len(values), mean, std, low, high))
     return out

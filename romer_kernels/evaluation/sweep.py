@@ -122,11 +122,13 @@ def plot_sweep(result: SweepResult, noisy_trace: RoutingTrace | None, path: str 
     panels += [(name, value, f"{name.split(':', 1)[1]} accuracy") for name, value in result.clean.tasks.items()
                if name.startswith("acc:")]
     axes = top[0].subgridspec(1, len(panels)).subplots()
+    times = sorted({s.t_inference for s in result.summaries})
+    n = min((s.n for s in result.summaries), default=None)
     for ax, (metric, clean_value, label) in zip(axes, panels):
-        for t in sorted({s.t_inference for s in result.summaries}):
+        for i, t in enumerate(times):
             errorbar_vs_scale(ax, [s for s in result.summaries if s.metric == metric and s.t_inference == t],
-                              f"analog, t={t:g}s")
-        finish_axis(ax, clean_value, label)
+                              f"analog, t={t:g}s", i, len(times))
+        finish_axis(ax, clean_value, {"LIS": "LIS (load-imbalance score)"}.get(label, label), n, log=metric == "ppl")
         ax.legend(fontsize=8)
     if n_rows == 2:
         shown = layers[: min(len(layers), 4)]
@@ -137,26 +139,41 @@ def plot_sweep(result: SweepResult, noisy_trace: RoutingTrace | None, path: str 
             experts = torch.arange(clean_counts.numel()).double()
             ax.bar((experts - 0.2).tolist(), (clean_counts / clean_counts.sum()).tolist(), width=0.4, label="clean")
             ax.bar((experts + 0.2).tolist(), (noisy_counts / noisy_counts.sum()).tolist(), width=0.4, label="noisy")
-            ax.set_title(name.replace("model.layers.", "layer ").replace(".mlp.gate", ""), fontsize=9)
+            ax.set_title(name.replace("model.layers.", "layer ").replace(".mlp.gate", "")
+                         + ": clean vs one noisy chip", fontsize=9)
             ax.set_xlabel("expert")
         load_axes[0].set_ylabel("share of routed tokens")
         load_axes[0].legend(fontsize=8)
-    return save_figure(fig, path, title)
+    return save_figure(fig, path, title + interval_note(result.summaries))
 
 
-def errorbar_vs_scale(ax, summaries: list[Summary], label: str) -> None:
-    """One metric's mean and 95% interval against the noise scale."""
+def errorbar_vs_scale(ax, summaries: list[Summary], label: str, index: int = 0, count: int = 1) -> None:
+    """One metric's mean and 95% interval (``summarize_trials``': log scale for PPL, clipped to the
+    metric's range) against the noise scale; series ``index`` of ``count`` is shifted sideways by a few
+    percent so that series at the same noise scale do not hide each other."""
     rows = sorted(summaries, key=lambda s: s.noise_scale)
     if rows:
-        err = [[s.mean - s.ci_low if s.n > 1 else 0 for s in rows], [s.ci_high - s.mean if s.n > 1 else 0 for s in rows]]
-        ax.errorbar([s.noise_scale for s in rows], [s.mean for s in rows], yerr=err, marker="o", capsize=3, label=label)
+        shift = 1.0 + 0.025 * (index - (count - 1) / 2)
+        err = [[max(s.mean - s.ci_low, 0.0) if s.n > 1 else 0 for s in rows],
+               [max(s.ci_high - s.mean, 0.0) if s.n > 1 else 0 for s in rows]]
+        ax.errorbar([s.noise_scale * shift for s in rows], [s.mean for s in rows], yerr=err, marker="o", capsize=3,
+                    label=label)
 
 
-def finish_axis(ax, clean_value: float | None, label: str) -> None:
+def finish_axis(ax, clean_value: float | None, label: str, n: int | None = None, log: bool = False) -> None:
+    """Clean line, axis labels (what the bars are, with n), and a log y axis for PPL."""
     if clean_value is not None:
         ax.axhline(clean_value, color="k", linestyle="--", linewidth=1, label="clean")
     ax.set_xlabel("noise scale")
-    ax.set_ylabel(label)
+    ax.set_ylabel(f"{label}\n(mean, 95 % t-interval{'' if n is None else f' over n = {n} chips'})", fontsize=9)
+    if log:
+        ax.set_yscale("log")
+
+
+def interval_note(summaries: list[Summary]) -> str:
+    """A warning for the plot title when the intervals rest on fewer than 3 chips."""
+    n = min((s.n for s in summaries), default=0)
+    return f"  [n = {n} chips: intervals are wide, use 3 or more seeds]" if 0 < n < 3 else ""
 
 
 def save_figure(fig, path: str | Path, title: str = "") -> Path:
