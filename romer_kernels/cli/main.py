@@ -136,7 +136,7 @@ def _workload(args, model_name: str, calib_split: str | None = None):
 
 def _print_clean(clean) -> None:
     routing = f", LIS {clean.routing.lis:.3f}" if clean.routing else ""
-    share = (f" ({100 * clean.tokens / clean.stream_tokens:.0f} % of the split's {clean.stream_tokens} tokens; "
+    share = (f" ({100 * clean.tokens / clean.stream_tokens:.1f} % of the split's {clean.stream_tokens} tokens; "
              "--windows 0 scores all)") if clean.stream_tokens else ""
     console.print(f"clean: PPL {clean.perplexity:.2f}{routing} on {clean.tokens} scored tokens{share}")
 
