@@ -111,3 +111,12 @@ def test_a_model_that_is_nowhere_here_fails_at_once(tmp_path, capsys):
     out = " ".join(capsys.readouterr().out.split())     # the console wraps long lines
     assert "not in the local Hugging Face cache (nothing is downloaded at run time" in out
     assert "romer eval:" not in out and not run_dir.exists()
+
+
+def test_compare_shows_the_digital_share_and_says_when_a_method_did_nothing(tmp_path, capsys):
+    assert main(["compare", "--variants", "noisy", "dense-digital", "romer-replace", "--seeds", "2", "--scales", "1",
+                 "--windows", "1", "--calib-windows", "1", "--tasks", "none", "--run-dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "digital" in out and "17.7 %" in out                     # lm_head of the all-analog placement
+    assert "romer-replace: stage 1 replaced no expert" in out
+    assert "PPL vs noisy" in out and "2 chip seed(s)" in out

@@ -61,7 +61,9 @@ def test_in_place_trials_equal_a_fresh_copy_per_trial(arch, preset_name):
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     calib = calibration_windows(calib_ids, settings.seq_len, 2)
     for trial in trials[::3] + [t for t in trials if t.variant in ("romer", "rq")][:6]:
-        assert fresh_trial(model, ids, calib, settings, trial, runner.clean.trace) == results[trial.key], trial.key
+        runner_only = ("digital_share", "replaced_experts", "replicas")    # what the runner adds to the evaluation
+        stored = {k: v for k, v in results[trial.key].items() if k not in runner_only}
+        assert fresh_trial(model, ids, calib, settings, trial, runner.clean.trace) == stored, trial.key
 
 
 def test_trials_reuse_the_chip_state_tensors():

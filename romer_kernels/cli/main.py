@@ -277,11 +277,11 @@ def _compare(args: argparse.Namespace) -> int:
     from romer_kernels.evaluation.compare import paired_change  # noqa: PLC0415
 
     change = paired_change(result.rows) if "noisy" in args.variants else {}
-    for column in ("noise scale", "t (s)", "variant", "n", "PPL", "PPL vs noisy (95 % CI, paired)", "LIS",
+    for column in ("noise scale", "t (s)", "variant", "n", "digital", "PPL", "PPL vs noisy (95 % CI, paired)", "LIS",
                    "crossbar LIS", "flip rate", *(task.replace(":", " ") for task in tasks)):
         table.add_column(column, justify="left" if column == "variant" else "right")
     clean = result.clean
-    table.add_row("-", "-", "clean", "1", f"{clean.perplexity:.3f}", "-", f"{clean.routing.lis:.3f}",
+    table.add_row("-", "-", "clean", "1", "100 %", f"{clean.perplexity:.3f}", "-", f"{clean.routing.lis:.3f}",
                   "-" if clean.crossbar_lis is None else f"{clean.crossbar_lis:.3f}", "0",
                   *(f"{clean.tasks[task]:.3f}" for task in tasks))
     by_key: dict[tuple, dict] = {}
@@ -289,11 +289,21 @@ def _compare(args: argparse.Namespace) -> int:
         by_key.setdefault((s.noise_scale, s.t_inference, args.variants.index(s.variant)
                            if s.variant in args.variants else 99, s.variant), {})[s.metric] = (s.mean, s.std, s.ci_low, s.ci_high)
     for (scale, t, _, variant), metrics in sorted(by_key.items()):
-        table.add_row(f"{scale:g}", f"{t:g}", variant, str(args.seeds), _fmt(metrics.get("ppl")),
+        share = metrics.get("digital_share")
+        table.add_row(f"{scale:g}", f"{t:g}", variant, str(args.seeds),
+                      "-" if share is None else f"{100 * share[0]:.1f} %", _fmt(metrics.get("ppl")),
                       _change(change.get((scale, t, variant))), _fmt(metrics.get("lis")),
                       _fmt(metrics.get("crossbar_lis")), _fmt(metrics.get("flip_rate")),
                       *(_fmt(metrics.get(task)) for task in tasks))
     console.print(table)
+    console.print("digital: share of the weight-matrix parameters the variant keeps digital (lm_head included)",
+                  style="dim")
+    for variant in args.variants:   # say when a method did nothing, so that equal rows are not a mystery
+        done = [m for (_, _, _, v), m in by_key.items() if v == variant]
+        for metric, what in (("replaced_experts", "stage 1 replaced no expert (none under the threshold)"),
+                             ("replicas", "R&Q added no replica")):
+            if done and all(metric in m and m[metric][0] == 0 for m in done):
+                console.print(f"[yellow]note:[/] {variant}: {what} on any chip", highlight=False)
     _warn_few_seeds(args)
     _print_failures(result.failed)
     plot = plot_compare(result, run_dir / f"compare.{args.plot_format}", f"{args.model}, {_label(args)}")

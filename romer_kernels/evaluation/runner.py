@@ -208,6 +208,8 @@ class TrialRunner:
         self._programmed: tuple[float, int] | None = None
         self._time: float | None = None
         self._method_applied = False
+        self._method_metrics: dict[str, float] = {}   # what the current trial's method did
+        self._digital_share = 0.0                       # of the current placement's weight-matrix parameters
 
     def _identity(self) -> dict[str, Any]:
         """What, besides the settings, decides this runner's numbers: the digests of the weights and of
@@ -269,6 +271,9 @@ class TrialRunner:
             analogize_(self.model, config, placement, seed=trial.seed)
             self._placement = placement
             self._programmed = None
+            from romer_kernels.methods.placement import digital_fraction  # noqa: PLC0415
+
+            self._digital_share = digital_fraction(self.model)
         if self._programmed != (trial.noise_scale, trial.seed):
             program_analog_(self.model, trial.seed, config=config)
             self._programmed, self._time = (trial.noise_scale, trial.seed), None
@@ -276,10 +281,11 @@ class TrialRunner:
             drift_analog_(self.model, trial.t_inference, drift_index=0)
             self._time = trial.t_inference
         reset_noise_counters(self.model)
+        self._method_metrics = {}
         if variant is not None and variant.method is not None:
             self._require_calib(trial.variant)
             self._method_applied = True
-            variant.method(self.model, self.calib)
+            self._method_metrics = dict(variant.method(self.model, self.calib) or {})
         return self.model
 
     def _score(self, clean: LMEval | None = None) -> LMEval:
@@ -303,7 +309,10 @@ class TrialRunner:
             raise NonFiniteOutput(f"trial {trial.key}: {error}") from None
 
     def run(self, trial: Trial) -> dict[str, float]:
-        return trial_metrics(self.evaluate(trial))
+        """The trial's metrics, plus what only the runner knows: the share of weight-matrix parameters its
+        placement keeps digital, and what its method did (``replaced_experts``, ``replicas``)."""
+        metrics = trial_metrics(self.evaluate(trial))
+        return metrics | {"digital_share": self._digital_share} | self._method_metrics
 
     def run_group(self, trials: list[Trial]) -> list[TrialResult]:
         """The result of each trial, in order; a trial whose model output is not finite is a failed

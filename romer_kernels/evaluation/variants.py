@@ -20,7 +20,8 @@ from romer_kernels.methods.placement import PART_PREFIX, Part, part_placement
 from romer_kernels.moe.convert import Placement
 
 PlacementFn = Callable[[nn.Module, torch.Tensor], Placement]
-MethodFn = Callable[[nn.Module, torch.Tensor], None]
+# a method changes the chip in place and returns what it did, as trial metrics (e.g. experts replaced)
+MethodFn = Callable[[nn.Module, torch.Tensor], "dict[str, float] | None"]
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,11 @@ def _digital(fraction: float, score: str) -> PlacementFn:
 
 
 def _romer(*stages: str, **settings) -> MethodFn:
-    def method(model: nn.Module, calib: torch.Tensor) -> None:
-        romer_(model, calib, RomerConfig(stages=stages, **settings))
+    def method(model: nn.Module, calib: torch.Tensor) -> dict[str, float]:
+        report = romer_(model, calib, RomerConfig(stages=stages, **settings))
+        if "replace" not in stages:
+            return {}
+        return {"replaced_experts": float(sum(len(r.replaced) for r in report.replacements))}
     return method
 
 
@@ -69,8 +73,9 @@ def _romer_sweep_variant(name: str) -> Variant | None:
                    + what)
 
 
-def _rq(model: nn.Module, calib: torch.Tensor) -> None:
-    replicate_quantize_(model, calib, RQConfig())
+def _rq(model: nn.Module, calib: torch.Tensor) -> dict[str, float]:
+    report = replicate_quantize_(model, calib, RQConfig())
+    return {"replicas": float(sum(len(layer.replicated) for layer in report.layers))}
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
