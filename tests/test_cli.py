@@ -120,3 +120,22 @@ def test_compare_shows_the_digital_share_and_says_when_a_method_did_nothing(tmp_
     assert "digital" in out and "17.7 %" in out                     # lm_head of the all-analog placement
     assert "romer-replace: stage 1 replaced no expert" in out
     assert "PPL vs noisy" in out and "2 chip seed(s)" in out
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: tiny-olmoe)", "(default: 3)", "(default: 0.5 1.0 2.0 4.0)", "(default: test)",
+                  "(default: 256)", "default 1h"):
+        assert shown in text, shown
+
+
+def test_default_run_folders_name_the_choices_the_fingerprint_keeps(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.json").write_text('{"digital": ["model.layers.0.self_attn", "model.layers.0.self_attn.*"]}')
+    assert main(["demo", "--seeds", "1", "--scales", "1", "--windows", "1", "--tasks", "none"]) == 0
+    assert main(["eval", "--model", "tiny-olmoe", "--seeds", "1", "--scales", "1", "--windows", "1",
+                 "--placement", "keep.json"]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "demo-w1-tasks-none", "eval-tiny-olmoe-rasch2023-placement-keep-w1"]

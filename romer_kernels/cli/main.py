@@ -208,13 +208,13 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, run_dir: str) -> None:
     parser.add_argument("--placement", help="JSON file with a Placement (default: all analog but lm_head)")
     parser.add_argument("--allow-digital", metavar="all|PATTERNS", help=ALLOW_DIGITAL_HELP)
     parser.add_argument("--data", default="bundled", help="'bundled', a text file, or hf:NAME:CONFIG[:SPLIT]")
-    parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    parser.add_argument("--split", default="test", choices=["train", "valid", "test"], help="the split evaluated")
     parser.add_argument("--seeds", type=int, default=3, help="chip instances per setting")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="noise scales")
     parser.add_argument("--times", type=seconds, nargs="+", default=[3600.0],
                         help="times after programming: seconds or with a unit (1h, 1d, 1y = 365 days); default 1h")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (one routing batch for LIS)")
     parser.add_argument("--windows", type=int, default=8, help="at most this many windows per trial (0 = all)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dtype of the digital weights; auto = the checkpoint's own (a bfloat16 checkpoint "
@@ -241,14 +241,43 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, run_dir: str) -> None:
 
 
 # -- commands --------------------------------------------------------------------------------------
+def _run_folder(args, base: str) -> Path:
+    """The default run folder: ``base`` plus every choice the folder's fingerprint keeps that differs from
+    the command's defaults (placement, data, split, window settings, dtype, tasks), so that two runs with
+    different settings never meet in one folder (the store would refuse the second)."""
+    import re  # noqa: PLC0415
+
+    defaults = build_parser().parse_args([args.command] + (["--model", args.model] if args.command == "eval" else []))
+    parts = []
+    if args.placement:
+        parts.append(f"placement-{Path(args.placement).stem}")
+    if getattr(args, "allow_digital", None):
+        parts.append("allow-digital")
+    for name, prefix in (("data", "data-"), ("split", ""), ("seq_len", "L"), ("batch_size", "b"), ("windows", "w"),
+                         ("dtype", "")):
+        value, default = getattr(args, name), getattr(defaults, name)
+        if (value or None) != (default or None):
+            text = "all" if value in (0, None) else Path(str(value)).stem if name == "data" else str(value)
+            parts.append(prefix + text)
+    def tasks_of(namespace):   # the limit matters only with tasks (as in the fingerprint)
+        tasks = _tasks(namespace)
+        return tasks, namespace.task_limit if tasks else None
+
+    if tasks_of(args) != tasks_of(defaults):
+        tasks, limit = tasks_of(args)
+        parts.append("tasks-" + ("+".join(tasks) or "none") + (f"-{limit}" if limit else ""))
+    return Path("-".join([base, *(re.sub(r"[^A-Za-z0-9_.+-]", "_", part) for part in parts)]))
+
+
 def _demo(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir) if args.run_dir != "runs/demo" else _run_folder(args, "runs/demo")
     args.windows = args.windows or None
-    return _sweep(args, args.model, Path(args.run_dir), "romer demo")
+    return _sweep(args, args.model, run_dir, "romer demo")
 
 
 def _eval(args: argparse.Namespace) -> int:
     args.windows = args.windows or None
-    run_dir = Path(args.run_dir or f"runs/eval-{Path(args.model).name}-{_label(args)}")
+    run_dir = Path(args.run_dir) if args.run_dir else _run_folder(args, f"runs/eval-{Path(args.model).name}-{_label(args)}")
     args.run_dir = str(run_dir)
     return _sweep(args, args.model, run_dir, "romer eval")
 
@@ -259,7 +288,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.placement:
         raise ValueError("romer compare sets the placement per variant; --placement is not used here")
     args.windows = args.windows or None
-    run_dir = Path(args.run_dir or f"runs/compare-{Path(args.model).name}-{_label(args)}")
+    run_dir = Path(args.run_dir) if args.run_dir else _run_folder(args, f"runs/compare-{Path(args.model).name}-{_label(args)}")
     args.run_dir = str(run_dir)
     settings = _settings(args)
     executor = _executor(args)
@@ -318,7 +347,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     if args.placement:
         raise ValueError("romer sensitivity places one part at a time; --placement is not used here")
     args.windows = args.windows or None
-    run_dir = Path(args.run_dir or f"runs/sensitivity-{Path(args.model).name}-{_label(args)}")
+    run_dir = Path(args.run_dir) if args.run_dir else _run_folder(args, f"runs/sensitivity-{Path(args.model).name}-{_label(args)}")
     categories = tuple(c.strip() for c in args.categories.split(",")) if args.categories else None
     workload = _workload(args, args.model)
     parts = sweep_parts(workload, not args.no_per_layer, args.per_expert, categories)
@@ -531,41 +560,56 @@ def _check_options(args) -> None:
         resolve_model_path(args.model)   # a model that is nowhere here fails now, with the offline message
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless its help already names it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default in (None, False, [], "", argparse.SUPPRESS) or "default" in text or not action.option_strings
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="romer", description="Analog in-memory-computing simulation for MoE LLMs")
+    parser = argparse.ArgumentParser(prog="romer", description="Analog in-memory-computing simulation for MoE LLMs",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error, "
                         "lm-evaluation-harness' logs and the model loading bar")
     parser.add_argument("--backend", default=None, choices=list(BACKENDS),
                         help="analog MVM backend (default: $ROMER_BACKEND or auto = C++ on CPU, Triton on CUDA)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="the main job: bundled MoE model, clean vs analog at several noise scales")
+    demo = commands.add_parser("demo", formatter_class=DefaultsHelpFormatter, help="the main job: bundled MoE model, clean vs analog at several noise scales")
     demo.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name, local folder or hub id")
     _add_sweep_arguments(demo, "runs/demo")
     # the demo shows downstream accuracy too: the bundled task on its first 100 documents (~3 s per chip)
     demo.set_defaults(func=_demo, tasks="auto", task_limit=100)
 
-    evaluate = commands.add_parser("eval", help="the same sweep for any supported model")
+    evaluate = commands.add_parser("eval", formatter_class=DefaultsHelpFormatter, help="the same sweep for any supported model")
     evaluate.add_argument("--model", required=True, help="bundled model name, local folder or hub id")
     _add_sweep_arguments(evaluate, "")
     evaluate.set_defaults(func=_eval)
 
     from romer_kernels.evaluation.compare import DEFAULT_VARIANTS, VARIANTS  # noqa: PLC0415
 
-    compare = commands.add_parser("compare", help="clean vs noisy vs noisy + each robustness method")
+    compare = commands.add_parser("compare", formatter_class=DefaultsHelpFormatter, help="clean vs noisy vs noisy + each robustness method")
     compare.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name, local folder or hub id")
     compare.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="VARIANT",
                          help=f"of {', '.join(VARIANTS)}; ROMER stage 1 swept: romer-replace-rN / romer-rN (the N "
                               "coldest experts per layer replaced), romer-replace-tauX / romer-tauX (cold under X/E); "
                               "a part alone: only:CATEGORY[@LAYER][#EXPERT] (default: %(default)s)")
-    compare.add_argument("--calib-split", default="valid", choices=["train", "valid", "test"])
-    compare.add_argument("--calib-windows", type=int, default=8)
+    compare.add_argument("--calib-split", default="valid", choices=["train", "valid", "test"],
+                         help="split the methods calibrate on (never the evaluated one)")
+    compare.add_argument("--calib-windows", type=int, default=8, help="calibration windows of --seq-len tokens")
     _add_sweep_arguments(compare, "")
     compare.set_defaults(func=_compare, seeds=5, scales=[1.0, 2.0])
 
     from romer_kernels.moe.convert import CATEGORIES  # noqa: PLC0415
 
-    sensitivity = commands.add_parser("sensitivity", help="which part of the model is sensitive: one part analog at a "
+    sensitivity = commands.add_parser("sensitivity", formatter_class=DefaultsHelpFormatter, help="which part of the model is sensitive: one part analog at a "
                                                           "time (per category and layer), a table and a heatmap")
     sensitivity.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name, local folder or hub id")
     sensitivity.add_argument("--categories", metavar="CAT[,CAT...]",
@@ -576,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_arguments(sensitivity, "")
     sensitivity.set_defaults(func=_sensitivity, scales=[1.0])
 
-    info = commands.add_parser("info", help="print which modules of a model are analog, or (--memory) the memory "
+    info = commands.add_parser("info", formatter_class=DefaultsHelpFormatter, help="print which modules of a model are analog, or (--memory) the memory "
                                             "it needs")
     info.add_argument("--model", default=DEFAULT_MODEL, help="bundled model or config name (e.g. olmoe-1b-7b), local "
                       "folder, config.json file (--memory) or hub id")
@@ -600,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--tokens", type=int, help="--memory: tokens per forward for the activations (default 2048)")
     info.set_defaults(func=_info)
 
-    layers = commands.add_parser("layers", help="error and speed of one analog layer under each preset")
+    layers = commands.add_parser("layers", formatter_class=DefaultsHelpFormatter, help="error and speed of one analog layer under each preset")
     layers.add_argument("--in-features", type=int, default=1024)
     layers.add_argument("--out-features", type=int, default=1024)
     layers.add_argument("--batch", type=int, default=64)
@@ -609,19 +653,19 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--presets", nargs="*", choices=list(PRESETS), help="subset of presets (default: all)")
     layers.set_defaults(func=_layers)
 
-    presets = commands.add_parser("presets", help="list presets, or print one as JSON")
+    presets = commands.add_parser("presets", formatter_class=DefaultsHelpFormatter, help="list presets, or print one as JSON")
     presets.add_argument("name", nargs="?", choices=list(PRESETS))
     presets.add_argument("--out", metavar="FILE", help="write the preset as a JSON config file to edit")
     presets.set_defaults(func=_presets)
 
-    results = commands.add_parser("results", help="print a stored run (any run folder) as a table, CSV, JSON or "
+    results = commands.add_parser("results", formatter_class=DefaultsHelpFormatter, help="print a stored run (any run folder) as a table, CSV, JSON or "
                                                   "Markdown")
     results.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of romer demo, eval, compare or sensitivity")
     results.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
     results.add_argument("--trials", action="store_true", help="one row per trial instead of the summary")
     results.set_defaults(func=_results)
 
-    train = commands.add_parser("train-tiny", help="train a bundled tiny MoE model (see romer train-tiny --help)",
+    train = commands.add_parser("train-tiny", formatter_class=DefaultsHelpFormatter, help="train a bundled tiny MoE model (see romer train-tiny --help)",
                                 add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=_train_tiny)
