@@ -129,6 +129,13 @@ def test_help_shows_the_defaults(capsys):
     for shown in ("(default: tiny-olmoe)", "(default: 3)", "(default: 0.5 1.0 2.0 4.0)", "(default: test)",
                   "(default: 256)", "default 1h"):
         assert shown in text, shown
+    for command in ("eval", "compare", "sensitivity", "info", "layers", "presets", "results"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "usage: romer" in capsys.readouterr().out, command
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "romer-recal: ROMER stage 2" in " ".join(capsys.readouterr().out.split())
 
 
 def test_default_run_folders_name_the_choices_the_fingerprint_keeps(tmp_path, monkeypatch, capsys):
@@ -139,3 +146,16 @@ def test_default_run_folders_name_the_choices_the_fingerprint_keeps(tmp_path, mo
                  "--placement", "keep.json"]) == 0
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         "demo-w1-tasks-none", "eval-tiny-olmoe-rasch2023-placement-keep-w1"]
+
+
+def test_compare_takes_placements_as_variants(tmp_path, capsys):
+    assert main(["compare", "--variants", "noisy", "--analog", "experts", "attention,router", "--seeds", "1",
+                 "--scales", "1", "--windows", "1", "--tasks", "none", "--run-dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "only:experts" in out and "only:attention+router" in out
+    from romer_kernels.evaluation.results import read_run
+
+    shares = {row.trial.variant: row.metrics["digital_share"] for row in read_run(tmp_path / "c").trials}
+    assert shares["noisy"] < shares["only:experts"] < 1 and shares["only:attention+router"] > shares["only:experts"]
+    assert main(["compare", "--analog", "experts,attn", "--run-dir", str(tmp_path / "d")]) == 2
+    assert "unknown module category 'attn'" in capsys.readouterr().out

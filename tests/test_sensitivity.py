@@ -15,8 +15,11 @@ from romer_kernels.nn.analog_linear import AnalogLinear
 
 
 def test_part_names_round_trip_and_bad_parts_are_refused():
-    for part in (Part("attention"), Part("router", 2), Part("experts", 1, 7)):
+    for part in (Part("attention"), Part("router", 2), Part("experts", 1, 7), Part("experts+router", 3)):
         assert Part.parse(part.name) == part
+    assert Part.parse("only:experts+router").categories == ("experts", "router")
+    with pytest.raises(ValueError, match="named twice"):
+        Part("experts+experts")
     assert Part("experts", 1, 7).name == "only:experts@1#7"
     with pytest.raises(ValueError, match="unknown module category 'attn'"):
         Part.parse("only:attn@1")

@@ -530,6 +530,10 @@ def _check_options(args) -> None:
     the sweep's numbers, the tasks (named and with local data), the variants, then the settings as a whole
     (options that contradict the config, e.g. ReRAM read times)."""
     _config(args)
+    for value in getattr(args, "analog", None) or ():   # --analog experts,router -> variant only:experts+router
+        name = "only:" + "+".join(c.strip() for c in value.split(",") if c.strip())
+        if name not in args.variants:
+            args.variants.append(name)
     for flag, value, least in (("--seeds", getattr(args, "seeds", None), 1),
                                ("--windows", getattr(args, "windows", None), 0),
                                ("--task-limit", getattr(args, "task_limit", None), 1)):
@@ -595,19 +599,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     from romer_kernels.evaluation.compare import DEFAULT_VARIANTS, VARIANTS  # noqa: PLC0415
 
+    from romer_kernels.moe.convert import CATEGORIES  # noqa: PLC0415
+
     compare = commands.add_parser("compare", formatter_class=DefaultsHelpFormatter, help="clean vs noisy vs noisy + each robustness method")
     compare.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name, local folder or hub id")
     compare.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="VARIANT",
-                         help=f"of {', '.join(VARIANTS)}; ROMER stage 1 swept: romer-replace-rN / romer-rN (the N "
+                         help="; ".join(f"{name}: {v.description}" for name, v in VARIANTS.items()).replace("%", "%%")
+                              + "; ROMER stage 1 swept: romer-replace-rN / romer-rN (the N "
                               "coldest experts per layer replaced), romer-replace-tauX / romer-tauX (cold under X/E); "
                               "a part alone: only:CATEGORY[@LAYER][#EXPERT] (default: %(default)s)")
+    compare.add_argument("--analog", nargs="+", default=[], metavar="CAT[,CAT...]",
+                         help="placements as variants: each value puts only these module categories on crossbars "
+                              f"(of {', '.join(CATEGORIES)}), e.g. --analog experts experts,router: the variants "
+                              "only:experts and only:experts+router")
     compare.add_argument("--calib-split", default="valid", choices=["train", "valid", "test"],
                          help="split the methods calibrate on (never the evaluated one)")
     compare.add_argument("--calib-windows", type=int, default=8, help="calibration windows of --seq-len tokens")
     _add_sweep_arguments(compare, "")
     compare.set_defaults(func=_compare, seeds=5, scales=[1.0, 2.0])
-
-    from romer_kernels.moe.convert import CATEGORIES  # noqa: PLC0415
 
     sensitivity = commands.add_parser("sensitivity", formatter_class=DefaultsHelpFormatter, help="which part of the model is sensitive: one part analog at a "
                                                           "time (per category and layer), a table and a heatmap")

@@ -106,7 +106,7 @@ def variant_of(name: str) -> Variant | None:
     if name.startswith(PART_PREFIX):
         part = Part.parse(name)
         return Variant(name, lambda model, calib: part_placement(model, part), None,
-                       f"only {part.category} analog", needs_calib=False)
+                       f"only {' and '.join(part.categories)} analog", needs_calib=False)
     try:
         return VARIANTS[name]
     except KeyError:

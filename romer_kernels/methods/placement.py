@@ -207,9 +207,10 @@ PART_PREFIX = "only:"
 
 @dataclass(frozen=True)
 class Part:
-    """One part of a model: a module category, optionally in one decoder layer only, optionally one
-    routed expert of that layer only. Its ``name`` (``only:experts@3#5``) is a sweep variant: the model
-    with this part analog and everything else digital (``part_placement``)."""
+    """One part of a model: a module category (or several, joined by ``+``: ``experts+router``), optionally
+    in one decoder layer only, optionally one routed expert of that layer only. Its ``name``
+    (``only:experts@3#5``) is a sweep variant: the model with this part analog and everything else digital
+    (``part_placement``)."""
 
     category: str
     layer: int | None = None
@@ -218,13 +219,21 @@ class Part:
     def __post_init__(self) -> None:
         from romer_kernels.moe.convert import CATEGORIES  # noqa: PLC0415
 
-        if self.category not in CATEGORIES:
-            raise ValueError(f"unknown module category {self.category!r}; known: {', '.join(CATEGORIES)}")
+        names = self.category.split("+")
+        for name in names:
+            if name not in CATEGORIES:
+                raise ValueError(f"unknown module category {name!r}; known: {', '.join(CATEGORIES)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a category named twice in {self.category!r}")
         if self.expert is not None and (self.category != "experts" or self.layer is None):
             raise ValueError("a single expert is a part of category 'experts' in one layer (only:experts@L#E)")
         for what, value in (("layer", self.layer), ("expert", self.expert)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"Part.{what} must be a non-negative int, got {value!r}")
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        return tuple(self.category.split("+"))
 
     @property
     def name(self) -> str:
@@ -234,7 +243,7 @@ class Part:
 
     @classmethod
     def parse(cls, name: str) -> "Part":
-        match = re.fullmatch(rf"{PART_PREFIX}([a-z_]+)(?:@(\d+))?(?:#(\d+))?", name)
+        match = re.fullmatch(rf"{PART_PREFIX}([a-z_+]+)(?:@(\d+))?(?:#(\d+))?", name)
         if match is None:
             raise ValueError(f"{name!r} is not a part name (only:CATEGORY, only:CATEGORY@LAYER or "
                              "only:experts@LAYER#EXPERT)")
@@ -276,7 +285,7 @@ def part_placement(model: nn.Module, part: Part) -> Placement:
             if part.expert >= count:
                 raise ValueError(f"{part.name}: {name} has {count} experts (0..{count - 1})")
             digital_experts[name] = tuple(e for e in range(count) if e != part.expert)
-    return dataclasses.replace(Placement.all_digital_except(part.category), digital=digital,
+    return dataclasses.replace(Placement.all_digital_except(*part.categories), digital=digital,
                                digital_experts=digital_experts)
 
 
