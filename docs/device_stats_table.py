@@ -12,11 +12,11 @@ each read is a fresh sample around the targets). ``tests/test_noise_models.py`` 
 """
 from __future__ import annotations
 
-import argparse
 import math
-import re
 import sys
 from pathlib import Path
+
+from doc_sections import regenerate  # this folder's section writer
 
 import torch
 from scipy.stats import norm
@@ -126,21 +126,7 @@ def tables() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--print", action="store_true", help="print the tables instead of rewriting the doc")
-    args = parser.parse_args(argv)
-    text = tables()
-    if args.print:
-        print(text)
-        return 0
-    doc = DOC.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
-    if not pattern.search(doc):
-        raise SystemExit(f"{DOC} has no {START} ... {END} markers")
-    DOC.write_text(pattern.sub(lambda _: f"{START}\n{text}{END}", doc))
-    print(f"rewrote the device statistics tables in {DOC}")
-    return 0
-
+    return regenerate(DOC, START, END, tables, "the device statistics tables", __doc__.splitlines()[0], argv)
 
 if __name__ == "__main__":
     sys.exit(main())

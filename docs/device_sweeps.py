@@ -15,10 +15,10 @@ About 4 minutes on a 2-core CPU. Every sweep is an ordinary run folder (``romer 
 """
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 from pathlib import Path
+
+from doc_sections import regenerate  # this folder's section writer
 
 from romer_kernels.config.presets import load_config
 from romer_kernels.evaluation.runner import SweepSettings, Workload
@@ -129,21 +129,7 @@ def _plot(curves) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--print", action="store_true", help="print the tables instead of rewriting the doc")
-    args = parser.parse_args(argv)
-    text = run()
-    if args.print:
-        print(text)
-        return 0
-    doc = DOC.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
-    if not pattern.search(doc):
-        raise SystemExit(f"{DOC} has no {START} ... {END} markers")
-    DOC.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", doc))
-    print(f"rewrote the device sweeps in {DOC}")
-    return 0
-
+    return regenerate(DOC, START, END, lambda: run() + "\n", "the device sweeps", __doc__.splitlines()[0], argv)
 
 if __name__ == "__main__":
     sys.exit(main())

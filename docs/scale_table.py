@@ -7,10 +7,10 @@ Meta device only (no weights): runs in a few seconds on any machine.
 """
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 from pathlib import Path
+
+from doc_sections import regenerate  # this folder's section writer
 
 from romer_kernels.evaluation.memory import estimate_memory, format_bytes
 
@@ -88,21 +88,7 @@ def tables() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--print", action="store_true", help="print the tables instead of rewriting docs/scale.md")
-    args = parser.parse_args(argv)
-    text = tables()
-    if args.print:
-        print(text)
-        return 0
-    doc = DOC.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(doc):
-        raise SystemExit(f"{DOC} has no {START} ... {END} section to rewrite")
-    DOC.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", doc))
-    print(f"rewrote the tables in {DOC}")
-    return 0
-
+    return regenerate(DOC, START, END, lambda: tables() + "\n", "the tables", __doc__.splitlines()[0], argv)
 
 if __name__ == "__main__":
     sys.exit(main())
