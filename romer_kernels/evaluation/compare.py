@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from scipy import stats
 from torch import nn
 
 from romer_kernels.evaluation.executors import LocalExecutor, RayExecutor, run_trials
 from romer_kernels.evaluation.lm_metrics import LMEval
 from romer_kernels.evaluation.results import write_run_files
-from romer_kernels.evaluation.montecarlo import ResultsStore, Summary, Trial, grid, summarize_trials, write_text_atomic
+from romer_kernels.evaluation.montecarlo import (ResultsStore, Summary, Trial, grid, summarize_trials, t_half_width,
+                                                 write_text_atomic)
 from romer_kernels.evaluation.runner import SweepSettings, Workload, trial_metrics
 from romer_kernels.evaluation.sweep import (errorbar_vs_scale, finish_axis, interval_note, open_session, save_figure,
                                            workload_of)
@@ -118,10 +118,6 @@ def paired_change(rows: list[tuple[Trial, dict[str, float]]], baseline: str = "n
         diffs = [values[seed] - base[seed] for seed in sorted(values) if seed in base]
         if not diffs:
             continue
-        mean = statistics.fmean(diffs)
-        if len(diffs) > 1:
-            half = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-        else:
-            half = math.nan
+        mean, half = statistics.fmean(diffs), t_half_width(diffs, confidence)
         out[(scale, t, variant)] = (math.expm1(mean), math.expm1(mean - half), math.expm1(mean + half), len(diffs))
     return out

@@ -224,6 +224,13 @@ def metric_range(metric: str) -> tuple[float, float]:
     return METRIC_RANGES.get(metric, (-math.inf, math.inf))
 
 
+def t_half_width(values: list[float], confidence: float = 0.95) -> float:
+    """Half width of the Student-t confidence interval of the mean of ``values`` (NaN below 2 values)."""
+    if len(values) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def summarize_trials(rows: list[tuple[Trial, dict[str, float]]], confidence: float = 0.95) -> list[Summary]:
     """Mean, sample std and a Student-t confidence interval of each metric per (noise scale, time,
     variant). PPL's interval is computed on log PPL and mapped back (``LOG_SCALE_METRICS``); bounded
@@ -239,13 +246,12 @@ def summarize_trials(rows: list[tuple[Trial, dict[str, float]]], confidence: flo
                 continue
             mean = statistics.fmean(values)
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            t_value = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) if len(values) > 1 else math.nan
             if metric in LOG_SCALE_METRICS and len(values) > 1 and min(values) > 0:
                 logs = [math.log(v) for v in values]
-                centre, half = statistics.fmean(logs), t_value * statistics.stdev(logs) / math.sqrt(len(logs))
+                centre, half = statistics.fmean(logs), t_half_width(logs, confidence)
                 low, high = math.exp(centre - half), math.exp(centre + half)
             else:
-                half = t_value * std / math.sqrt(len(values)) if len(values) > 1 else math.nan
+                half = t_half_width(values, confidence)
                 low, high = mean - half, mean + half
                 if len(values) > 1:
                     lowest, highest = metric_range(metric)
