@@ -85,7 +85,21 @@ def _settings(args, placement=None):
     return SweepSettings(config=_config(args), placement=placement or Placement(), seeds=tuple(range(args.seeds)),
                          noise_scales=tuple(args.scales), times=tuple(args.times), seq_len=args.seq_len,
                          batch_size=args.batch_size, max_windows=args.windows, tasks=_tasks(args),
-                         task_limit=args.task_limit)
+                         task_limit=args.task_limit, hwa_checkpoint=_hwa_checkpoint(args))
+
+
+def _hwa_checkpoint(args) -> str | None:
+    """--hwa-checkpoint: the model folder romer hwa-train wrote, given as it or as its run folder."""
+    path = getattr(args, "hwa_checkpoint", None)
+    if not path:
+        return None
+    folder = Path(path)
+    if (folder / "model" / "model.safetensors").is_file():
+        folder = folder / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"--hwa-checkpoint {path}: no HWA checkpoint there (the run folder of romer "
+                                "hwa-train, or its model/ folder)")
+    return str(folder)
 
 
 def _tasks(args) -> tuple[str, ...]:
@@ -253,6 +267,8 @@ def _run_folder(args, base: str) -> Path:
         parts.append(f"placement-{Path(args.placement).stem}")
     if getattr(args, "allow_digital", None):
         parts.append("allow-digital")
+    if getattr(args, "hwa_checkpoint", None):
+        parts.append("hwa-" + Path(_hwa_checkpoint(args)).parent.name)
     for name, prefix in (("data", "data-"), ("split", ""), ("seq_len", "L"), ("batch_size", "b"), ("windows", "w"),
                          ("dtype", "")):
         value, default = getattr(args, name), getattr(defaults, name)
@@ -306,13 +322,15 @@ def _compare(args: argparse.Namespace) -> int:
     from romer_kernels.evaluation.compare import paired_change  # noqa: PLC0415
 
     change = paired_change(result.rows) if "noisy" in args.variants else {}
+    training = any(s.metric == "train_steps" for s in result.summaries)   # an hwa variant: show its cost
     for column in ("noise scale", "t (s)", "variant", "n", "digital", "PPL", "PPL vs noisy (95 % CI, paired)", "LIS",
-                   "crossbar LIS", "flip rate", *(task.replace(":", " ") for task in tasks)):
+                   "crossbar LIS", "flip rate", *(task.replace(":", " ") for task in tasks),
+                   *(["training"] if training else [])):
         table.add_column(column, justify="left" if column == "variant" else "right")
     clean = result.clean
     table.add_row("-", "-", "clean", "1", "100 %", f"{clean.perplexity:.3f}", "-", f"{clean.routing.lis:.3f}",
                   "-" if clean.crossbar_lis is None else f"{clean.crossbar_lis:.3f}", "0",
-                  *(f"{clean.tasks[task]:.3f}" for task in tasks))
+                  *(f"{clean.tasks[task]:.3f}" for task in tasks), *(["none"] if training else []))
     by_key: dict[tuple, dict] = {}
     for s in result.summaries:
         by_key.setdefault((s.noise_scale, s.t_inference, args.variants.index(s.variant)
@@ -323,7 +341,8 @@ def _compare(args: argparse.Namespace) -> int:
                       "-" if share is None else f"{100 * share[0]:.1f} %", _fmt(metrics.get("ppl")),
                       _change(change.get((scale, t, variant))), _fmt(metrics.get("lis")),
                       _fmt(metrics.get("crossbar_lis")), _fmt(metrics.get("flip_rate")),
-                      *(_fmt(metrics.get(task)) for task in tasks))
+                      *(_fmt(metrics.get(task)) for task in tasks),
+                      *([_training_cost(metrics)] if training else []))
     console.print(table)
     console.print("digital: share of the weight-matrix parameters the variant keeps digital (lm_head included)",
                   style="dim")
@@ -338,6 +357,51 @@ def _compare(args: argparse.Namespace) -> int:
     plot = plot_compare(result, run_dir / f"compare.{args.plot_format}", f"{args.model}, {_label(args)}")
     console.print(f"{result.trials_run} trials run now; {run_dir}: results.sqlite, results.csv, summary.json, "
                   f"plot {plot.name}; {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _training_cost(metrics: dict) -> str:
+    if "train_steps" not in metrics:
+        return "none"
+    return f"{metrics['train_steps'][0]:.0f} steps, {metrics['train_seconds'][0]:.0f} s"
+
+
+def _hwa_train(args: argparse.Namespace) -> int:
+    from romer_kernels.config.hwa import HWAConfig  # noqa: PLC0415
+    from romer_kernels.evaluation.hwa import hwa_train  # noqa: PLC0415
+    from romer_kernels.methods.hwa import HWATrainSettings  # noqa: PLC0415
+
+    args.windows = args.windows or None
+    placement = _placement(args)
+    train = HWATrainSettings(steps=args.steps, lr=args.lr, batch_size=args.train_batch_size,
+                             seq_len=args.train_seq_len, warmup=args.warmup, weight_decay=args.weight_decay,
+                             grad_clip=args.grad_clip, save_every=args.save_every, data_seed=args.data_seed)
+    hwa = HWAConfig(weight_noise=args.weight_noise, weight_noise_scale=args.weight_noise_scale,
+                    gaussian_sigma=args.gaussian_sigma, mvm_noise=not args.no_mvm_noise, clip_sigma=args.clip_sigma,
+                    seed=args.seed)
+    run_dir = Path(args.run_dir or f"runs/hwa-{Path(args.model).name}-{_label(args)}-s{args.steps}")
+    console.print(f"[bold]romer hwa-train[/]: {args.model}, preset {_label(args)}, {args.steps} steps of "
+                  f"{args.train_batch_size} x {args.train_seq_len} tokens of the {args.data} train split, weight noise "
+                  f"{args.weight_noise}; evaluated before and after on {args.seeds} chip seeds at t {args.times} s; run "
+                  f"folder {run_dir}")
+    start = time.perf_counter()
+    result = hwa_train(args.model, _config(args), run_dir, train, hwa, placement, _settings(args, placement),
+                       data=args.data, progress=True)
+    table = Table(title=f"{args.model} ({_label(args)}): HWA fine-tuning, {result.run.steps} steps in "
+                        f"{result.run.seconds:.0f} s; noisy PPL mean ± std over {args.seeds} chip seeds (95 % interval)")
+    for column in ("model", "clean PPL", *(f"noisy PPL, scale {r['noise_scale']:g}, t {r['t']:g} s"
+                                         for r in result.report["before"]["noisy"])):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for side, label in (("before", "before (base)"), ("after", "after HWA")):
+        part = result.report[side]
+        table.add_row(label, f"{part['clean_ppl']:.3f}",
+                      *(f"{r['ppl']:.3f} ± {r['ppl_std']:.3f} ({r['ppl_low']:.2f}..{r['ppl_high']:.2f})"
+                        for r in part["noisy"]))
+    console.print(table)
+    _warn_few_seeds(args)
+    console.print(f"{run_dir}: model/ (checkpoint: romer eval --model {result.run.checkpoint}; romer compare "
+                  f"--hwa-checkpoint {run_dir} --variants noisy hwa hwa+romer), before/, after/, report.json, "
+                  f"loss.png; {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -554,8 +618,11 @@ def _check_options(args) -> None:
     if getattr(args, "variants", None):
         from romer_kernels.evaluation.variants import variant_of  # noqa: PLC0415
 
-        for name in args.variants:
-            variant_of(name)
+        hwa = [name for name in args.variants if variant_of(name) is not None and variant_of(name).weights == "hwa"]
+        if hwa and not getattr(args, "hwa_checkpoint", None):
+            raise ValueError(f"variant(s) {', '.join(hwa)} need --hwa-checkpoint (the run folder of romer hwa-train)")
+    if getattr(args, "hwa_checkpoint", None):
+        _hwa_checkpoint(args)
     if getattr(args, "times", None) is not None:
         _settings(args)        # options that contradict the config (e.g. ReRAM read times) fail here
     if getattr(args, "seeds", None) is not None and getattr(args, "model", None):
@@ -615,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--calib-split", default="valid", choices=["train", "valid", "test"],
                          help="split the methods calibrate on (never the evaluated one)")
     compare.add_argument("--calib-windows", type=int, default=8, help="calibration windows of --seq-len tokens")
+    compare.add_argument("--hwa-checkpoint", metavar="DIR", help="the run folder of romer hwa-train (or its model/ "
+                         "folder): the variants hwa (the fine-tuned weights, no method) and hwa+VARIANT (VARIANT on "
+                         "the fine-tuned weights) evaluate it on the same chip seeds")
     _add_sweep_arguments(compare, "")
     compare.set_defaults(func=_compare, seeds=5, scales=[1.0, 2.0])
 
@@ -628,6 +698,40 @@ def build_parser() -> argparse.ArgumentParser:
                              "(for the placement methods)")
     _add_sweep_arguments(sensitivity, "")
     sensitivity.set_defaults(func=_sensitivity, scales=[1.0])
+
+    hwa = commands.add_parser("hwa-train", formatter_class=DefaultsHelpFormatter,
+                              help="hardware-aware fine-tuning (Rasch 2023): noise injection on the train split, "
+                                   "checkpoint, PPL before and after")
+    hwa.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name, local folder or hub id")
+    hwa.add_argument("--preset", default="rasch2023", help=PRESET_HELP)
+    hwa.add_argument("--set", nargs="+", action="extend", default=[], metavar="PART.FIELD=VALUE", help=SET_HELP)
+    hwa.add_argument("--placement", help="JSON file with a Placement (default: all analog but lm_head)")
+    hwa.add_argument("--allow-digital", metavar="all|PATTERNS", help=ALLOW_DIGITAL_HELP)
+    hwa.add_argument("--data", default="bundled", help="'bundled', a text file, or hf:NAME:CONFIG[:SPLIT]")
+    hwa.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    hwa.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate (warm-up, cosine to 10 %%)")
+    hwa.add_argument("--train-batch-size", type=int, default=8, help="windows per step")
+    hwa.add_argument("--train-seq-len", type=int, default=128, help="tokens per training window")
+    hwa.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
+    hwa.add_argument("--weight-decay", type=float, default=0.0)
+    hwa.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (0: none)")
+    hwa.add_argument("--save-every", type=int, default=50, help="steps between save points (resume from the last)")
+    hwa.add_argument("--data-seed", type=int, default=0, help="which training windows each step draws")
+    hwa.add_argument("--weight-noise", default="device", choices=["device", "gaussian", "none"],
+                     help="weight noise per mini-batch: device = a fresh chip of the preset's device model (its "
+                          "programming noise), gaussian = additive N(0, sigma x column max), none")
+    hwa.add_argument("--weight-noise-scale", type=float, default=1.0, help="multiplies the injected weight noise")
+    hwa.add_argument("--gaussian-sigma", type=float, default=0.02, help="--weight-noise gaussian: sigma")
+    hwa.add_argument("--no-mvm-noise", action="store_true", help="train without the preset's per-MVM noise "
+                     "(output, input and read noise)")
+    hwa.add_argument("--clip-sigma", type=float, default=0.0, help="clip analog weights to +-N std after each step "
+                     "(0: no clipping)")
+    hwa.add_argument("--seed", type=int, default=0, help="seed of the training chips (never an evaluation chip)")
+    hwa.add_argument("--seeds", type=int, default=3, help="chip seeds of the before/after evaluation")
+    hwa.add_argument("--times", type=seconds, nargs="+", default=[3600.0], help="evaluation times after programming")
+    hwa.add_argument("--windows", type=int, default=16, help="evaluation windows of 256 tokens (0 = all)")
+    hwa.add_argument("--run-dir", help="run folder (default runs/hwa-MODEL-PRESET-sSTEPS)")
+    hwa.set_defaults(func=_hwa_train, scales=[1.0], seq_len=256, batch_size=8, tasks=None, task_limit=None)
 
     info = commands.add_parser("info", formatter_class=DefaultsHelpFormatter, help="print which modules of a model are analog, or (--memory) the memory "
                                             "it needs")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -49,9 +50,15 @@ class SweepSettings:
     max_windows: int | None = 16
     tasks: tuple[str, ...] = ()         # lm-eval tasks scored on the clean model and on every chip
     task_limit: int | None = None       # documents per task (None: all)
+    hwa_checkpoint: str | None = None   # HWA fine-tuned model folder the "hwa" variants evaluate
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
+        if self.hwa_checkpoint is not None:
+            self.hwa_checkpoint = str(self.hwa_checkpoint)
+            if not (Path(self.hwa_checkpoint) / "model.safetensors").is_file():
+                raise ValueError(f"hwa_checkpoint {self.hwa_checkpoint} is no HWA checkpoint folder (no "
+                                 "model.safetensors): give the model/ folder that romer hwa-train wrote")
         if self.task_limit is not None and self.task_limit < 1:
             raise ValueError(f"task_limit must be a positive number of documents, got {self.task_limit}")
         fitted = getattr(self.config.noise, "FITTED_TIMES", None)
@@ -201,6 +208,7 @@ class TrialRunner:
 
             check_tasks(settings.tasks)
         self.calib = None if calib_ids is None else calibration_windows(calib_ids, settings.seq_len, calib_windows)
+        self._hwa: dict[str, torch.Tensor] | None = None  # the HWA checkpoint's weights, loaded when first needed
         self.identity = self._identity()  # of the clean model, before any conversion
         self.clean = clean if clean is not None else self._score()
         self._placements: dict[str, Placement] = {}
@@ -210,6 +218,8 @@ class TrialRunner:
         self._method_applied = False
         self._method_metrics: dict[str, float] = {}   # what the current trial's method did
         self._digital_share = 0.0                       # of the current placement's weight-matrix parameters
+        self._weights = "base"                          # whose weights the model holds: "base" or "hwa"
+        self._base_tensors: dict[str, torch.Tensor] = {}  # the model's own tensors while it holds the HWA ones
 
     def _identity(self) -> dict[str, Any]:
         """What, besides the settings, decides this runner's numbers: the digests of the weights and of
@@ -225,11 +235,59 @@ class TrialRunner:
                "tokens": tensor_digest([torch.as_tensor(self.eval_ids)]),
                "calib_tokens": None if self.calib is None else tensor_digest([self.calib]),
                "backend": resolve_backend(None, device), "version": __version__}
+        if self.settings.hwa_checkpoint is not None:  # the fine-tuned weights, not the folder's name
+            out["hwa_weights"] = tensor_digest(self._hwa_weights()[name] for name in sorted(self._hwa_weights()))
         if self.settings.tasks:  # task scores also depend on the harness' version (prompts, metrics)
             from importlib.metadata import version  # noqa: PLC0415
 
             out["lm_eval"] = version("lm_eval")
         return out
+
+    def _hwa_weights(self) -> dict[str, torch.Tensor]:
+        """The HWA checkpoint's tensors by parameter name, in the model's dtypes and on its device."""
+        if self._hwa is None:
+            from romer_kernels.models.loading import load_model_and_tokenizer  # noqa: PLC0415
+
+            folder = Path(self.settings.hwa_checkpoint)
+            # through transformers, which maps the saved layout (e.g. per-expert tensors) to the model's own
+            saved = dict(load_model_and_tokenizer(str(folder))[0].named_parameters())
+            params = dict(self.model.named_parameters())
+            unknown = sorted(set(saved) - set(params))
+            missing = sorted(set(params) - set(saved))
+            if unknown or missing:
+                raise ValueError(f"HWA checkpoint {folder} does not fit the model: "
+                                 f"{'unknown ' + ', '.join(unknown[:3]) if unknown else ''}"
+                                 f"{' missing ' + ', '.join(missing[:3]) if missing else ''}")
+            self._hwa = {name: saved[name].detach().to(dtype=params[name].dtype, device=params[name].device)
+                         for name in params}
+            record = folder / "hwa.json"
+            self._hwa_cost = {}
+            if record.is_file():
+                import json  # noqa: PLC0415
+
+                data = json.loads(record.read_text())
+                self._hwa_cost = {"train_steps": float(data["steps"]), "train_seconds": float(data["seconds"])}
+        return self._hwa
+
+    def _use_weights(self, kind: str) -> None:
+        """Let the model hold the base or the HWA weights: every Parameter's tensor swapped (no copy of
+        either set; the chips see a new tensor and are programmed again)."""
+        if kind == self._weights:
+            return
+        if kind == "hwa" and self.settings.hwa_checkpoint is None:
+            raise ValueError("the hwa variants need SweepSettings.hwa_checkpoint (romer compare --hwa-checkpoint)")
+        self._make_digital()
+        params = dict(self.model.named_parameters())
+        if kind == "hwa":
+            for name, tensor in self._hwa_weights().items():
+                self._base_tensors[name] = params[name].data
+                params[name].data = tensor
+        else:
+            for name, tensor in self._base_tensors.items():
+                params[name].data = tensor
+            self._base_tensors = {}
+        self._weights = kind
+        self._programmed = self._time = None
 
     def placement(self, variant: str) -> Placement:
         """The placement of ``variant`` (the sweep's own for ``""``), computed once on the clean model."""
@@ -261,6 +319,7 @@ class TrialRunner:
     def prepare(self, trial: Trial) -> nn.Module:
         """The model as trial ``trial``'s chip, ready to evaluate (method applied)."""
         variant = variant_of(trial.variant)
+        self._use_weights("base" if variant is None else variant.weights)
         placement = self.placement(trial.variant)
         if self._method_applied:
             undo_methods_(self.model)
@@ -312,7 +371,8 @@ class TrialRunner:
         """The trial's metrics, plus what only the runner knows: the share of weight-matrix parameters its
         placement keeps digital, and what its method did (``replaced_experts``, ``replicas``)."""
         metrics = trial_metrics(self.evaluate(trial))
-        return metrics | {"digital_share": self._digital_share} | self._method_metrics
+        cost = self._hwa_cost if self._weights == "hwa" else {}   # what the fine-tuning cost, from its hwa.json
+        return metrics | {"digital_share": self._digital_share} | self._method_metrics | cost
 
     def run_group(self, trials: list[Trial]) -> list[TrialResult]:
         """The result of each trial, in order; a trial whose model output is not finite is a failed
@@ -327,5 +387,6 @@ class TrialRunner:
         return out
 
     def close(self) -> None:
-        """Give the model back digital (its own Parameters, unchanged); the chips are freed."""
+        """Give the model back digital (its own Parameters and tensors, unchanged); the chips are freed."""
         self._make_digital()
+        self._use_weights("base")

@@ -7,6 +7,7 @@ removes them without any weight having been copied.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class Variant:
     method: MethodFn | None = None
     description: str = ""
     needs_calib: bool = True      # whether placement or method read calibration tokens
+    weights: str = "base"         # "hwa": the HWA fine-tuned checkpoint's weights (SweepSettings.hwa_checkpoint)
 
 
 def _all_analog(model: nn.Module, calib: torch.Tensor) -> Placement:
@@ -91,6 +93,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("rq", _all_analog, _rq, "Replicate-and-Quantize (1 int8 replica per layer)"),
     Variant("maxnn-12.5+romer", _digital(0.125, "maxnn"), _romer("replace", "recalibrate"), "MaxNN placement + ROMER"),
 )}
+HWA_PREFIX = "hwa+"  # hwa+VARIANT: VARIANT's placement and method on the HWA fine-tuned weights
 DEFAULT_VARIANTS = ("noisy", "maxnn-12.5", "random-12.5", "romer-recal", "romer", "rq")
 
 
@@ -100,6 +103,15 @@ def variant_of(name: str) -> Variant | None:
     sweep) is None."""
     if name == "":
         return None
+    if name == "hwa":
+        return Variant("hwa", _all_analog, None, "the HWA fine-tuned checkpoint (--hwa-checkpoint), no method",
+                       needs_calib=False, weights="hwa")
+    if name.startswith(HWA_PREFIX):
+        inner = variant_of(name[len(HWA_PREFIX):])
+        if inner is None or inner.weights == "hwa":
+            raise ValueError(f"variant {name!r}: give hwa+ a retraining-free variant, e.g. hwa+romer")
+        return dataclasses.replace(inner, name=name, weights="hwa",
+                                   description=f"HWA checkpoint + {inner.name} ({inner.description})")
     swept = _romer_sweep_variant(name)
     if swept is not None:
         return swept
@@ -112,7 +124,7 @@ def variant_of(name: str) -> Variant | None:
     except KeyError:
         raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}; ROMER stage 1 swept: "
                          "romer-replace-rN / romer-rN (N coldest experts per layer), romer-replace-tauX / romer-tauX "
-                         "(cold under X/E); a part: only:CATEGORY[@LAYER][#EXPERT]") from None
+                         "(cold under X/E); a part: only:CATEGORY[@LAYER][#EXPERT]; HWA: hwa, hwa+VARIANT") from None
 
 
 def calibration_windows(token_ids: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:

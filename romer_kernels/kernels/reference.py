@@ -82,6 +82,12 @@ def _quantize(v: torch.Tensor, step: float) -> torch.Tensor:
     return torch.round(v / step32) * step32
 
 
+def _quantize_ste(v: torch.Tensor, step: float) -> torch.Tensor:
+    """``_quantize`` with a straight-through gradient: the value is exactly ``_quantize(v)`` (v - v.detach()
+    is exactly 0), the gradient that of the identity."""
+    return _quantize(v.detach(), step) + (v - v.detach())
+
+
 def _noise_management(xt: torch.Tensor, io: IOConfig) -> torch.Tensor:
     if io.noise_management == "abs_max":
         scale = xt.abs().amax(dim=-1, keepdim=True)
@@ -106,6 +112,8 @@ def tiled_mvm(
     stream_seed: StreamSeed | None,
     abs_wt: torch.Tensor | None = None,
     row_ids: torch.Tensor | None = None,
+    trace: dict | None = None,
+    differentiable: bool = False,
 ) -> torch.Tensor:
     """Analog MVM of every (input tile, vector) pair, returned per input tile before digital scaling.
 
@@ -114,6 +122,12 @@ def tiled_mvm(
     optionally ``wt.abs()`` precomputed (needed by PCM-read noise and IR drop), ``row_ids`` the global
     token index of each vector for the noise streams (default 0..B-1). Returns
     ``z * scale * r`` as [T, B, out]. ``stream_seed`` None switches every per-MVM noise off.
+    ``trace``: a dict that receives what a backward pass needs (``kernels.hwa``): ``round`` [T, B, out]
+    int8, the bound-management round whose output was kept (-1: an all-zero vector, exactly 0), and
+    ``clipped`` [T, B, out] bool, where that output was beyond the ADC bound.
+    ``differentiable``: the same values, and autograd gives the gradients HWA training defines (the
+    reference of ``kernels.hwa``): DAC and ADC rounding straight through, their clipping zeroes the gradient
+    beyond the bound, the noise-management scale, IR drop and every noise term constant.
     """
     n_tiles, batch, n_max = xt.shape
     out_features = wt.shape[1]
@@ -121,9 +135,14 @@ def tiled_mvm(
     if rows.shape != (batch,):
         raise ValueError(f"row_ids must have one id per input vector ({batch}), got shape {tuple(rows.shape)}")
     if io.is_perfect:
+        if trace is not None:
+            trace["round"] = torch.zeros(n_tiles, batch, out_features, dtype=torch.int8)
+            trace["clipped"] = torch.zeros(n_tiles, batch, out_features, dtype=torch.bool)
         return torch.bmm(xt, wt.transpose(1, 2))
 
-    nm_scale = _noise_management(xt, io)                     # [T, B, 1]
+    quantize = _quantize_ste if differentiable else _quantize
+    constant = torch.Tensor.detach if differentiable else (lambda t: t)
+    nm_scale = _noise_management(constant(xt), io)           # [T, B, 1]
     # A vector whose scale is 0 (all-zero slice under noise management) gives exactly 0, as in aihwkit.
     dead = (nm_scale <= 0) if io.noise_management != "none" and io.inp_noise <= 0 else None
     safe_scale = torch.where(nm_scale > 0, nm_scale, torch.ones_like(nm_scale))
@@ -132,7 +151,6 @@ def tiled_mvm(
     in_pos = torch.arange(n_max, dtype=xt.dtype)
     sizes = torch.tensor(in_sizes, dtype=xt.dtype)[:, None]
     valid_inputs = in_pos[None, :] < sizes                   # [T, n_max]
-    in_offset = torch.cumsum(torch.tensor([0, *in_sizes[:-1]]), 0)
 
     result = torch.zeros(n_tiles, batch, out_features, dtype=xt.dtype)
     pending = torch.ones(n_tiles, batch, out_features, dtype=torch.bool)
@@ -143,36 +161,37 @@ def tiled_mvm(
     if abs_w is None and (io.w_noise_type == "pcm_read" or io.ir_drop > 0):
         abs_w = wt.abs()
 
+    if trace is not None:
+        kept_round = torch.full((n_tiles, batch, out_features), -1, dtype=torch.int8)
+        beyond = torch.zeros(n_tiles, batch, out_features, dtype=torch.bool)
     for bm_round in range(MAX_BM_ROUNDS):
         reduction = float(2 ** bm_round)
         input_scale = (1.0 / safe_scale) / reduction          # aihwkit: scale = 1/nm, then /= reduction
-        x_dac = _quantize(xt * input_scale, io.inp_step).clamp(-io.inp_bound, io.inp_bound)
-        if io.inp_noise > 0 and stream_seed is not None:
-            noise = normal_rows(stream_seed(Purpose.INP_NOISE, bm_round), rows, sum(in_sizes))
-            tiles = torch.zeros_like(x_dac)
-            for i, size in enumerate(in_sizes):
-                tiles[i, :, :size] = noise[:, int(in_offset[i]): int(in_offset[i]) + size]
-            x_dac = x_dac + io.inp_noise * tiles
-        x_dac = x_dac * valid_inputs[:, None, :]
+        x_dac = dac_output(xt, input_scale, io, stream_seed, bm_round, rows, in_sizes, valid_inputs, quantize)
 
         z = torch.bmm(x_dac, wt.transpose(1, 2))              # [T, B, out]
+        x_const, w_const = constant(x_dac), constant(wt)
         if io.ir_drop > 0:
-            current = torch.bmm(x_dac.abs(), abs_w.transpose(1, 2))
+            current = torch.bmm(x_const.abs(), constant(abs_w).transpose(1, 2))
             a = current * (sizes[:, :, None] / io.ir_drop_g_ratio)
             c = a * (a * (0.05 * a - 0.2) + 0.5)
             position = 1.0 - in_pos[None, :] / sizes
-            weighted = torch.bmm(x_dac * (1.0 - position * position)[:, None, :], wt.transpose(1, 2))
+            weighted = torch.bmm(x_const * (1.0 - position * position)[:, None, :], w_const.transpose(1, 2))
             z = z - c * io.ir_drop * weighted
         if stream_seed is not None and io.w_noise > 0:
             if io.w_noise_type == "additive_constant":
-                std = io.w_noise * x_dac.norm(dim=-1, keepdim=True)
+                std = io.w_noise * x_const.norm(dim=-1, keepdim=True)
             else:
-                std = io.w_noise * torch.bmm(x_dac * x_dac, abs_w.transpose(1, 2)).sqrt()
+                std = io.w_noise * torch.bmm(x_const * x_const, constant(abs_w).transpose(1, 2)).sqrt()
             z = z + std * _per_output_normals(stream_seed(Purpose.W_NOISE, bm_round), rows, n_tiles, out_features)
         if stream_seed is not None and io.out_noise > 0:
             z = z + io.out_noise * _per_output_normals(stream_seed(Purpose.OUT_NOISE, bm_round), rows, n_tiles,
                                                        out_features)
-        z = _quantize(z, io.out_step)
+        z = quantize(z, io.out_step)
+        if trace is not None:
+            kept_round = torch.where(pending, bm_round, kept_round)
+            if io.out_bound > 0:
+                beyond = torch.where(pending, z.abs() > io.out_bound, beyond)
 
         if io.out_bound > 0:
             over = z > io.out_bound
@@ -186,7 +205,33 @@ def tiled_mvm(
         pending = pending & clipped[:, :, out_tile]
         if not bool(pending.any()):
             break
+    if trace is not None:
+        trace["round"], trace["clipped"] = kept_round, beyond
     return result
+
+
+def input_layout(in_sizes: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[T, n_max] bool: which positions of the split input are real inputs (not padding)."""
+    in_pos = torch.arange(max(in_sizes), dtype=dtype)
+    return in_pos[None, :] < torch.tensor(in_sizes, dtype=dtype)[:, None]
+
+
+def dac_output(xt: torch.Tensor, input_scale: torch.Tensor, io: IOConfig, stream_seed: StreamSeed | None,
+               bm_round: int, rows: torch.Tensor, in_sizes: list[int], valid_inputs: torch.Tensor,
+               quantize: Callable = _quantize) -> torch.Tensor:
+    """What the DACs put on the rows in bound-management round ``bm_round``: the scaled input quantized,
+    clipped to +-inp_bound, plus input noise (stream INP_NOISE, element ``row * in_features + k``), zero on
+    the padding. [T, B, n_max]."""
+    x_dac = quantize(xt * input_scale, io.inp_step).clamp(-io.inp_bound, io.inp_bound)
+    if io.inp_noise > 0 and stream_seed is not None:
+        noise = normal_rows(stream_seed(Purpose.INP_NOISE, bm_round), rows, sum(in_sizes))
+        tiles = torch.zeros_like(x_dac)
+        start = 0
+        for i, size in enumerate(in_sizes):
+            tiles[i, :, :size] = noise[:, start:start + size]
+            start += size
+        x_dac = x_dac + io.inp_noise * tiles
+    return x_dac * valid_inputs[:, None, :]
 
 
 def _any_per_out_tile(over: torch.Tensor, out_tile: torch.Tensor, n_out_tiles: int) -> torch.Tensor:

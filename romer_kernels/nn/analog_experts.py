@@ -429,15 +429,19 @@ class AnalogExperts(AnalogModule):
         call_index = self.forward_calls
         self.forward_calls += 1
         backend = resolve_backend(self.backend, hidden_states.device)
-        all_analog = not self.digital_experts and self.extra_experts is None and self.layout.standard
-        self._ensure_programmed()  # before choosing a path: programming decides each chip's kind
-        on_the_fly = [isinstance(matrix.chip, OnTheFlyChip) for matrix, _ in self._matrices()]
-        # the fused on-the-fly kernel reads the fused parameters, so slots with their own weights take the loop
-        fused = all_analog and len(set(on_the_fly)) == 1 and not (on_the_fly[0] and self.slot_weights)
-        if (backend == "triton" or all(on_the_fly)) and fused:
-            return self._forward_triton(hidden_states, top_k_index, top_k_weights, call_index)
-        if backend == "cpp" and all_analog and self.dispatch is None and _is_silu(self.act_fn):
-            return self._forward_cpp(hidden_states, top_k_index, top_k_weights, call_index)
+        # HWA training: the differentiable per-expert loop below, with gradients to the inputs and the router
+        # weights; the chips are not programmed (each matrix draws its training chip itself)
+        training = any(matrix.training_forward for matrix in self.gate_up + self.down)
+        if not training:
+            all_analog = not self.digital_experts and self.extra_experts is None and self.layout.standard
+            self._ensure_programmed()  # before choosing a path: programming decides each chip's kind
+            on_the_fly = [isinstance(matrix.chip, OnTheFlyChip) for matrix, _ in self._matrices()]
+            # the fused on-the-fly kernel reads the fused parameters, so slots with their own weights take the loop
+            fused = all_analog and len(set(on_the_fly)) == 1 and not (on_the_fly[0] and self.slot_weights)
+            if (backend == "triton" or all(on_the_fly)) and fused:
+                return self._forward_triton(hidden_states, top_k_index, top_k_weights, call_index)
+            if backend == "cpp" and all_analog and self.dispatch is None and _is_silu(self.act_fn):
+                return self._forward_cpp(hidden_states, top_k_index, top_k_weights, call_index)
         out = torch.zeros(hidden_states.shape, dtype=torch.float32) if identity_out is None else identity_out.cpu()
         flat_experts = top_k_index.reshape(-1).cpu()
         slots = self.num_experts + (self.extra_experts.num_experts if self.extra_experts is not None else 0)
@@ -453,8 +457,8 @@ class AnalogExperts(AnalogModule):
         if counts.numel() > slots:
             raise ValueError(f"top_k_index holds expert ids >= {slots}")
         k = top_k_index.shape[1]
-        x_cpu = hidden_states.detach().cpu()
-        weights = top_k_weights.detach().reshape(-1).cpu().float()
+        x_cpu = hidden_states.cpu() if training else hidden_states.detach().cpu()
+        weights = (top_k_weights if training else top_k_weights.detach()).reshape(-1).cpu().float()
         start = 0
         for expert, count in enumerate(counts.tolist()):
             if count == 0:

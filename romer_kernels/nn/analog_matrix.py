@@ -57,6 +57,9 @@ class AnalogMatrix:
         # True: OnTheFlyChip (Triton); False: LayerChip (one state tensor); None: on-the-fly for CUDA weights
         # when the backend resolves to triton. Decided at each program().
         self.on_the_fly: bool | None = None
+        # HWA training mode (nn.hwa.HWATraining, shared by the model's matrices) or None: while it is active and
+        # autograd records, matmul runs the differentiable training forward instead of this chip's
+        self.hwa = None
 
     # -- life cycle -----------------------------------------------------------------------------
     @staticmethod
@@ -177,6 +180,8 @@ class AnalogMatrix:
         One call is one forward of the layer: it uses and advances the per-MVM noise counter, unless the
         caller numbers its forwards itself (``call_index``, e.g. one counter for all experts of a layer).
         """
+        if self.training_forward:
+            return self.hwa.matmul(self, x, weight, bias, row_ids)
         self.ensure_programmed(weight)
         if call_index is None:
             call_index = self.forward_calls
@@ -194,6 +199,21 @@ class AnalogMatrix:
             y = analog_linear(x.detach().to(device=device, dtype=torch.float32), tile_weight, out_scale, bias32,
                               self.chip.grid, self.config.io, streams, row_ids, backend=backend)
         return y.to(x.device)
+
+    @property
+    def training_forward(self) -> bool:
+        """Whether ``matmul`` now runs the HWA training forward (training mode on, autograd recording)."""
+        return self.hwa is not None and self.hwa.active and torch.is_grad_enabled()
+
+    def free_chip(self) -> None:
+        """Drop the programmed chip (its state tensor); the next inference use programs it again. What HWA
+        training does first, so that training holds no chip besides the digital weights."""
+        self._check_digital("free")
+        self.chip = LayerChip(self.config, self.out_features, self.in_features, self.layer_id)
+        self.t_inference = None
+        self._version = None
+        self._pending_restore = None
+        self._device_cache = None
 
     def device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(tile weights [out, in], out scales [n_in_tiles, out]) on ``device``: the chip's own tensors on
