@@ -48,6 +48,11 @@ _EXPORTS = {
     "task_accuracy": "romer_kernels.evaluation.tasks",
     "sensitivity_sweep": "romer_kernels.evaluation.sensitivity",
     "read_run": "romer_kernels.evaluation.results",
+    "HWAConfig": "romer_kernels.config.hwa",
+    "HWATrainSettings": "romer_kernels.methods.hwa",
+    "hwa_train": "romer_kernels.evaluation.hwa",
+    "hwa_training": "romer_kernels.nn.hwa",
+    "nonideality_sweep": "romer_kernels.evaluation.nonideality",
 }
 
 __all__ = sorted(_EXPORTS)

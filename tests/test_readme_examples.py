@@ -25,3 +25,16 @@ def test_the_first_examples_run_from_another_folder(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "flip_rate" in run.stdout and not list(tmp_path.iterdir())   # printed, and wrote nothing here
+
+
+def test_the_hwa_example_runs(tmp_path):
+    """The HWA block (after the first example, whose imports it uses), with 2 steps instead of 300."""
+    blocks = _blocks()
+    (hwa,) = [block for block in blocks if "hwa_train(" in block]
+    assert "HWATrainSettings(steps=300)" in hwa
+    fast = hwa.replace("HWATrainSettings(steps=300)", "HWATrainSettings(steps=2, batch_size=2, seq_len=32)")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, "-c", blocks[0] + "\n" + fast], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "'change'" in run.stdout and (tmp_path / "runs" / "hwa-example" / "model" / "hwa.json").is_file()

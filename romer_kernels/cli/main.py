@@ -397,6 +397,9 @@ def _hwa_train(args: argparse.Namespace) -> int:
         table.add_row(label, f"{part['clean_ppl']:.3f}",
                       *(f"{r['ppl']:.3f} ± {r['ppl_std']:.3f} ({r['ppl_low']:.2f}..{r['ppl_high']:.2f})"
                         for r in part["noisy"]))
+    change = {(c["noise_scale"], c["t"]): (c["change"], c["low"], c["high"], c["n"]) for c in result.report["change"]}
+    table.add_row("change (paired)", "", *(_change(change.get((r["noise_scale"], r["t"])))
+                                             for r in result.report["before"]["noisy"]))
     console.print(table)
     _warn_few_seeds(args)
     console.print(f"{run_dir}: model/ (checkpoint: romer eval --model {result.run.checkpoint}; romer compare "
@@ -728,10 +731,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(0: no clipping)")
     hwa.add_argument("--seed", type=int, default=0, help="seed of the training chips (never an evaluation chip)")
     hwa.add_argument("--seeds", type=int, default=3, help="chip seeds of the before/after evaluation")
+    hwa.add_argument("--scales", type=float, nargs="+", default=[1.0], help="noise scales of the evaluation (the "
+                     "training injects the preset's own noise, scale 1, times --weight-noise-scale for the weights)")
     hwa.add_argument("--times", type=seconds, nargs="+", default=[3600.0], help="evaluation times after programming")
     hwa.add_argument("--windows", type=int, default=16, help="evaluation windows of 256 tokens (0 = all)")
     hwa.add_argument("--run-dir", help="run folder (default runs/hwa-MODEL-PRESET-sSTEPS)")
-    hwa.set_defaults(func=_hwa_train, scales=[1.0], seq_len=256, batch_size=8, tasks=None, task_limit=None)
+    hwa.set_defaults(func=_hwa_train, seq_len=256, batch_size=8, tasks=None, task_limit=None)
 
     info = commands.add_parser("info", formatter_class=DefaultsHelpFormatter, help="print which modules of a model are analog, or (--memory) the memory "
                                             "it needs")

@@ -7,6 +7,7 @@ interrupted anywhere and started again finishes with the numbers an uninterrupte
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,17 @@ def _side(result: SweepResult) -> dict[str, Any]:
              "ppl": row["ppl"][0], "ppl_std": row["ppl"][1], "ppl_low": row["ppl"][2], "ppl_high": row["ppl"][3]}
             for row in result.table() if "ppl" in row]
     return {"clean_ppl": result.clean.perplexity, "noisy": rows}
+
+
+def paired_noisy_change(before: SweepResult, after: SweepResult) -> list[dict[str, Any]]:
+    """Per (noise scale, time): the noisy PPL's relative change after HWA on the same chip seeds, with its
+    95 % Student-t interval (on log PPL, mapped back; ``compare.paired_change``)."""
+    from romer_kernels.evaluation.compare import paired_change  # noqa: PLC0415
+
+    rows = [(dataclasses.replace(trial, variant=side), metrics)
+            for side, result in (("before", before), ("after", after)) for trial, metrics in result.rows]
+    return [{"noise_scale": scale, "t": t, "change": change, "low": low, "high": high, "n": n}
+            for (scale, t, _), (change, low, high, n) in sorted(paired_change(rows, baseline="before").items())]
 
 
 def hwa_train(model: str = "tiny-olmoe", config: str | AnalogConfig = "rasch2023", out_dir: str | Path | None = None,
@@ -69,7 +81,7 @@ def hwa_train(model: str = "tiny-olmoe", config: str | AnalogConfig = "rasch2023
                         data_id=data_id, progress=progress)
     report = {"model": model, "config": config_label, "checkpoint": str(run.checkpoint), "steps": run.steps,
               "train_seconds": round(run.seconds, 1), "final_loss": run.losses[-1] if run.losses else None,
-              "before": _side(before), "after": _side(after)}
+              "before": _side(before), "after": _side(after), "change": paired_noisy_change(before, after)}
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=1))
     if run.losses:
         plot_losses(run.losses, out_dir / "loss.png", f"HWA training of {model} on {config_label}: "

@@ -33,6 +33,7 @@ class SweepResult:
     run_dir: Path
     trials_run: int
     failed: list = field(default_factory=list)   # (Trial, reason) of this request's failed trials
+    rows: list = field(default_factory=list)     # (Trial, metrics) of this request's trials, for paired statistics
 
     def table(self) -> list[dict[str, Any]]:
         """One row per (noise scale, time) with mean, std and 95% interval of each metric."""
@@ -94,14 +95,15 @@ def noise_sweep(model: nn.Module | Workload, token_ids: torch.Tensor | None, set
             if on_session is not None:
                 on_session(session)
             keys = [trial.key for trial in trials]
-            summaries = summarize_trials(store.rows(keys))  # this request's trials only
+            rows = store.rows(keys)
+            summaries = summarize_trials(rows)  # this request's trials only
             failed = store.failures(keys)
             write_run_files(run_dir, trial_metrics(clean), summaries)
         finally:
             store.close()
     finally:
         session.close()
-    return SweepResult(clean, summaries, run_dir, ran, failed)
+    return SweepResult(clean, summaries, run_dir, ran, failed, rows)
 
 
 def plot_sweep(result: SweepResult, noisy_trace: RoutingTrace | None, path: str | Path, title: str = "") -> Path:

@@ -120,6 +120,9 @@ class AnalogLinear(AnalogModule):
     def num_tiles(self) -> int:
         return self.analog.num_tiles
 
+    def _matrices(self):
+        return ((self.analog, self.weight),)
+
     @property
     def is_programmed(self) -> bool:
         return self.analog.is_programmed(self.weight)

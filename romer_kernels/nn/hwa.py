@@ -16,6 +16,7 @@ from torch import nn
 
 from romer_kernels.config.hwa import HWAConfig
 from romer_kernels.kernels.hwa import hwa_linear, training_weights
+from romer_kernels.nn.base import AnalogModule
 from romer_kernels.nn.model_helpers import analog_matrices
 from romer_kernels.rng import MvmStreams, chip_key
 
@@ -107,12 +108,11 @@ def clip_analog_weights_(model: nn.Module, sigma: float) -> int:
     clipped = 0
     seen: set[tuple[int, int]] = set()
     for module in model.modules():
-        matrices = getattr(module, "_matrices", None)
-        if matrices is None or not callable(matrices):
+        if not isinstance(module, AnalogModule):
             continue
         try:
-            pairs = list(matrices())
-        except NotImplementedError:
+            pairs = list(module._matrices())
+        except NotImplementedError:   # a module that walks its matrices itself
             continue
         for _, weight in pairs:
             key = (weight.data_ptr(), weight.numel())
