@@ -621,7 +621,7 @@ def _check_options(args) -> None:
     if getattr(args, "variants", None):
         from romer_kernels.evaluation.variants import variant_of  # noqa: PLC0415
 
-        hwa = [name for name in args.variants if variant_of(name) is not None and variant_of(name).weights == "hwa"]
+        hwa = [name for name in args.variants if getattr(variant_of(name), "weights", "base") == "hwa"]
         if hwa and not getattr(args, "hwa_checkpoint", None):
             raise ValueError(f"variant(s) {', '.join(hwa)} need --hwa-checkpoint (the run folder of romer hwa-train)")
     if getattr(args, "hwa_checkpoint", None):

@@ -76,18 +76,17 @@ def nonideality_configs(config: AnalogConfig) -> dict[str, tuple[str, AnalogConf
                 out_bound=io.out_bound, bound_management=io.bound_management)
     if config.noise is not None:
         pcm = config.noise
-        device = {"programming": ({"read_noise_scale": 0.0, "drift_scale": 0.0}, "none",
-                                  f"prog_noise_scale {pcm.prog_noise_scale:g}"),
-                  "drift": ({"prog_noise_scale": 0.0, "read_noise_scale": 0.0}, config.drift_compensation.kind,
-                            f"drift_scale {pcm.drift_scale:g}, {config.drift_compensation.kind} compensation"),
-                  "read_noise": ({"prog_noise_scale": 0.0, "drift_scale": 0.0}, "none",
-                                 f"read_noise_scale {pcm.read_noise_scale:g}")}
-        for name, (zeroed, compensation, level) in device.items():
-            if getattr(pcm, {"programming": "prog_noise_scale", "drift": "drift_scale",
-                             "read_noise": "read_noise_scale"}[name]) > 0:
-                out[name] = (f"{DESCRIPTIONS[name]} ({level})",
-                             off.replace(noise=dataclasses.replace(pcm, **zeroed),
-                                         drift_compensation=DriftCompensationConfig(compensation)))
+        scales = ("prog_noise_scale", "drift_scale", "read_noise_scale")
+        compensated = config.drift_compensation.kind
+        # (name, the one PCM scale kept, compensation, level note)
+        for name, kept, compensation, note in (
+                ("programming", "prog_noise_scale", "none", ""),
+                ("drift", "drift_scale", compensated, f", {compensated} compensation"),
+                ("read_noise", "read_noise_scale", "none", "")):
+            if getattr(pcm, kept) > 0:
+                only = dataclasses.replace(pcm, **{scale: 0.0 for scale in scales if scale != kept})
+                out[name] = (f"{DESCRIPTIONS[name]} ({kept} {getattr(pcm, kept):g}{note})",
+                             off.replace(noise=only, drift_compensation=DriftCompensationConfig(compensation)))
     if io.w_noise > 0:
         io_part("short_term_read", f"w_noise {io.w_noise:g} {io.w_noise_type}", w_noise=io.w_noise,
                 w_noise_type=io.w_noise_type)

@@ -209,6 +209,7 @@ class TrialRunner:
             check_tasks(settings.tasks)
         self.calib = None if calib_ids is None else calibration_windows(calib_ids, settings.seq_len, calib_windows)
         self._hwa: dict[str, torch.Tensor] | None = None  # the HWA checkpoint's weights, loaded when first needed
+        self._hwa_cost: dict[str, float] = {}              # its training steps and seconds (hwa.json)
         self.identity = self._identity()  # of the clean model, before any conversion
         self.clean = clean if clean is not None else self._score()
         self._placements: dict[str, Placement] = {}
@@ -261,7 +262,6 @@ class TrialRunner:
             self._hwa = {name: saved[name].detach().to(dtype=params[name].dtype, device=params[name].device)
                          for name in params}
             record = folder / "hwa.json"
-            self._hwa_cost = {}
             if record.is_file():
                 import json  # noqa: PLC0415
 

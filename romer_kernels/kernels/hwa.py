@@ -58,10 +58,8 @@ def training_weights(weight: torch.Tensor, grid: TileGrid, config: AnalogConfig,
                                                       with_drift_exponents=False)
         return programmed.weights, scales
     column_max = input_tile_scales(target, grid, MappingConfig(weight_scaling_omega=1.0, weight_scaling_columnwise=True))
-    std = torch.cat([column_max[i][:, None].expand(-1, cols.stop - cols.start)
-                     for i, cols in enumerate(grid.in_slices())], dim=1)
     xi = normal_like(stream_seed(chip_seed, layer_id, Purpose.PROGRAM, 0), target.shape)
-    return target + (hwa.gaussian_sigma * scale) * std * xi, scales
+    return target + (hwa.gaussian_sigma * scale) * _per_column(column_max, grid) * xi, scales
 
 
 def _unsplit(split: torch.Tensor, grid: TileGrid) -> torch.Tensor:

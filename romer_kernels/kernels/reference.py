@@ -150,7 +150,7 @@ def tiled_mvm(
     out_tile = torch.repeat_interleave(torch.arange(len(out_sizes)), torch.tensor(out_sizes))
     in_pos = torch.arange(n_max, dtype=xt.dtype)
     sizes = torch.tensor(in_sizes, dtype=xt.dtype)[:, None]
-    valid_inputs = in_pos[None, :] < sizes                   # [T, n_max]
+    valid_inputs = input_layout(in_sizes, xt.dtype)          # [T, n_max]
 
     result = torch.zeros(n_tiles, batch, out_features, dtype=xt.dtype)
     pending = torch.ones(n_tiles, batch, out_features, dtype=torch.bool)

@@ -32,6 +32,7 @@ from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.hwa import HWAConfig
 from romer_kernels.moe.convert import Placement, analogize_, restore_digital_
 from romer_kernels.nn.hwa import clip_analog_weights_, end_hwa_training_, hwa_training_
+from romer_kernels.nn.model_helpers import analog_layers
 
 STATE_FILE = "hwa-state.pt"
 RECORD_FILE = "hwa.json"
@@ -193,13 +194,12 @@ def hwa_finetune_(model: nn.Module, tokenizer, train_ids: torch.Tensor, config: 
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
 
-    def save(step: int) -> Path:
+    def save(step: int) -> None:
         restore_digital_(model)
         record = {"source": source, "steps": step, "seconds": seconds, "final_loss": losses[-1] if losses else None,
                   "fingerprint": fingerprint}
-        path = _save(model, tokenizer, out_dir, {"fingerprint": fingerprint, "step": step, "losses": losses,
-                                                 "seconds": seconds, "optimizer": optimizer.state_dict()}, record)
-        return path
+        _save(model, tokenizer, out_dir, {"fingerprint": fingerprint, "step": step, "losses": losses,
+                                          "seconds": seconds, "optimizer": optimizer.state_dict()}, record)
 
     def convert():
         analogize_(model, config, placement)
@@ -249,13 +249,7 @@ def hwa_finetune_(model: nn.Module, tokenizer, train_ids: torch.Tensor, config: 
         if bar is not None:
             bar.close()
         model.eval()
-        if any(True for _ in _analog_modules(model)):
+        if next(analog_layers(model), None) is not None:   # interrupted between two save points
             end_hwa_training_(model)
             restore_digital_(model)
     return HWARun(checkpoint, settings.steps, seconds, losses, start_step)
-
-
-def _analog_modules(model: nn.Module):
-    from romer_kernels.nn.model_helpers import analog_layers  # noqa: PLC0415
-
-    return analog_layers(model)
