@@ -35,7 +35,7 @@ from romer_kernels.evaluation.runner import SweepSettings
 DESCRIPTIONS = {
     "off": "none (tiled digital)",
     "dac": "DAC quantization",
-    "input_noise": "input (DAC) noise",
+    "input_noise": "input noise",
     "output_noise": "output noise",
     "adc": "ADC resolution and range",
     "programming": "weight programming noise",
@@ -67,7 +67,7 @@ def nonideality_configs(config: AnalogConfig) -> dict[str, tuple[str, AnalogConf
         io_part("dac", f"inp_res {io.inp_res:g}", inp_res=io.inp_res)
     input_noise = io.inp_noise if io.inp_noise > 0 else io.out_noise
     if input_noise > 0:
-        io_part("input_noise", f"inp_noise {input_noise:g}" + ("" if io.inp_noise > 0 else ", the out_noise level"),
+        io_part("input_noise", f"inp_noise {input_noise:g} at the DAC" + ("" if io.inp_noise > 0 else ", the out_noise level"),
                 inp_noise=input_noise)
     if io.out_noise > 0:
         io_part("output_noise", f"out_noise {io.out_noise:g}", out_noise=io.out_noise)

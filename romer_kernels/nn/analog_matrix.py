@@ -103,6 +103,11 @@ class AnalogMatrix:
                                  "the model again to change the tile size")
             self.chip = chip
         self.config = config
+        self._forget_programming()
+
+    def _forget_programming(self) -> None:
+        """The chip holds no programmed weights from now on: no weight version it was programmed from, no
+        drift time, no state waiting to be restored, no accelerator copies (after a new config or chip)."""
         self.t_inference = None
         self._version = None
         self._pending_restore = None
@@ -210,10 +215,7 @@ class AnalogMatrix:
         training does first, so that training holds no chip besides the digital weights."""
         self._check_digital("free")
         self.chip = LayerChip(self.config, self.out_features, self.in_features, self.layer_id)
-        self.t_inference = None
-        self._version = None
-        self._pending_restore = None
-        self._device_cache = None
+        self._forget_programming()
 
     def device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(tile weights [out, in], out scales [n_in_tiles, out]) on ``device``: the chip's own tensors on
@@ -284,7 +286,7 @@ class AnalogMatrix:
         self.layer_id = state["layer_id"]
         self.mvm_noise = bool(state["mvm_noise"])
         self.forward_calls = int(state["forward_calls"])
-        self.t_inference = state["t_inference"]
         self.chip = LayerChip(self.config, self.out_features, self.in_features, self.layer_id)
-        self._version = None
+        self._forget_programming()
+        self.t_inference = state["t_inference"]
         self._pending_restore = (bool(state["programmed"]), state["t_inference"], int(state["drift_index"]))
