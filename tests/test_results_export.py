@@ -5,13 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import random
 import sqlite3
+import statistics
 
 import pytest
 
 from romer_kernels.cli.main import main
 from romer_kernels.evaluation.montecarlo import ResultsStore, Trial
-from romer_kernels.evaluation.results import format_summary, format_trials, read_run, write_run_files
+from romer_kernels.evaluation.results import (format_summary, format_trials, paired_against, read_run,
+                                               write_run_files)
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +96,55 @@ def test_folders_that_hold_no_run_are_refused_by_name(tmp_path, capsys):
     assert "holds no run" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown format 'xml'"):
         format_trials([], "xml")
+
+
+def _store(folder, fingerprint, nll_by_trial, clean_ppl=None):
+    folder.mkdir()
+    store = ResultsStore(folder / "results.sqlite", fingerprint)
+    for (seed, scale, variant), nll in nll_by_trial.items():
+        store.add(Trial(seed, scale, 0.0, variant), {"nll": nll, "ppl": math.exp(nll)}, 1.0)
+    store.close()
+    if clean_ppl is not None:
+        (folder / "clean.json").write_text(json.dumps({"ppl": clean_ppl}))
+    return read_run(folder)
+
+
+def test_a_run_is_paired_against_another_on_the_same_chips(tmp_path, capsys):
+    same = {"data": "bundled:test", "tokens": "abc", "max_windows": 16, "seq_len": 256, "batch_size": 8}
+    rng = random.Random(5)
+    base_nll = {(seed, scale, variant): 4.0 + rng.random() for seed in range(5) for scale in (1.0, 2.0)
+                for variant in ("", "romer")}
+    shift = {(seed, scale, variant): -0.02 * scale + 0.01 * rng.random() for seed, scale, variant in base_nll}
+    run_nll = {key: value + shift[key] for key, value in base_nll.items() if key[0] != 4}   # seed 4 unpaired
+    base_nll[(7, 1.0, "")] = 9.0                                                        # only in base: skipped
+    base = _store(tmp_path / "base", {**same, "model": "a", "weights": "1"}, base_nll, clean_ppl=70.0)
+    run = _store(tmp_path / "run", {**same, "model": "b", "weights": "2"}, run_nll, clean_ppl=69.0)
+
+    rows = paired_against(run, base)
+    assert [(r["noise_scale"], r["variant"], r["n"]) for r in rows] == [
+        (1.0, "", 4), (2.0, "", 4), (1.0, "romer", 4), (2.0, "romer", 4)]
+    for row in rows:
+        diffs = [shift[(seed, row["noise_scale"], row["variant"])] for seed in range(4)]
+        mean, sem = statistics.fmean(diffs), statistics.stdev(diffs) / 2
+        t_975 = 3.182446305284263   # Student t, 3 degrees of freedom
+        assert row["change"] == pytest.approx(math.expm1(mean), rel=1e-12)
+        assert row["ci95_low"] == pytest.approx(math.expm1(mean - t_975 * sem), rel=1e-9)
+        assert row["ci95_high"] == pytest.approx(math.expm1(mean + t_975 * sem), rel=1e-9)
+        assert row["differs"] == ["model", "weights"]
+
+    capsys.readouterr()
+    assert main(["results", str(run.folder), "--against", str(base.folder), "--format", "markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "| noise scale | t (s) | variant | n | PPL change (95 % interval) |"
+    assert "differ in: model, weights" in out and "clean PPL: 69.000 vs 70.000" in out
+    assert main(["results", str(run.folder), "--against", str(base.folder), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == json.loads(json.dumps(rows))
+    assert main(["results", str(run.folder), "--against", str(base.folder), "--trials"]) == 2
+    assert "exclude each other" in capsys.readouterr().out
+
+    other_text = _store(tmp_path / "other", {**same, "max_windows": 8, "model": "c"}, base_nll)
+    with pytest.raises(ValueError, match=r"did not evaluate the same text \(max_windows: 16 vs 8\)"):
+        paired_against(run, other_text)
+    disjoint = _store(tmp_path / "disjoint", {**same, "model": "d"}, {(9, 1.0, ""): 4.0})
+    with pytest.raises(ValueError, match="nothing to pair"):
+        paired_against(run, disjoint)

@@ -578,10 +578,15 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
-    from romer_kernels.evaluation.results import format_summary, format_trials, read_run  # noqa: PLC0415
+    from romer_kernels.evaluation.results import format_paired, format_summary, format_trials, read_run  # noqa: PLC0415
 
     record = read_run(args.run_dir)
-    text = format_trials(record.trials, args.format) if args.trials else format_summary(record, args.format)
+    if args.against and args.trials:
+        raise ValueError("--trials and --against exclude each other (--against pairs the trials)")
+    if args.against:
+        text = format_paired(record, read_run(args.against), args.format)
+    else:
+        text = format_trials(record.trials, args.format) if args.trials else format_summary(record, args.format)
     sys.stdout.write(text)
     return 0
 
@@ -781,6 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of romer demo, eval, compare or sensitivity")
     results.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
     results.add_argument("--trials", action="store_true", help="one row per trial instead of the summary")
+    results.add_argument("--against", metavar="BASE_RUN_DIR",
+                         help="the PPL change of RUN_DIR against this run on the same chip seeds (paired, 95 %% "
+                              "interval): e.g. RUN/after of an HWA run against that of a no-noise control")
     results.set_defaults(func=_results)
 
     train = commands.add_parser("train-tiny", formatter_class=DefaultsHelpFormatter, help="train a bundled tiny MoE model (see romer train-tiny --help)",

@@ -10,11 +10,14 @@ Every sweep (``noise_sweep``, ``compare_methods``, ``sensitivity_sweep``) leaves
   run, each metric as mean, std, n and its 95 % Student-t interval (what the command printed).
 
 ``read_run(folder)`` reads any run folder back (read-only, while another sweep may be writing it) and
-``format_summary`` / ``format_trials`` print it as a table, CSV, JSON or Markdown (``romer results``).
+``format_summary`` / ``format_trials`` print it as a table, CSV, JSON or Markdown (``romer results``);
+``paired_against`` / ``format_paired`` set one run against another on the same chips (``romer results RUN
+--against BASE``: e.g. an HWA checkpoint against a fine-tuning without noise, or one preset against another).
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import sqlite3
@@ -176,6 +179,61 @@ def format_summary(record: RunRecord, fmt: str = "table") -> str:
               *[_cell(row.get(m), 4 if m == "kl_to_clean" else 3) for m in metrics]] for row in rows]
     failed = sum(row.error is not None for row in record.trials)
     note = f"{failed} failed trial(s) are in no row (romer results --trials lists them)\n" if failed else ""
+    return _text_table(header, body, fmt == "markdown") + note
+
+
+# what must agree for two runs' PPLs to be comparable: the same evaluation text in the same windows
+SAME_EVALUATION = ("data", "tokens", "max_windows", "seq_len", "batch_size")
+
+
+def paired_against(record: RunRecord, base: RunRecord, metric: str = "nll") -> list[dict[str, Any]]:
+    """Per (noise scale, time, variant) of ``record``: the PPL change against ``base``'s trial of the same
+    chip seed, noise scale, time and variant (``compare.paired_change``: relative change with its 95 %
+    Student-t interval over the paired seeds). Both runs must have evaluated the same text in the same
+    windows (``SAME_EVALUATION`` of their fingerprints); what else differs (model, weights, config, ...)
+    is what is compared and is returned under ``"differs"`` of each row."""
+    from romer_kernels.evaluation.compare import paired_change  # noqa: PLC0415
+
+    mismatched = [k for k in SAME_EVALUATION if record.fingerprint.get(k) != base.fingerprint.get(k)]
+    if mismatched:
+        detail = ", ".join(f"{k}: {record.fingerprint.get(k)!r} vs {base.fingerprint.get(k)!r}" for k in mismatched)
+        raise ValueError(f"{record.folder} and {base.folder} did not evaluate the same text ({detail}): their PPLs "
+                         "cannot be paired")
+    differs = sorted(k for k in set(record.fingerprint) | set(base.fingerprint)
+                     if record.fingerprint.get(k) != base.fingerprint.get(k))
+    out = []
+    for variant in sorted({row.trial.variant for row in record.trials if row.error is None}):
+        # a variant's baseline is the same variant in the base run: one side each, paired by seed
+        sides = [(dataclasses.replace(row.trial, variant=side), row.metrics)
+                 for side, rec in (("run", record), ("base", base))
+                 for row in rec.trials if row.error is None and row.trial.variant == variant]
+        for (scale, t, _), (value, low, high, n) in sorted(paired_change(sides, "base", metric).items()):
+            out.append({"noise_scale": scale, "t": t, "variant": variant, "n": n, "change": value,
+                        "ci95_low": low, "ci95_high": high, "differs": differs})
+    if not out:
+        raise ValueError(f"{record.folder} and {base.folder} share no (chip seed, noise scale, time, variant): "
+                         "nothing to pair")
+    return out
+
+
+def format_paired(record: RunRecord, base: RunRecord, fmt: str = "table") -> str:
+    """``paired_against(record, base)`` in ``fmt``; * marks an interval that excludes 0."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    rows = paired_against(record, base)
+    if fmt == "json":
+        return json.dumps({"run": str(record.folder), "base": str(base.folder), "rows": rows}, indent=1) + "\n"
+    columns = ["noise_scale", "t", "variant", "n", "change", "ci95_low", "ci95_high"]
+    if fmt == "csv":
+        return _csv(rows, columns)
+    header = ["noise scale", "t (s)", "variant", "n", "PPL change (95 % interval)"]
+    body = [[f"{row['noise_scale']:g}", f"{row['t']:g}", row["variant"] or "-", str(row["n"]),
+             f"{100 * row['change']:+.2f} % [{100 * row['ci95_low']:+.2f}, {100 * row['ci95_high']:+.2f}]"
+             + (" *" if row["ci95_low"] > 0 or row["ci95_high"] < 0 else "")] for row in rows]
+    note = (f"{record.folder} against {base.folder} on the same chip seeds; they differ in: "
+            f"{', '.join(rows[0]['differs']) or 'nothing'}\n")
+    if "ppl" in record.clean and "ppl" in base.clean:
+        note += f"clean PPL: {record.clean['ppl']:.3f} vs {base.clean['ppl']:.3f}\n"
     return _text_table(header, body, fmt == "markdown") + note
 
 
