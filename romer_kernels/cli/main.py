@@ -728,7 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     hwa.add_argument("--weight-noise", default="device", choices=["device", "gaussian", "none"],
                      help="weight noise per mini-batch: device = a fresh chip of the preset's device model (its "
                           "programming noise), gaussian = additive N(0, sigma x column max), none")
-    hwa.add_argument("--weight-noise-scale", type=float, default=1.0, help="multiplies the injected weight noise")
+    hwa.add_argument("--weight-noise-scale", type=float, default=1.0,
+                     help="multiplies the injected weight noise (1 = the chip's own; 2 gained more at 1x and 2x on "
+                          "the bundled models, docs/results.md)")
     hwa.add_argument("--gaussian-sigma", type=float, default=0.02, help="--weight-noise gaussian: sigma")
     hwa.add_argument("--no-mvm-noise", action="store_true", help="train without the preset's per-MVM noise "
                      "(output, input and read noise)")
