@@ -138,7 +138,9 @@ def test_a_run_is_paired_against_another_on_the_same_chips(tmp_path, capsys):
     assert out.splitlines()[0] == "| noise scale | t (s) | variant | n | PPL change (95 % interval) |"
     assert "differ in: model, weights" in out and "clean PPL: 69.000 vs 70.000" in out
     assert main(["results", str(run.folder), "--against", str(base.folder), "--format", "json"]) == 0
-    assert json.loads(capsys.readouterr().out)["rows"] == json.loads(json.dumps(rows))
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rows"] == json.loads(json.dumps(rows))
+    assert printed["clean"] == {"run": {"ppl": 69.0}, "base": {"ppl": 70.0}}
     assert main(["results", str(run.folder), "--against", str(base.folder), "--trials"]) == 2
     assert "exclude each other" in capsys.readouterr().out
 

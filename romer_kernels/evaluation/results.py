@@ -222,7 +222,8 @@ def format_paired(record: RunRecord, base: RunRecord, fmt: str = "table") -> str
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     rows = paired_against(record, base)
     if fmt == "json":
-        return json.dumps({"run": str(record.folder), "base": str(base.folder), "rows": rows}, indent=1) + "\n"
+        return json.dumps({"run": str(record.folder), "base": str(base.folder),
+                           "clean": {"run": record.clean, "base": base.clean}, "rows": rows}, indent=1) + "\n"
     columns = ["noise_scale", "t", "variant", "n", "change", "ci95_low", "ci95_high"]
     if fmt == "csv":
         return _csv(rows, columns)
