@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from romer_kernels.cli.main import main
 from romer_kernels.config import preset
 from romer_kernels.config.hwa import HWAConfig
 from romer_kernels.data.corpus import load_tokens
+from romer_kernels.evaluation.results import read_run
 from romer_kernels.methods.hwa import HWATrainSettings, batch_at, hwa_finetune_, lr_at, read_record
 from romer_kernels.models.loading import load_model
 from romer_kernels.nn import analog_layers
@@ -89,6 +92,15 @@ def test_hwa_train_cli_checkpoint_eval_and_compare(tmp_path, capsys):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["steps"] == 2 and report["before"]["noisy"][0]["n"] == 2
     assert report["before"]["clean_ppl"] != report["after"]["clean_ppl"]
+    # the paired change: exp of the mean per-chip log-PPL difference, from the stored trials
+    nll = {side: {row.trial.seed: row.metrics["nll"] for row in read_run(run_dir / side).trials}
+           for side in ("before", "after")}
+    (change,) = report["change"]
+    assert change["n"] == 2 and change["noise_scale"] == 1.0
+    assert change["change"] == pytest.approx(math.expm1(statistics.fmean(
+        nll["after"][seed] - nll["before"][seed] for seed in (0, 1))), rel=1e-12)
+    assert change["low"] < change["change"] < change["high"]
+    assert "change (paired)" in out
     assert (run_dir / "loss.png").stat().st_size > 5_000
     # the checkpoint is a model folder romer eval loads; its numbers are the "after" sweep's
     assert main(["eval", "--model", str(run_dir / "model"), "--scales", "1", "--run-dir", str(tmp_path / "eval"),

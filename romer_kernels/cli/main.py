@@ -580,9 +580,9 @@ def _presets(args: argparse.Namespace) -> int:
 def _results(args: argparse.Namespace) -> int:
     from romer_kernels.evaluation.results import format_paired, format_summary, format_trials, read_run  # noqa: PLC0415
 
-    record = read_run(args.run_dir)
     if args.against and args.trials:
         raise ValueError("--trials and --against exclude each other (--against pairs the trials)")
+    record = read_run(args.run_dir)
     if args.against:
         text = format_paired(record, read_run(args.against), args.format)
     else:

@@ -10,6 +10,7 @@ themselves are in ``variants``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -121,3 +122,12 @@ def paired_change(rows: list[tuple[Trial, dict[str, float]]], baseline: str = "n
         mean, half = statistics.fmean(diffs), t_half_width(diffs, confidence)
         out[(scale, t, variant)] = (math.expm1(mean), math.expm1(mean - half), math.expm1(mean + half), len(diffs))
     return out
+
+
+def paired_runs(rows: list[tuple[Trial, dict[str, float]]], base_rows: list[tuple[Trial, dict[str, float]]],
+                metric: str = "nll") -> dict[tuple[float, float], tuple[float, float, float, int]]:
+    """``paired_change`` of one set of trials against another of the same variant (two runs, e.g. a model
+    before and after fine-tuning): per (noise scale, time), ``(change, low, high, n pairs)``, paired by seed."""
+    sides = [(dataclasses.replace(trial, variant=side), metrics)
+             for side, side_rows in (("run", rows), ("base", base_rows)) for trial, metrics in side_rows]
+    return {(scale, t): cell for (scale, t, _), cell in paired_change(sides, "base", metric).items()}

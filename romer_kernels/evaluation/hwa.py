@@ -7,7 +7,6 @@ interrupted anywhere and started again finishes with the numbers an uninterrupte
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +40,11 @@ def _side(result: SweepResult) -> dict[str, Any]:
 
 def paired_noisy_change(before: SweepResult, after: SweepResult) -> list[dict[str, Any]]:
     """Per (noise scale, time): the noisy PPL's relative change after HWA on the same chip seeds, with its
-    95 % Student-t interval (on log PPL, mapped back; ``compare.paired_change``)."""
-    from romer_kernels.evaluation.compare import paired_change  # noqa: PLC0415
+    95 % Student-t interval (on log PPL, mapped back; ``compare.paired_runs``)."""
+    from romer_kernels.evaluation.compare import paired_runs  # noqa: PLC0415
 
-    rows = [(dataclasses.replace(trial, variant=side), metrics)
-            for side, result in (("before", before), ("after", after)) for trial, metrics in result.rows]
     return [{"noise_scale": scale, "t": t, "change": change, "low": low, "high": high, "n": n}
-            for (scale, t, _), (change, low, high, n) in sorted(paired_change(rows, baseline="before").items())]
+            for (scale, t), (change, low, high, n) in sorted(paired_runs(after.rows, before.rows).items())]
 
 
 def hwa_train(model: str = "tiny-olmoe", config: str | AnalogConfig = "rasch2023", out_dir: str | Path | None = None,

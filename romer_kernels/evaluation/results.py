@@ -17,7 +17,6 @@ Every sweep (``noise_sweep``, ``compare_methods``, ``sensitivity_sweep``) leaves
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import sqlite3
@@ -188,11 +187,11 @@ SAME_EVALUATION = ("data", "tokens", "max_windows", "seq_len", "batch_size")
 
 def paired_against(record: RunRecord, base: RunRecord, metric: str = "nll") -> list[dict[str, Any]]:
     """Per (noise scale, time, variant) of ``record``: the PPL change against ``base``'s trial of the same
-    chip seed, noise scale, time and variant (``compare.paired_change``: relative change with its 95 %
+    chip seed, noise scale, time and variant (``compare.paired_runs``: relative change with its 95 %
     Student-t interval over the paired seeds). Both runs must have evaluated the same text in the same
     windows (``SAME_EVALUATION`` of their fingerprints); what else differs (model, weights, config, ...)
     is what is compared and is returned under ``"differs"`` of each row."""
-    from romer_kernels.evaluation.compare import paired_change  # noqa: PLC0415
+    from romer_kernels.evaluation.compare import paired_runs  # noqa: PLC0415
 
     mismatched = [k for k in SAME_EVALUATION if record.fingerprint.get(k) != base.fingerprint.get(k)]
     if mismatched:
@@ -201,13 +200,14 @@ def paired_against(record: RunRecord, base: RunRecord, metric: str = "nll") -> l
                          "cannot be paired")
     differs = sorted(k for k in set(record.fingerprint) | set(base.fingerprint)
                      if record.fingerprint.get(k) != base.fingerprint.get(k))
+    def finished(rec: RunRecord, variant: str) -> list[tuple[Trial, dict[str, float]]]:
+        return [(row.trial, row.metrics) for row in rec.trials if row.error is None and row.trial.variant == variant]
+
     out = []
     for variant in sorted({row.trial.variant for row in record.trials if row.error is None}):
-        # a variant's baseline is the same variant in the base run: one side each, paired by seed
-        sides = [(dataclasses.replace(row.trial, variant=side), row.metrics)
-                 for side, rec in (("run", record), ("base", base))
-                 for row in rec.trials if row.error is None and row.trial.variant == variant]
-        for (scale, t, _), (value, low, high, n) in sorted(paired_change(sides, "base", metric).items()):
+        # a variant's baseline is the same variant in the base run
+        change = paired_runs(finished(record, variant), finished(base, variant), metric)
+        for (scale, t), (value, low, high, n) in sorted(change.items()):
             out.append({"noise_scale": scale, "t": t, "variant": variant, "n": n, "change": value,
                         "ci95_low": low, "ci95_high": high, "differs": differs})
     if not out:
