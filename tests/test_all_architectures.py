@@ -7,7 +7,7 @@ modules whose weight the model reads directly are found, and keeping them digita
 the check pass); noisy output is finite, reproducible from the seed and differs between seeds; the
 routing trace and its LIS work and do not change the output.
 
-The default run checks every architecture (about 20 s for 59 on 2 cores); ``ROMER_ARCH_SAMPLE=N`` checks a
+The default run checks every architecture (about 12 s for 61 on 2 cores); ``ROMER_ARCH_SAMPLE=N`` checks a
 sample of N that rotates with the ISO week (``ROMER_ARCH_SEED`` fixes it). ``pytest -m all_archs``
 checks every architecture and writes the support table docs/moe-support.md from the results.
 """

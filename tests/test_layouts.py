@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from romer_kernels.models.architectures import tiny_model
+from romer_kernels.models.architectures import moe_architectures, tiny_model
 from romer_kernels.models.loading import ASSETS
 from romer_kernels.moe.check import check_conversion
 from romer_kernels.moe.convert import Placement, UnsupportedWeights, analogize_, placement_report, restore_digital_
@@ -53,9 +53,14 @@ def test_layouts_read_from_the_modules_and_ideal_equals_digital():
     experts compute what the module computes, for routing that includes zero-compute experts."""
     cases = {"gpt_oss": ExpertsLayout(transposed=True, bias=True, custom_gate=True),
              "nemotron_h": ExpertsLayout(gated=False),
-             "longcat_flash": ExpertsLayout(identity_experts=2),
+             # its own forward: one route per row, then an RMSNorm with one scale per expert (transformers 5.25)
+             "ergo": ExpertsLayout(gated=False, transposed=True, post_norm=True, post_norm_by_expert=True),
              "llama4_text": ExpertsLayout(transposed=True, all_tokens=True)}
+    installed = {arch.model_type for arch in moe_architectures()}
+    assert {"gpt_oss", "nemotron_h", "llama4_text"} <= installed
     for arch, expected in cases.items():
+        if arch not in installed:  # an architecture newer than the installed transformers
+            continue
         model = tiny_model(arch)
         block = moe_blocks(model)[0]
         experts = model.get_submodule(block.experts)
@@ -71,6 +76,84 @@ def test_layouts_read_from_the_modules_and_ideal_equals_digital():
         index, weights = _routing(12, analog.num_experts + expected.identity_experts)
         with torch.no_grad():
             torch.testing.assert_close(analog(x, index, weights), experts(x, index, weights), rtol=1e-5, atol=1e-6)
+
+
+class _ZeroComputeExperts(nn.Module):
+    """Experts with zero-compute slots E..E+Z-1 whose output is their input, as LongCat-Flash's experts
+    module computed them before transformers 5.25 moved them into the MoE block."""
+
+    def __init__(self, experts: int = 3, zero: int = 2, hidden: int = 16, inter: int = 8) -> None:
+        super().__init__()
+        self.num_experts = experts
+        self.gate_up_proj = nn.Parameter(torch.randn(experts + zero, 2 * inter, hidden) * 0.3)
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, inter) * 0.3)
+        self.act_fn = nn.SiLU()
+        self.identity_expert = nn.Identity()
+
+    def forward(self, x, top_k_index, top_k_weights):
+        out = torch.zeros_like(x)
+        for token in range(x.shape[0]):
+            for expert, weight in zip(top_k_index[token].tolist(), top_k_weights[token]):
+                if expert >= self.num_experts:
+                    y = self.identity_expert(x[token])
+                else:
+                    gate, up = nn.functional.linear(x[token], self.gate_up_proj[expert]).chunk(2)
+                    y = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
+                out[token] += weight * y
+        return out
+
+
+def test_zero_compute_experts_are_their_input():
+    experts = _ZeroComputeExperts()
+    assert experts_layout(experts) == ExpertsLayout(identity_experts=2)
+    analog = AnalogExperts.from_experts(experts, "ideal", name="z")
+    torch.manual_seed(1)
+    x = torch.randn(12, 16)
+    index, weights = _routing(12, 5)
+    assert bool((index >= 3).any()) and bool((index < 3).any())
+    with torch.no_grad():
+        torch.testing.assert_close(analog(x, index, weights), experts(x, index, weights), rtol=1e-5, atol=1e-6)
+
+
+def test_per_expert_post_norm_gets_the_expert_ids():
+    """A post-expert norm with a scale per expert is called with each row's expert id: on the ideal chip
+    the analog experts compute what a loop over experts computes."""
+    class ScalePerExpert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.rand(3, 16) + 0.5)
+
+        def forward(self, hidden, expert_ids):
+            return hidden * self.weight[expert_ids]
+
+    experts = _ZeroComputeExperts(zero=0)
+    del experts.identity_expert
+    experts.post_expert_norm = ScalePerExpert()
+    layout = experts_layout(experts)
+    assert layout.post_norm and layout.post_norm_by_expert
+    analog = AnalogExperts.from_experts(experts, "ideal", name="n")
+    x = torch.randn(10, 16)
+    index, weights = _routing(10, 3)
+    expected = torch.zeros(10, 16)
+    for token in range(10):
+        for expert, weight in zip(index[token].tolist(), weights[token]):
+            gate, up = nn.functional.linear(x[token], experts.gate_up_proj[expert]).chunk(2)
+            y = nn.functional.linear(nn.functional.silu(gate) * up, experts.down_proj[expert])
+            expected[token] += weight * y * experts.post_expert_norm.weight[expert]
+    with torch.no_grad():
+        torch.testing.assert_close(analog(x, index, weights), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_experts_with_unknown_members_are_refused_by_name():
+    """A parameter or weighted sub-module the analog experts would not compute with is refused, not dropped."""
+    experts = _ZeroComputeExperts(zero=0)
+    experts.expert_scale = nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError, match="holds expert_scale"):
+        experts_layout(experts)
+    del experts.expert_scale
+    experts.extra_norm = nn.LayerNorm(16)
+    with pytest.raises(TypeError, match="holds extra_norm"):
+        experts_layout(experts)
 
 
 def test_separate_gate_and_up_weights_are_refused_by_name():

@@ -61,6 +61,8 @@ CONFIG_TWEAKS: dict[str, dict[str, Any]] = {
     "flint": {"mlp_only_layers": [0]},
     "doge": {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 2},
     "longcat_flash": {"zero_expert_num": 2, "num_layers": 2},
+    "kolibri1_1": {"mlp_only_layers": [0], "layer_types": ["sliding_attention", "indexed_attention"],
+                   "index_num_heads": 2, "index_topk": 8, "index_pool_size": 32, "index_compression": 4},
     "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 256,
              "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2}},

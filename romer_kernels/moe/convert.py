@@ -534,6 +534,10 @@ def unsupported_weights(model: nn.Module, placement: Placement, converted: set[s
     for name, module in model.named_modules():
         if (converted is not None and name in converted) or isinstance(module, AnalogModule):
             covered.update(id(p) for p in module.parameters(recurse=False))
+        norm = getattr(module, "post_expert_norm", None)
+        if isinstance(norm, nn.Module) and (isinstance(module, AnalogExperts) or (converted is not None and name in converted)):
+            # a norm after each expert, digital like every norm; per-expert scales make its weight [E, H]
+            covered.update(id(p) for p in norm.parameters())
         if is_weight_analog(module):
             covered.update(id(p) for p in module.analog.analog_weights())
     left = {}
@@ -662,6 +666,14 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
     def cover(module: nn.Module) -> None:
         covered.update(id(p) for p in module.parameters(recurse=False))
 
+    def post_expert_norm_row(name: str, module: nn.Module, category: str) -> None:
+        norm = getattr(module, "post_expert_norm", None)
+        if isinstance(norm, nn.Module) and any(p.dim() >= 2 for p in norm.parameters()):
+            rows.append(PlacementRow(f"{name}.post_expert_norm", category,
+                                     "digital (norm after each expert, a scale per expert: elementwise)",
+                                     sum(p.numel() for p in norm.parameters()), 0))
+            covered.update(id(p) for p in norm.parameters())
+
     for name, module in model.named_modules():
         if isinstance(module, AnalogWeight):
             continue  # reported with the module it belongs to
@@ -672,6 +684,7 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
                 kind += f" ({len(module.digital_experts)} experts digital)"
             rows.append(PlacementRow(name, category, kind, _own_params(module), module.num_tiles))
             cover(module)
+            post_expert_norm_row(name, module, category)
         elif isinstance(module, AnalogLinear):
             rows.append(PlacementRow(name, category, "analog", _own_params(module), module.num_tiles))
             cover(module)
@@ -685,6 +698,8 @@ def placement_report(model: nn.Module) -> list[PlacementRow]:
             if not any(reason_name.startswith(name + ".") or reason_name == name for reason_name in reasons):
                 rows.append(PlacementRow(name, category, "digital", _own_params(module), 0))
                 cover(module)
+                if conversion_kind(module) == "experts":
+                    post_expert_norm_row(name, module, category)
         if name in never_called and rows and rows[-1].module == name:
             rows[-1].kind = "digital in effect (analog, never called: the model reads its weight directly)"
     for name, parameter in model.named_parameters():

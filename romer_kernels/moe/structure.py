@@ -48,13 +48,21 @@ def _experts_count(name: str, module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _scoring_rows(module: nn.Module, counts: tuple[int, int]) -> list[tuple[str, int]]:
+def _zero_compute_slots(block: nn.Module) -> int:
+    """Zero-compute expert slots a MoE block routes to and computes itself, outside its experts module
+    (LongCat-Flash's ``zero_expert_num`` since transformers 5.25): the router scores them too."""
+    count = getattr(block, "zero_expert_num", 0)
+    return count if isinstance(count, int) and count > 0 else 0
+
+
+def _scoring_rows(module: nn.Module, counts: tuple[int, int], zero_compute: int = 0) -> list[tuple[str, int]]:
     """Sub-modules of ``module`` (names relative to it) with a 2-D weight of one row per expert slot."""
     real, slots = counts
+    rows = {real, slots, real + 1, slots + zero_compute}
     found = []
     for sub_name, sub in module.named_modules():
         weight = getattr(sub, "weight", None)
-        if isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] in (real, slots, real + 1):
+        if isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] in rows:
             found.append((sub_name, weight.shape[0]))
     return found
 
@@ -74,7 +82,7 @@ def moe_blocks(model: nn.Module) -> list[MoeBlock]:
         for sibling_name, sibling in parent.named_children():
             if sibling_name == child or "shared" in sibling_name or sibling_name in ("experts",):
                 continue
-            scoring = _scoring_rows(sibling, counts)
+            scoring = _scoring_rows(sibling, counts, _zero_compute_slots(parent))
             if not scoring:
                 continue
             words = sibling_name.lower() + " " + type(sibling).__name__.lower()

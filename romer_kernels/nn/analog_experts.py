@@ -67,14 +67,16 @@ class ExpertsLayout:
     ``<first>_bias [E, out]`` and ``down_proj_bias [E, H]``, added digitally after the ADC.
     ``custom_gate``: the module's own ``_apply_gate`` (clamped or soft-capped SwiGLU, interleaved gate
     and up rows) is called on the first MVM's output. ``post_norm``: the module's ``post_expert_norm``
-    after the second MVM. ``identity_experts``: zero-compute experts with ids ``E .. E+Z-1`` whose output
-    is their input (LongCat-Flash), computed digitally (there is no weight)."""
+    after the second MVM, called with the expert ids of the rows when ``post_norm_by_expert``.
+    ``identity_experts``: zero-compute experts with ids ``E .. E+Z-1`` whose output is their input
+    (LongCat-Flash before transformers 5.25), computed digitally (there is no weight)."""
 
     gated: bool = True
     transposed: bool = False
     bias: bool = False
     custom_gate: bool = False
     post_norm: bool = False
+    post_norm_by_expert: bool = False  # post_expert_norm(out, expert_ids): a norm scale per expert (Ergo)
     identity_experts: int = 0
     all_tokens: bool = False  # forward(hidden [E*T, H]): expert e computes block e of T rows (Llama 4)
 
@@ -128,11 +130,41 @@ def experts_layout(experts: nn.Module) -> ExpertsLayout:
             if not isinstance(b, torch.Tensor) or tuple(b.shape) != (experts_real + (identity if attr != "down_proj_bias" else 0), rows):
                 raise TypeError(f"{name}: expected a bias {attr} of shape [E, {rows}]")
     all_tokens = _takes_hidden_only(type(experts).forward)
-    post_norm = bool(getattr(experts, "has_post_expert_norm", False))
-    if post_norm and not isinstance(getattr(experts, "post_expert_norm", None), nn.Module):
+    # the interface flag, or a module that applies its own post_expert_norm in its forward (Ergo: one
+    # RMSNorm scale per expert, called with the expert ids of the rows)
+    norm = getattr(experts, "post_expert_norm", None)
+    post_norm = bool(getattr(experts, "has_post_expert_norm", False)) or isinstance(norm, nn.Module)
+    if post_norm and not isinstance(norm, nn.Module):
         raise TypeError(f"{name}: has_post_expert_norm is set but there is no post_expert_norm module")
+    _refuse_unknown_members(experts, name, first, bias)
     return ExpertsLayout(gated=gated, transposed=bool(transposed), bias=bias, custom_gate=custom_gate,
-                         post_norm=post_norm, identity_experts=identity, all_tokens=all_tokens)
+                         post_norm=post_norm, post_norm_by_expert=post_norm and _takes_expert_ids(norm.forward),
+                         identity_experts=identity, all_tokens=all_tokens)
+
+
+_KNOWN_CHILDREN = ("act_fn", "post_expert_norm", "identity_expert")
+
+
+def _refuse_unknown_members(experts: nn.Module, name: str, first: str, bias: bool) -> None:
+    """An experts module holding a parameter or a sub-module the analog experts do not compute with
+    would be converted silently wrong (the member dropped from the maths): refuse it by name."""
+    known = {first, "down_proj"} | ({f"{first}_bias", "down_proj_bias"} if bias else set())
+    unknown = [n for n, _ in experts.named_parameters(recurse=False) if n not in known]
+    unknown += [n for n, child in experts.named_children()
+                if n not in _KNOWN_CHILDREN and any(True for _ in child.parameters())]
+    if unknown:
+        raise TypeError(f"{name}: the experts module holds {', '.join(sorted(unknown))}, which the analog experts "
+                        "do not know how to compute with")
+
+
+def _takes_expert_ids(forward) -> bool:
+    """A post-expert norm ``forward(hidden, expert_ids)`` (one scale per expert) rather than ``forward(hidden)``."""
+    try:
+        parameters = list(inspect.signature(inspect.unwrap(forward)).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
 
 
 def _takes_hidden_only(forward) -> bool:
@@ -340,7 +372,9 @@ class AnalogExperts(AnalogModule):
         else:
             out = self.down[expert].matmul(hidden, down_weight, down_bias, row_ids=token_ids, call_index=call_index,
                                            backend=backend or self.backend)
-        if self.post_expert_norm is not None:
+        if self.post_expert_norm is not None and self.layout.post_norm_by_expert:
+            out = self.post_expert_norm(out, torch.full((out.shape[0],), expert, dtype=torch.long, device=out.device))
+        elif self.post_expert_norm is not None:
             out = self.post_expert_norm(out)
         return out
 
