@@ -79,7 +79,7 @@ def test_batches_and_learning_rate_are_functions_of_the_step():
     with pytest.raises(ValueError, match="fewer than seq_len"):
         batch_at(torch.arange(10), 0, SETTINGS)
     with pytest.raises(ValueError, match="HWATrainSettings.lr"):
-        HWATrainSettings(lr=0)
+        HWATrainSettings(lr=-1e-3)
 
 
 def test_hwa_train_cli_checkpoint_eval_and_compare(tmp_path, capsys):

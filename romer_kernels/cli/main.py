@@ -378,7 +378,8 @@ def _hwa_train(args: argparse.Namespace) -> int:
                              grad_clip=args.grad_clip, save_every=args.save_every, data_seed=args.data_seed)
     hwa = HWAConfig(weight_noise=args.weight_noise, weight_noise_scale=args.weight_noise_scale,
                     gaussian_sigma=args.gaussian_sigma, mvm_noise=not args.no_mvm_noise, clip_sigma=args.clip_sigma,
-                    seed=args.seed)
+                    seed=args.seed, learn_input_range=args.learn_input_range,
+                    input_range_decay=args.input_range_decay)
     run_dir = Path(args.run_dir or f"runs/hwa-{Path(args.model).name}-{_label(args)}-s{args.steps}")
     console.print(f"[bold]romer hwa-train[/]: {args.model}, preset {_label(args)}, {args.steps} steps of "
                   f"{args.train_batch_size} x {args.train_seq_len} tokens of the {args.data} train split, weight noise "
@@ -717,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     hwa.add_argument("--allow-digital", metavar="all|PATTERNS", help=ALLOW_DIGITAL_HELP)
     hwa.add_argument("--data", default="bundled", help="'bundled', a text file, or hf:NAME:CONFIG[:SPLIT]")
     hwa.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    hwa.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate (warm-up, cosine to 10 %%)")
+    hwa.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate (warm-up, cosine to 10 %%); "
+                     "0 with --learn-input-range: only calibrate the ranges on the data")
     hwa.add_argument("--train-batch-size", type=int, default=8, help="windows per step")
     hwa.add_argument("--train-seq-len", type=int, default=128, help="tokens per training window")
     hwa.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
@@ -736,6 +738,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "(output, input and read noise)")
     hwa.add_argument("--clip-sigma", type=float, default=0.0, help="clip analog weights to +-N std after each step "
                      "(0: no clipping)")
+    hwa.add_argument("--learn-input-range", action="store_true", help="learn a static input range per crossbar "
+                     "(aihwkit's StandardHWATrainingPreset): each tile then clips its inputs at the learned range instead "
+                     "of scaling them by their abs-max; the checkpoint keeps the ranges and every later evaluation uses them")
+    hwa.add_argument("--input-range-decay", type=float, default=0.01, help="--learn-input-range: how fast a range that "
+                     "clips fewer than 5 %% of its inputs shrinks")
     hwa.add_argument("--seed", type=int, default=0, help="seed of the training chips (never an evaluation chip)")
     hwa.add_argument("--seeds", type=int, default=3, help="chip seeds of the before/after evaluation")
     hwa.add_argument("--scales", type=float, nargs="+", default=[1.0], help="noise scales of the evaluation (the "

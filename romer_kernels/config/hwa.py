@@ -30,6 +30,12 @@ class HWAConfig:
     ``clip_sigma`` > 0: after every optimizer step each analog weight matrix is clipped to +-clip_sigma x
     its standard deviation (aihwkit ``LAYER_GAUSSIAN`` clipping); 0 = no clipping.
     ``seed``: the training chips' seeds are ``TRAIN_SEED_OFFSET + seed * 2**32 + step``.
+    ``learn_input_range``: learn a static input range per crossbar (input tile) of every analog matrix, as
+    aihwkit's ``StandardHWATrainingPreset`` does (``InputRangeParameter``): during training each tile sees
+    ``clamp(x, +-r) / r`` instead of the preset's noise management, ``r`` starts as the running mean of
+    ``input_range_init_alpha`` x std(x) over the first ``input_range_init_batches`` forwards, then learns
+    (``kernels.hwa.InputRangeClamp``: only gradients that widen it, plus ``input_range_decay`` x r while more
+    than ``input_range_min_inside`` of the inputs are inside); the trained model computes with these ranges.
     """
 
     weight_noise: str = "device"
@@ -38,6 +44,11 @@ class HWAConfig:
     mvm_noise: bool = True
     clip_sigma: float = 0.0
     seed: int = 0
+    learn_input_range: bool = False
+    input_range_init_batches: int = 100
+    input_range_init_alpha: float = 3.0
+    input_range_decay: float = 0.01
+    input_range_min_inside: float = 0.95
 
     def __post_init__(self) -> None:
         owner = "HWAConfig"
@@ -47,6 +58,11 @@ class HWAConfig:
         check_bool(owner, "mvm_noise", self.mvm_noise)
         check_number(owner, "clip_sigma", self.clip_sigma, low=0)
         check_int(owner, "seed", self.seed, low=0)
+        check_bool(owner, "learn_input_range", self.learn_input_range)
+        check_int(owner, "input_range_init_batches", self.input_range_init_batches, low=0)
+        check_number(owner, "input_range_init_alpha", self.input_range_init_alpha, low=0, low_open=True)
+        check_number(owner, "input_range_decay", self.input_range_decay, low=0)
+        check_number(owner, "input_range_min_inside", self.input_range_min_inside, low=0, high=1)
         if self.seed >= 1 << 29:
             raise ValueError(f"HWAConfig.seed must be < 2**29, got {self.seed}")
 

@@ -33,7 +33,9 @@ def rasch2023() -> AnalogConfig:
     omega = 1 columnwise, 512-row tiles with unsplit outputs, PCM-like noise, global drift compensation.
     One deliberate difference: the preset learns a static input range during HWA training; a model that
     was never trained has none, so the input is scaled by its abs-max per vector and tile (the "dynamic"
-    input range of aihwkit-lightning), without bound management.
+    input range of aihwkit-lightning), without bound management. HWA training with
+    ``HWAConfig(learn_input_range=True)`` learns the preset's static ranges, and the trained model computes
+    with them (``reference.with_input_range``).
     """
     return AnalogConfig(
         tile=TileConfig(max_input_size=512, max_output_size=0),

@@ -210,6 +210,9 @@ class TrialRunner:
         self.calib = None if calib_ids is None else calibration_windows(calib_ids, settings.seq_len, calib_windows)
         self._hwa: dict[str, torch.Tensor] | None = None  # the HWA checkpoint's weights, loaded when first needed
         self._hwa_cost: dict[str, float] = {}              # its training steps and seconds (hwa.json)
+        # learned input ranges (HWA training) of the model's own weights and of the HWA checkpoint's, if any
+        self._base_ranges = getattr(model, "romer_input_ranges", None)
+        self._hwa_ranges: dict[str, torch.Tensor] | None = None
         self.identity = self._identity()  # of the clean model, before any conversion
         self.clean = clean if clean is not None else self._score()
         self._placements: dict[str, Placement] = {}
@@ -236,8 +239,13 @@ class TrialRunner:
                "tokens": tensor_digest([torch.as_tensor(self.eval_ids)]),
                "calib_tokens": None if self.calib is None else tensor_digest([self.calib]),
                "backend": resolve_backend(None, device), "version": __version__}
+        ranges = getattr(self.model, "romer_input_ranges", None)
+        if ranges:  # the model computes with learned input ranges
+            out["input_ranges"] = tensor_digest(ranges[name] for name in sorted(ranges))
         if self.settings.hwa_checkpoint is not None:  # the fine-tuned weights, not the folder's name
             out["hwa_weights"] = tensor_digest(self._hwa_weights()[name] for name in sorted(self._hwa_weights()))
+            if self._hwa_ranges:
+                out["hwa_input_ranges"] = tensor_digest(self._hwa_ranges[name] for name in sorted(self._hwa_ranges))
         if self.settings.tasks:  # task scores also depend on the harness' version (prompts, metrics)
             from importlib.metadata import version  # noqa: PLC0415
 
@@ -251,7 +259,8 @@ class TrialRunner:
 
             folder = Path(self.settings.hwa_checkpoint)
             # through transformers, which maps the saved layout (e.g. per-expert tensors) to the model's own
-            saved = dict(load_model_and_tokenizer(str(folder))[0].named_parameters())
+            saved_model = load_model_and_tokenizer(str(folder))[0]
+            saved = dict(saved_model.named_parameters())
             params = dict(self.model.named_parameters())
             unknown = sorted(set(saved) - set(params))
             missing = sorted(set(params) - set(saved))
@@ -261,6 +270,7 @@ class TrialRunner:
                                  f"{' missing ' + ', '.join(missing[:3]) if missing else ''}")
             self._hwa = {name: saved[name].detach().to(dtype=params[name].dtype, device=params[name].device)
                          for name in params}
+            self._hwa_ranges = getattr(saved_model, "romer_input_ranges", None)
             record = folder / "hwa.json"
             if record.is_file():
                 import json  # noqa: PLC0415
@@ -268,6 +278,12 @@ class TrialRunner:
                 data = json.loads(record.read_text())
                 self._hwa_cost = {"train_steps": float(data["steps"]), "train_seconds": float(data["seconds"])}
         return self._hwa
+
+    def _set_input_ranges(self, ranges: dict[str, torch.Tensor] | None) -> None:
+        if ranges:
+            self.model.romer_input_ranges = ranges
+        elif hasattr(self.model, "romer_input_ranges"):
+            del self.model.romer_input_ranges
 
     def _use_weights(self, kind: str) -> None:
         """Let the model hold the base or the HWA weights: every Parameter's tensor swapped (no copy of
@@ -282,10 +298,13 @@ class TrialRunner:
             for name, tensor in self._hwa_weights().items():
                 self._base_tensors[name] = params[name].data
                 params[name].data = tensor
+            # and its learned input ranges, if it has any (the next conversion applies them)
+            self._set_input_ranges(self._hwa_ranges)
         else:
             for name, tensor in self._base_tensors.items():
                 params[name].data = tensor
             self._base_tensors = {}
+            self._set_input_ranges(self._base_ranges)
         self._weights = kind
         self._programmed = self._time = None
 

@@ -18,6 +18,11 @@ straight-through estimators; ``AnalogMVMFunction`` computes the same gradients b
 any weight-sized tensor between forward and backward: the backward draws ``W_P`` again from its streams
 (counter-based Philox, so it is the same tensor), and keeps only the input and two small masks
 ([T, B, out] int8 / bool) from the forward.
+
+Learned static input ranges (``HWAConfig.learn_input_range``): ``InputRangeClamp`` clips each input tile's
+columns at its range with aihwkit's range gradient, and ``hwa_linear(..., input_range=r)`` computes the
+tile on ``x_k / r_k`` (constant noise management) and scales its partial output by ``r_k``, both
+differentiated in ``r``.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ from romer_kernels.config.hwa import HWAConfig
 from romer_kernels.config.scaling import scale_noise
 from romer_kernels.config.tiling import TileGrid, input_tile_scales, mapped_target
 from romer_kernels.kernels.reference import (StreamSeed, _noise_management, _quantize, dac_output, input_layout,
-                                             split_input, split_weight, tiled_mvm)
+                                             range_per_column, split_input, split_weight, static_input_range_io,
+                                             tiled_mvm)
 from romer_kernels.noise import build_noise_model
 from romer_kernels.noise.base import StreamDraw
 from romer_kernels.rng import Purpose, normal_like, stream_seed
@@ -75,45 +81,63 @@ def _per_column(scales: torch.Tensor, grid: TileGrid) -> torch.Tensor:
 
 def hwa_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid: TileGrid,
                          io: IOConfig, weights: WeightsFn, stream_seed_fn: StreamSeed | None,
-                         row_ids: torch.Tensor | None = None) -> torch.Tensor:
+                         row_ids: torch.Tensor | None = None, input_range: torch.Tensor | None = None) -> torch.Tensor:
     """The HWA forward written so that autograd gives its gradients (what tests compare with): the value of
-    ``AnalogMVMFunction``, every straight-through estimator visible to autograd. ``x`` [B, in]."""
+    ``AnalogMVMFunction``, every straight-through estimator visible to autograd. ``x`` [B, in];
+    ``input_range`` [n_in_tiles]: static input ranges (``reference.with_input_range``), differentiable."""
     programmed, scales = weights()
     tile_units = weight.float() / _per_column(scales, grid)
     w_tile = programmed + (tile_units - tile_units.detach())  # value W_P exactly, gradient 1 / s
-    partial = tiled_mvm(split_input(x.float(), grid), split_weight(w_tile, grid), grid.in_sizes, grid.out_sizes, io,
+    xt, out_scale = split_input(x.float(), grid), scales * io.out_scale
+    if input_range is not None:
+        io = static_input_range_io(io)
+        xt, out_scale = xt / input_range[:, None, None], out_scale * input_range[:, None]
+    partial = tiled_mvm(xt, split_weight(w_tile, grid), grid.in_sizes, grid.out_sizes, io,
                         stream_seed_fn, None, row_ids, differentiable=True)
-    y = (partial * (scales * io.out_scale)[:, None, :]).sum(dim=0)
+    y = (partial * out_scale[:, None, :]).sum(dim=0)
     return y if bias is None else y + bias.float()
 
 
 class AnalogMVMFunction(torch.autograd.Function):
-    """``y = chip(x; W_P) + b`` with the HWA gradients (module docstring); ``weights`` draws W_P and s."""
+    """``y = chip(x; W_P) + b`` with the HWA gradients (module docstring); ``weights`` draws W_P and s.
+    With static input ranges ``r`` [n_in_tiles] (``reference.with_input_range``) tile k computes on
+    ``x_k / r_k`` and its partial output is scaled by ``r_k``; ``r`` gets the gradient of both."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid: TileGrid, io: IOConfig,
-                weights: WeightsFn, stream_seed_fn: StreamSeed | None, row_ids: torch.Tensor | None) -> torch.Tensor:
+                weights: WeightsFn, stream_seed_fn: StreamSeed | None, row_ids: torch.Tensor | None,
+                input_range: torch.Tensor | None) -> torch.Tensor:
         programmed, scales = weights()
         x32 = x.detach().to(torch.float32)
+        xt, ranges = split_input(x32, grid), None
+        if input_range is not None:
+            io, ranges = static_input_range_io(io), input_range.detach().to(torch.float32)
+            xt = xt / ranges[:, None, None]
         trace: dict = {}
-        partial = tiled_mvm(split_input(x32, grid), split_weight(programmed, grid), grid.in_sizes, grid.out_sizes, io,
+        partial = tiled_mvm(xt, split_weight(programmed, grid), grid.in_sizes, grid.out_sizes, io,
                             stream_seed_fn, None, row_ids, trace=trace)
         out_scale = scales * io.out_scale
-        y = (partial * out_scale[:, None, :]).sum(dim=0)
+        y = (partial * (out_scale if ranges is None else out_scale * ranges[:, None])[:, None, :]).sum(dim=0)
         if bias is not None:
             y = y + bias.detach().float()
-        ctx.save_for_backward(x32, trace["round"], trace["clipped"])
-        ctx.setup = (grid, io, weights, stream_seed_fn, row_ids, weight, bias is not None, x.dtype)
+        # the partial outputs only when the ranges learn (d y / d r_k needs them)
+        keep = partial if input_range is not None and ctx.needs_input_grad[8] else torch.empty(0)
+        ctx.save_for_backward(x32, trace["round"], trace["clipped"], keep)
+        ctx.setup = (grid, io, weights, stream_seed_fn, row_ids, weight, bias is not None, x.dtype, ranges)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x32, kept_round, clipped = ctx.saved_tensors
-        grid, io, weights, stream_seed_fn, row_ids, weight, has_bias, x_dtype = ctx.setup
+        x32, kept_round, clipped, partial = ctx.saved_tensors
+        grid, io, weights, stream_seed_fn, row_ids, weight, has_bias, x_dtype, ranges = ctx.setup
         programmed, scales = weights()  # the forward's W_P again, from the same streams
         grad_y = grad_y.to(torch.float32)
         xt, wt = split_input(x32, grid), split_weight(programmed, grid)
-        grad_partial = grad_y[None] * (scales * io.out_scale)[:, None, :]          # [T, B, out]
+        out_scale = scales * io.out_scale
+        if ranges is not None:
+            xt = xt / ranges[:, None, None]
+            out_scale = out_scale * ranges[:, None]
+        grad_partial = grad_y[None] * out_scale[:, None, :]          # [T, B, out]
         grad_partial = grad_partial.masked_fill(clipped, 0.0)
         if io.is_perfect:
             grad_xt = torch.bmm(grad_partial, wt)
@@ -131,14 +155,57 @@ class AnalogMVMFunction(torch.autograd.Function):
                 grad_xt += torch.bmm(grad_z, wt) * (inside & valid[:, None, :]) * input_scale
                 x_dac = dac_output(xt, input_scale, io, stream_seed_fn, bm_round, rows, grid.in_sizes, valid)
                 grad_wt += torch.bmm(grad_z.transpose(1, 2), x_dac)
+        grad_range = None
+        if ranges is not None:
+            if partial.numel():  # y = sum_k r_k s_k partial_k(x_k / r_k): the output scale, then the input's
+                grad_range = (grad_y[None] * (scales * io.out_scale)[:, None, :] * partial).sum(dim=(1, 2))
+                grad_range = grad_range - (grad_xt * xt).sum(dim=(1, 2)) / ranges
+            grad_xt = grad_xt / ranges[:, None, None]
         grad_x = _unsplit(grad_xt, grid).to(x_dtype)
         grad_weight = (_unsplit(grad_wt, grid) / _per_column(scales, grid)).to(weight.dtype)
         grad_bias = grad_y.sum(dim=0) if has_bias else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, grad_range
 
 
 def hwa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid: TileGrid, io: IOConfig,
-               weights: WeightsFn, stream_seed_fn: StreamSeed | None, row_ids: torch.Tensor | None = None) -> torch.Tensor:
+               weights: WeightsFn, stream_seed_fn: StreamSeed | None, row_ids: torch.Tensor | None = None,
+               input_range: torch.Tensor | None = None) -> torch.Tensor:
     """HWA forward of one analog matrix on ``x`` [B, in] (CPU float32 result); differentiable in ``x``,
-    ``weight`` and ``bias``."""
-    return AnalogMVMFunction.apply(x, weight, bias, grid, io, weights, stream_seed_fn, row_ids)
+    ``weight``, ``bias`` and the static input ranges ``input_range`` [n_in_tiles] (None: the preset's
+    noise management)."""
+    return AnalogMVMFunction.apply(x, weight, bias, grid, io, weights, stream_seed_fn, row_ids, input_range)
+
+
+class InputRangeClamp(torch.autograd.Function):
+    """``clamp(x, -r_k, r_k)`` on the columns of input tile k, with aihwkit's input-range gradient (its
+    ``InputRangeForward`` and straight-through clamp, Rasch et al. 2023).
+
+    ``x`` gets the gradient where it lies within its range (strictly beyond: zero). ``r_k`` gets, scaled by
+    ``r_k`` (aihwkit's relative gradient), only the gradients that ask for a wider range -- the negative
+    gradients of inputs at or above ``+r_k`` and the positive ones at or below ``-r_k`` -- plus
+    ``decay * r_k`` while more than ``min_inside`` of the tile's inputs lie within the range, which
+    shrinks a range that clips too little."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, input_range: torch.Tensor, grid: TileGrid, decay: float,
+                min_inside: float) -> torch.Tensor:
+        columns = range_per_column(input_range.detach().to(x.dtype), grid)
+        ctx.save_for_backward(x, input_range)
+        ctx.setup = (grid, decay, min_inside)
+        return torch.minimum(torch.maximum(x, -columns), columns)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, input_range = ctx.saved_tensors
+        grid, decay, min_inside = ctx.setup
+        ranges = input_range.detach()
+        columns = range_per_column(ranges.to(x.dtype), grid)
+        grad_x = grad.masked_fill(x.abs() > columns, 0.0)
+        wider = (grad * (x >= columns)).clamp(max=0.0) - (grad * (x <= -columns)).clamp(min=0.0)
+        inside = (x.abs() < columns).to(torch.float32)
+        grad_range = torch.zeros_like(ranges, dtype=torch.float32)
+        for k, cols in enumerate(grid.in_slices()):
+            grad_range[k] = wider[:, cols].sum() * ranges[k]
+            if decay > 0 and inside[:, cols].numel() and float(inside[:, cols].mean()) > min_inside:
+                grad_range[k] += decay * ranges[k]
+        return grad_x, grad_range.to(input_range.dtype), None, None, None

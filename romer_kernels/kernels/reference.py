@@ -23,6 +23,7 @@ depend on the batch it came with.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -208,6 +209,27 @@ def tiled_mvm(
     if trace is not None:
         trace["round"], trace["clipped"] = kept_round, beyond
     return result
+
+
+def static_input_range_io(io: IOConfig) -> IOConfig:
+    """The periphery of a chip with a static (learned) input range: noise management is a constant scale 1,
+    the range itself being applied around the tile (``with_input_range``)."""
+    return dataclasses.replace(io, noise_management="constant", nm_thres=0.0)
+
+
+def range_per_column(input_range: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """[n_in_tiles] ranges as one value per input column, [in]."""
+    return torch.repeat_interleave(input_range, torch.tensor(grid.in_sizes, device=input_range.device))
+
+
+def with_input_range(x: torch.Tensor, out_scale: torch.Tensor, io: IOConfig, grid: TileGrid,
+                     input_range: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, IOConfig]:
+    """A static input range ``r_k`` per input tile (aihwkit's learned input range, Rasch et al. 2023): tile
+    ``k`` gets ``x_k / r_k`` with a constant noise-management scale 1 (its DAC clips at ``r_k * inp_bound``)
+    and its partial output is multiplied by ``r_k`` in the digital periphery, before the sum over tiles.
+    Returns what ``analog_linear`` takes instead of (x [B, in], out_scale [n_in_tiles, out], io)."""
+    return (x / range_per_column(input_range, grid)[None, :], out_scale * input_range[:, None],
+            static_input_range_io(io))
 
 
 def input_layout(in_sizes: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -30,6 +30,7 @@ from torch import nn
 from romer_kernels.config._fields import check_int, check_number
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.config.hwa import HWAConfig
+from romer_kernels.models.loading import INPUT_RANGES_FILE
 from romer_kernels.moe.convert import Placement, analogize_, restore_digital_
 from romer_kernels.nn.hwa import clip_analog_weights_, end_hwa_training_, hwa_training_
 from romer_kernels.nn.model_helpers import analog_layers
@@ -60,7 +61,7 @@ class HWATrainSettings:
             check_int(owner, name, getattr(self, name), low=1)
         check_int(owner, "warmup", self.warmup, low=0)
         check_int(owner, "data_seed", self.data_seed, low=0)
-        check_number(owner, "lr", self.lr, low=0, low_open=True)
+        check_number(owner, "lr", self.lr, low=0)  # 0: nothing learns; with learn_input_range the ranges calibrate
         check_number(owner, "weight_decay", self.weight_decay, low=0)
         check_number(owner, "grad_clip", self.grad_clip, low=0)
 
@@ -115,8 +116,10 @@ def saved_state(out_dir: str | Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
-def _save(model: nn.Module, tokenizer, out_dir: Path, state: dict[str, Any], record: dict[str, Any]) -> Path:
-    """Write the digital model, tokenizer, state and record to ``out_dir/model``, replacing it as a whole."""
+def _save(model: nn.Module, tokenizer, out_dir: Path, state: dict[str, Any], record: dict[str, Any],
+          input_ranges: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the digital model, tokenizer, input ranges, state and record to ``out_dir/model``, replacing
+    it as a whole."""
     final, staging, old = out_dir / "model", out_dir / "model.saving", out_dir / "model.old"
     shutil.rmtree(staging, ignore_errors=True)
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
@@ -130,6 +133,10 @@ def _save(model: nn.Module, tokenizer, out_dir: Path, state: dict[str, Any], rec
             hf_logging.enable_progress_bar()
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
+    if input_ranges:
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        save_file({name: t.contiguous() for name, t in input_ranges.items()}, str(staging / INPUT_RANGES_FILE))
     torch.save(state, staging / STATE_FILE)
     (staging / RECORD_FILE).write_text(json.dumps(record, indent=1))
     if final.exists():
@@ -189,27 +196,45 @@ def hwa_finetune_(model: nn.Module, tokenizer, train_ids: torch.Tensor, config: 
             model.load_state_dict(saved.state_dict())
         del saved
         start_step, losses, seconds = state["step"], list(state["losses"]), float(state["seconds"])
+        if state.get("input_ranges"):
+            model.romer_input_ranges = dict(state["input_ranges"])
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    # learned input ranges (hwa.learn_input_range): by layer id; the Parameters live in the training loop
+    # across save points (every conversion after a save point takes the same ones: the optimizer steps them)
+    ranges: dict[str, Any] = dict((state or {}).get("input_ranges") or {})
+    range_updates: dict[str, torch.Tensor] = dict((state or {}).get("range_updates") or {})
 
     def save(step: int) -> None:
         restore_digital_(model)
+        learned = {name: p.detach().clone() for name, p in ranges.items()}
+        if learned:  # the model handed back (and its checkpoint) computes with them when converted again
+            model.romer_input_ranges = learned
         record = {"source": source, "steps": step, "seconds": seconds, "final_loss": losses[-1] if losses else None,
                   "fingerprint": fingerprint}
         _save(model, tokenizer, out_dir, {"fingerprint": fingerprint, "step": step, "losses": losses,
-                                          "seconds": seconds, "optimizer": optimizer.state_dict()}, record)
+                                          "seconds": seconds, "optimizer": optimizer.state_dict(),
+                                          "input_ranges": learned,
+                                          "range_updates": {n: t.clone() for n, t in range_updates.items()}},
+              record, learned or getattr(model, "romer_input_ranges", None))
 
     def convert():
         analogize_(model, config, placement)
-        return hwa_training_(model, hwa)
+        training = hwa_training_(model, hwa, ranges, range_updates)
+        ranges.update(training.input_ranges)
+        range_updates.update(training.range_updates)
+        return training
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / "model"
     if start_step >= settings.steps:
         return HWARun(checkpoint, start_step, seconds, losses, start_step)
     training = convert()
+    groups = [{"params": params}]
+    if ranges:  # no weight decay: the range's own decay is in its gradient (InputRangeClamp)
+        groups.append({"params": [ranges[name] for name in sorted(ranges)], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
     model.train()
     bar = None
     if progress:

@@ -80,6 +80,7 @@ class ReplicaBank:
                                              (experts.down[donor], down, "down_proj")):
                     matrix = AnalogMatrix(source.config, source.out_features, source.in_features,
                                           f"{experts.name}.{num + j}.{kind}", source.seed, source.mvm_noise)
+                    matrix.set_input_range(source.input_range)  # a learned range (HWA) is the donor's inputs'
                     if source.t_inference is not None and not self.digital[j]:
                         matrix.drift(weight, source.t_inference)  # as old as the chip it joins
                     matrices.append(matrix)

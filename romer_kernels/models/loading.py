@@ -40,6 +40,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 PROGRESS_BYTES = 1 << 30   # checkpoints from this size on show transformers' loading bar by default
+# static input ranges learned by HWA training (romer hwa-train --learn-input-range), by analog layer id
+INPUT_RANGES_FILE = "input_ranges.safetensors"
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto",
@@ -77,6 +79,11 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto",
         if not progress:
             hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    ranges_file = Path(path) / INPUT_RANGES_FILE
+    if ranges_file.is_file():  # learned by HWA training: analogize_ gives every analog matrix its range
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        model.romer_input_ranges = load_file(str(ranges_file))
     return model.eval(), tokenizer
 
 

@@ -37,6 +37,7 @@ from romer_kernels.nn.analog_router import make_router_analog
 from romer_kernels.nn.analog_weight import (AnalogWeight, is_weight_analog, make_slices_analog, make_weight_analog,
                                             make_weight_digital, slice_of)
 from romer_kernels.nn.base import AnalogModule
+from romer_kernels.nn.model_helpers import apply_input_ranges_
 
 CATEGORIES = ("experts", "shared_experts", "router", "attention", "dense_mlp", "lm_head", "other")
 PROGRESS_PARAMETERS = 10**8   # programming a model this large takes long enough for a progress bar
@@ -277,10 +278,18 @@ def analogize_(model: nn.Module, config: AnalogConfig | str | None = None, place
                                          transposed=kind == "conv1d", blocks=module.n_groups if kind == "grouped" else 1)
         if t_inference is not None:
             adapter.program_(seed).drift_(float(t_inference))
+    # a model trained with learned input ranges (romer hwa-train --learn-input-range; models.loading attaches
+    # them) computes with them: a chip of that model is what the training prepared it for
+    ranges = getattr(model, "romer_input_ranges", None) or {}
+    with_ranges = apply_input_ranges_(model, ranges) if ranges else 0
+    if ranges and not with_ranges:
+        raise ValueError(f"the model's {len(ranges)} learned input ranges fit none of its analog matrices (their layer "
+                         "ids differ from the training's)")
     # remembered so that save_analog() can write how to rebuild the same analog model
     model.romer_conversion = {"config": config.to_dict(), "placement": placement.to_dict(), "seed": seed,
                               "mvm_noise": mvm_noise, "keep_digital": keep_digital,
-                              "digital_unsupported": allowed, "digital_tensors": tensors}
+                              "digital_unsupported": allowed, "digital_tensors": tensors,
+                              "input_ranges": with_ranges}
     return model
 
 

@@ -467,7 +467,9 @@ class AnalogExperts(AnalogModule):
         # weights; the chips are not programmed (each matrix draws its training chip itself)
         training = any(matrix.training_forward for matrix in self.gate_up + self.down)
         if not training:
-            all_analog = not self.digital_experts and self.extra_experts is None and self.layout.standard
+            # static input ranges (HWA-learned) are applied per matrix: the per-expert loop
+            all_analog = (not self.digital_experts and self.extra_experts is None and self.layout.standard
+                          and all(matrix.input_range is None for matrix in self.gate_up + self.down))
             self._ensure_programmed()  # before choosing a path: programming decides each chip's kind
             on_the_fly = [isinstance(matrix.chip, OnTheFlyChip) for matrix, _ in self._matrices()]
             # the fused on-the-fly kernel reads the fused parameters, so slots with their own weights take the loop

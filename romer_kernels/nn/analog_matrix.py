@@ -18,6 +18,7 @@ import torch
 
 from romer_kernels.config.analog import AnalogConfig
 from romer_kernels.kernels.backends import analog_linear, resolve_backend, supports_on_the_fly
+from romer_kernels.kernels.reference import with_input_range
 from romer_kernels.nn.chip import LayerChip, OnTheFlyChip
 
 
@@ -60,6 +61,9 @@ class AnalogMatrix:
         # HWA training mode (nn.hwa.HWATraining, shared by the model's matrices) or None: while it is active and
         # autograd records, matmul runs the differentiable training forward instead of this chip's
         self.hwa = None
+        # static input range of each input tile, learned by HWA training (set_input_range), or None: the
+        # preset's noise management. Owned by the matrix: float32 [n_in_tiles] on the CPU.
+        self.input_range: torch.Tensor | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
     @staticmethod
@@ -155,7 +159,7 @@ class AnalogMatrix:
         if on_the_fly is None:
             on_the_fly = weight.device.type == "cuda" and resolve_backend(self.backend, weight.device) == "triton"
             on_the_fly = on_the_fly and supports_on_the_fly(self.config)  # else a stored chip (HERMES, ReRAM)
-        wanted = OnTheFlyChip if on_the_fly else LayerChip
+        wanted = OnTheFlyChip if on_the_fly and self.input_range is None else LayerChip
         if type(self.chip) is not wanted:
             self.chip = wanted(self.config, self.out_features, self.in_features, self.layer_id)
 
@@ -172,6 +176,27 @@ class AnalogMatrix:
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit an analog matrix of "
                              f"{self.out_features}x{self.in_features}")
+
+    def set_input_range(self, input_range: torch.Tensor | None) -> None:
+        """Compute with a static input range per input tile from now on (``reference.with_input_range``),
+        a copy of ``input_range`` [n_in_tiles]; None: the preset's noise management again."""
+        if input_range is None:
+            self.input_range = None
+            return
+        ranges = torch.as_tensor(input_range).detach().to(device="cpu", dtype=torch.float32).reshape(-1).clone()
+        tiles = len(self.chip.grid.in_sizes)
+        if ranges.numel() != tiles:
+            raise ValueError(f"{self.layer_id!r}: {ranges.numel()} input ranges for {tiles} input tiles (trained with "
+                             "another tile size?)")
+        if not bool(torch.isfinite(ranges).all()) or not bool((ranges > 0).all()):
+            raise ValueError(f"{self.layer_id!r}: input ranges must be finite and positive, got {ranges.tolist()}")
+        self.input_range = ranges
+        if isinstance(self.chip, OnTheFlyChip):  # its fused kernel has no input range: a stored chip from now on
+            t_inference, drift_index = self.t_inference, self.last_drift_index
+            self.chip = LayerChip(self.config, self.out_features, self.in_features, self.layer_id)
+            self._forget_programming()
+            if t_inference is not None:  # programmed again at the next use, drifted to the same time
+                self._pending_restore = (True, t_inference, drift_index)
 
     # -- compute --------------------------------------------------------------------------------
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -201,8 +226,10 @@ class AnalogMatrix:
         tile_weight, out_scale = self.device_tensors(device)
         with torch.no_grad():
             bias32 = None if bias is None else bias.detach().to(device=device, dtype=torch.float32)
-            y = analog_linear(x.detach().to(device=device, dtype=torch.float32), tile_weight, out_scale, bias32,
-                              self.chip.grid, self.config.io, streams, row_ids, backend=backend)
+            x32, io = x.detach().to(device=device, dtype=torch.float32), self.config.io
+            if self.input_range is not None:
+                x32, out_scale, io = with_input_range(x32, out_scale, io, self.chip.grid, self.input_range.to(device))
+            y = analog_linear(x32, tile_weight, out_scale, bias32, self.chip.grid, io, streams, row_ids, backend=backend)
         return y.to(x.device)
 
     @property
@@ -277,6 +304,7 @@ class AnalogMatrix:
             "t_inference": self.t_inference,
             "drift_index": self.last_drift_index,
             "forward_calls": self.forward_calls,
+            "input_range": None if self.input_range is None else self.input_range.tolist(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -289,4 +317,5 @@ class AnalogMatrix:
         self.chip = LayerChip(self.config, self.out_features, self.in_features, self.layer_id)
         self._forget_programming()
         self.t_inference = state["t_inference"]
+        self.set_input_range(None if state.get("input_range") is None else torch.tensor(state["input_range"]))
         self._pending_restore = (bool(state["programmed"]), state["t_inference"], int(state["drift_index"]))

@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import torch
+
 from torch import nn
 
 from romer_kernels.nn.base import AnalogModule
@@ -102,6 +104,19 @@ def analog_matrices(model: nn.Module) -> Iterator["AnalogMatrix"]:
         if extra is not None and hasattr(extra, "matrices"):
             for matrix, _ in extra.matrices():
                 yield from found(matrix)
+
+
+def apply_input_ranges_(model: nn.Module, input_ranges: "dict[str, torch.Tensor]") -> int:
+    """Give every analog matrix whose layer id has an entry in ``input_ranges`` that static input range per
+    input tile (learned by HWA training, ``AnalogMatrix.set_input_range``); the others keep the preset's
+    noise management. Returns how many matrices got one."""
+    applied = 0
+    for matrix in analog_matrices(model):
+        ranges = input_ranges.get(str(matrix.layer_id))
+        if ranges is not None:
+            matrix.set_input_range(ranges)
+            applied += 1
+    return applied
 
 
 def chip_state_bytes(model: nn.Module) -> int:
