@@ -24,7 +24,7 @@ from romer_kernels.nn.model_helpers import analog_matrices
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_hwa_gradients import layer_case, small  # noqa: E402
-from test_hwa_training import SETTINGS, _train  # noqa: E402
+from test_hwa_training import SETTINGS, _train, crashed_run  # noqa: E402
 
 
 def _range_grads(fn, config, seed, ranges):
@@ -152,21 +152,9 @@ def test_ranges_start_from_the_data():
 def test_learned_ranges_resume_and_reach_the_evaluation(tmp_path, monkeypatch):
     """A run interrupted after its save point resumes to the uninterrupted ranges and weights; the checkpoint
     holds the ranges, loading it attaches them and every conversion applies them."""
-    import romer_kernels.methods.hwa as hwa_methods  # noqa: PLC0415
-
     hwa = HWAConfig(learn_input_range=True, input_range_init_batches=2)
     straight, _ = _train(tmp_path / "straight", hwa=hwa)
-    original = hwa_methods.batch_at
-
-    def crash_at_step_3(train_ids, step, settings):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return original(train_ids, step, settings)
-
-    monkeypatch.setattr(hwa_methods, "batch_at", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path / "resumed", hwa=hwa)
-    monkeypatch.setattr(hwa_methods, "batch_at", original)
+    crashed_run(tmp_path / "resumed", monkeypatch, hwa)
     resumed, run = _train(tmp_path / "resumed", hwa=hwa)
     assert run.resumed_from == 2 and run.steps == SETTINGS.steps
     assert sorted(straight.romer_input_ranges) == sorted(resumed.romer_input_ranges)

@@ -29,6 +29,21 @@ def _train(out_dir, settings=SETTINGS, hwa=HWAConfig()):
     return model, run
 
 
+def crashed_run(out_dir, monkeypatch, hwa=HWAConfig(), crash_step=3):
+    """A run killed at step ``crash_step`` (after the save point before it), to be resumed."""
+    original = hwa_methods.batch_at
+
+    def crash(train_ids, step, settings):
+        if step == crash_step:
+            raise KeyboardInterrupt("killed")
+        return original(train_ids, step, settings)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hwa_methods, "batch_at", crash)
+        with pytest.raises(KeyboardInterrupt):
+            _train(out_dir, hwa=hwa)
+
+
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     straight, run = _train(tmp_path / "straight")
     assert run.steps == 4 and len(run.losses) == 4 and run.resumed_from == 0
@@ -36,19 +51,9 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     base, _ = load_model("tiny-olmoe")
     assert any(not torch.equal(a, b) for a, b in zip(straight.parameters(), base.parameters()))
 
-    original = hwa_methods.batch_at
-
-    def crash_at_step_3(train_ids, step, settings):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return original(train_ids, step, settings)
-
-    monkeypatch.setattr(hwa_methods, "batch_at", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path / "resumed")
+    crashed_run(tmp_path / "resumed", monkeypatch)
     state = torch.load(tmp_path / "resumed" / "model" / "hwa-state.pt", weights_only=True)
     assert state["step"] == 2  # the save point before the crash
-    monkeypatch.setattr(hwa_methods, "batch_at", original)
     resumed, run = _train(tmp_path / "resumed")
     assert run.resumed_from == 2 and len(run.losses) == 4
     assert run.losses == torch.load(tmp_path / "straight" / "model" / "hwa-state.pt", weights_only=True)["losses"]
