@@ -3,6 +3,7 @@
     python -m benchmarks.bench_hwa                 # tiny-olmoe (8 x 128 tokens) and one OLMoE-1B-7B layer (1 x 64)
     python -m benchmarks.bench_hwa --smoke         # shrunken real-dims model only, < 1 min
     python -m benchmarks.bench_hwa --json PATH
+    python -m benchmarks.bench_hwa --learn-input-range   # and each configuration again with learned input ranges
 
 Each configuration runs in a fresh subprocess (its peak RSS is its own). The child builds the model (float32;
 the real-dims one with random weights from the OLMoE-1B-7B config), runs two digital AdamW steps (LM loss),
@@ -69,7 +70,9 @@ def worker(spec: dict) -> dict:
     step("digital 2")
     out["peak_rss"] = {"digital": proc_status_bytes("VmHWM")}
     analogize_(model, "rasch2023")
-    training = hwa_training_(model, HWAConfig())
+    training = hwa_training_(model, HWAConfig(learn_input_range=spec.get("learn_input_range", False)))
+    if training.input_ranges:  # stepped with the weights, as romer hwa-train does
+        optimizer.add_param_group({"params": list(training.input_ranges.values()), "weight_decay": 0.0})
     separate = reset_peak_rss()
     for k in (1, 2):
         training.step = k
@@ -123,6 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a shrunken real-dims model only")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--json", help="write the rows as JSON")
+    parser.add_argument("--learn-input-range", action="store_true", help="each configuration also with learned "
+                        "input ranges (HWAConfig.learn_input_range)")
     args = parser.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))))
@@ -130,6 +135,8 @@ def main(argv=None) -> int:
     specs = [] if args.smoke else [dict(label="tiny-olmoe, 8 x 128 tokens", model="tiny-olmoe", batch=8, tokens=128)]
     specs.append(dict(label=f"OLMoE-1B-7B dims, 1 layer{' (smoke)' if args.smoke else ''}, 1 x 64 tokens",
                       model="olmoe", layers=1, smoke=args.smoke, batch=1, tokens=64))
+    if args.learn_input_range:
+        specs += [dict(spec, label=spec["label"] + ", learned input ranges", learn_input_range=True) for spec in specs]
     rows = [run_child(spec, args.timeout) for spec in specs]
     print(table(rows))
     if args.json:

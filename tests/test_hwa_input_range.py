@@ -210,3 +210,19 @@ def test_a_replica_takes_its_donors_ranges():
     assert torch.equal(bank.gate_up[0].input_range, torch.tensor([1.25]))
     assert bank.down[0].input_range is None and bank.gate_up[1].input_range is None
     assert bank.gate_up[0].input_range is not experts.gate_up[2].input_range  # its own copy
+
+
+def test_the_cli_learns_ranges_on_request_only(tmp_path, capsys):
+    import json  # noqa: PLC0415
+
+    from romer_kernels.cli.main import main  # noqa: PLC0415
+
+    assert main(["hwa-train", "--steps", "1", "--input-range-init-alpha", "6", "--run-dir", str(tmp_path / "x")]) == 2
+    assert "applies only to learned input ranges: add --learn-input-range" in capsys.readouterr().out
+    run_dir = tmp_path / "hwa"
+    assert main(["hwa-train", "--steps", "1", "--train-batch-size", "1", "--train-seq-len", "16", "--warmup", "1",
+                 "--learn-input-range", "--input-range-init-alpha", "5", "--seeds", "1", "--windows", "1",
+                 "--run-dir", str(run_dir)]) == 0
+    record = json.loads((run_dir / "model" / "hwa.json").read_text())
+    assert record["fingerprint"]["hwa"]["learn_input_range"] and record["fingerprint"]["hwa"]["input_range_init_alpha"] == 5
+    assert (run_dir / "model" / INPUT_RANGES_FILE).is_file()

@@ -376,10 +376,18 @@ def _hwa_train(args: argparse.Namespace) -> int:
     train = HWATrainSettings(steps=args.steps, lr=args.lr, batch_size=args.train_batch_size,
                              seq_len=args.train_seq_len, warmup=args.warmup, weight_decay=args.weight_decay,
                              grad_clip=args.grad_clip, save_every=args.save_every, data_seed=args.data_seed)
+    range_flags = [flag for flag, value in (("--input-range-decay", args.input_range_decay),
+                                            ("--input-range-init-alpha", args.input_range_init_alpha))
+                   if value is not None]
+    if range_flags and not args.learn_input_range:
+        raise ValueError(f"{', '.join(range_flags)} {'apply' if len(range_flags) > 1 else 'applies'} only to learned "
+                         "input ranges: add --learn-input-range")
+    ranges = {name: value for name, value in (("input_range_decay", args.input_range_decay),
+                                              ("input_range_init_alpha", args.input_range_init_alpha))
+              if value is not None}
     hwa = HWAConfig(weight_noise=args.weight_noise, weight_noise_scale=args.weight_noise_scale,
                     gaussian_sigma=args.gaussian_sigma, mvm_noise=not args.no_mvm_noise, clip_sigma=args.clip_sigma,
-                    seed=args.seed, learn_input_range=args.learn_input_range,
-                    input_range_decay=args.input_range_decay)
+                    seed=args.seed, learn_input_range=args.learn_input_range, **ranges)
     run_dir = Path(args.run_dir or f"runs/hwa-{Path(args.model).name}-{_label(args)}-s{args.steps}")
     console.print(f"[bold]romer hwa-train[/]: {args.model}, preset {_label(args)}, {args.steps} steps of "
                   f"{args.train_batch_size} x {args.train_seq_len} tokens of the {args.data} train split, weight noise "
@@ -741,8 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
     hwa.add_argument("--learn-input-range", action="store_true", help="learn a static input range per crossbar "
                      "(aihwkit's StandardHWATrainingPreset): each tile then clips its inputs at the learned range instead "
                      "of scaling them by their abs-max; the checkpoint keeps the ranges and every later evaluation uses them")
-    hwa.add_argument("--input-range-decay", type=float, default=0.01, help="--learn-input-range: how fast a range that "
-                     "clips fewer than 5 %% of its inputs shrinks")
+    hwa.add_argument("--input-range-decay", type=float, help="--learn-input-range: how fast a range that clips fewer "
+                     "than 5 %% of its inputs shrinks (default 0.01, aihwkit's)")
+    hwa.add_argument("--input-range-init-alpha", type=float, help="--learn-input-range: each range starts at this many "
+                     "standard deviations of its inputs, mean over the first 100 forwards (default 3, aihwkit's)")
     hwa.add_argument("--seed", type=int, default=0, help="seed of the training chips (never an evaluation chip)")
     hwa.add_argument("--seeds", type=int, default=3, help="chip seeds of the before/after evaluation")
     hwa.add_argument("--scales", type=float, nargs="+", default=[1.0], help="noise scales of the evaluation (the "
