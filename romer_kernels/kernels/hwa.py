@@ -35,8 +35,8 @@ from romer_kernels.config.hwa import HWAConfig
 from romer_kernels.config.scaling import scale_noise
 from romer_kernels.config.tiling import TileGrid, input_tile_scales, mapped_target
 from romer_kernels.kernels.reference import (StreamSeed, _noise_management, _quantize, dac_output, input_layout,
-                                             range_per_column, split_input, split_weight, static_input_range_io,
-                                             tiled_mvm)
+                                             range_per_column, split_input, split_weight, tiled_mvm,
+                                             with_input_range)
 from romer_kernels.noise import build_noise_model
 from romer_kernels.noise.base import StreamDraw
 from romer_kernels.rng import Purpose, normal_like, stream_seed
@@ -88,11 +88,10 @@ def hwa_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     programmed, scales = weights()
     tile_units = weight.float() / _per_column(scales, grid)
     w_tile = programmed + (tile_units - tile_units.detach())  # value W_P exactly, gradient 1 / s
-    xt, out_scale = split_input(x.float(), grid), scales * io.out_scale
+    x, out_scale = x.float(), scales * io.out_scale
     if input_range is not None:
-        io = static_input_range_io(io)
-        xt, out_scale = xt / input_range[:, None, None], out_scale * input_range[:, None]
-    partial = tiled_mvm(xt, split_weight(w_tile, grid), grid.in_sizes, grid.out_sizes, io,
+        x, out_scale, io = with_input_range(x, out_scale, io, grid, input_range)
+    partial = tiled_mvm(split_input(x, grid), split_weight(w_tile, grid), grid.in_sizes, grid.out_sizes, io,
                         stream_seed_fn, None, row_ids, differentiable=True)
     y = (partial * out_scale[:, None, :]).sum(dim=0)
     return y if bias is None else y + bias.float()
@@ -108,16 +107,14 @@ class AnalogMVMFunction(torch.autograd.Function):
                 weights: WeightsFn, stream_seed_fn: StreamSeed | None, row_ids: torch.Tensor | None,
                 input_range: torch.Tensor | None) -> torch.Tensor:
         programmed, scales = weights()
-        x32 = x.detach().to(torch.float32)
-        xt, ranges = split_input(x32, grid), None
-        if input_range is not None:
-            io, ranges = static_input_range_io(io), input_range.detach().to(torch.float32)
-            xt = xt / ranges[:, None, None]
+        x32, out_scale, ranges = x.detach().to(torch.float32), scales * io.out_scale, None
+        if input_range is not None:  # x32 is then x / r: what the tiles compute on, kept for the backward
+            ranges = input_range.detach().to(torch.float32)
+            x32, out_scale, io = with_input_range(x32, out_scale, io, grid, ranges)
         trace: dict = {}
-        partial = tiled_mvm(xt, split_weight(programmed, grid), grid.in_sizes, grid.out_sizes, io,
+        partial = tiled_mvm(split_input(x32, grid), split_weight(programmed, grid), grid.in_sizes, grid.out_sizes, io,
                             stream_seed_fn, None, row_ids, trace=trace)
-        out_scale = scales * io.out_scale
-        y = (partial * (out_scale if ranges is None else out_scale * ranges[:, None])[:, None, :]).sum(dim=0)
+        y = (partial * out_scale[:, None, :]).sum(dim=0)
         if bias is not None:
             y = y + bias.detach().float()
         # the partial outputs only when the ranges learn (d y / d r_k needs them)
@@ -132,11 +129,9 @@ class AnalogMVMFunction(torch.autograd.Function):
         grid, io, weights, stream_seed_fn, row_ids, weight, has_bias, x_dtype, ranges = ctx.setup
         programmed, scales = weights()  # the forward's W_P again, from the same streams
         grad_y = grad_y.to(torch.float32)
-        xt, wt = split_input(x32, grid), split_weight(programmed, grid)
-        out_scale = scales * io.out_scale
-        if ranges is not None:
-            xt = xt / ranges[:, None, None]
-            out_scale = out_scale * ranges[:, None]
+        xt, wt = split_input(x32, grid), split_weight(programmed, grid)   # x32: x / r with ranges
+        digital_scale = scales * io.out_scale
+        out_scale = digital_scale if ranges is None else digital_scale * ranges[:, None]
         grad_partial = grad_y[None] * out_scale[:, None, :]          # [T, B, out]
         grad_partial = grad_partial.masked_fill(clipped, 0.0)
         if io.is_perfect:
@@ -158,7 +153,7 @@ class AnalogMVMFunction(torch.autograd.Function):
         grad_range = None
         if ranges is not None:
             if partial.numel():  # y = sum_k r_k s_k partial_k(x_k / r_k): the output scale, then the input's
-                grad_range = (grad_y[None] * (scales * io.out_scale)[:, None, :] * partial).sum(dim=(1, 2))
+                grad_range = (grad_y[None] * digital_scale[:, None, :] * partial).sum(dim=(1, 2))
                 grad_range = grad_range - (grad_xt * xt).sum(dim=(1, 2)) / ranges
             grad_xt = grad_xt / ranges[:, None, None]
         grad_x = _unsplit(grad_xt, grid).to(x_dtype)
@@ -189,23 +184,32 @@ class InputRangeClamp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, input_range: torch.Tensor, grid: TileGrid, decay: float,
                 min_inside: float) -> torch.Tensor:
-        columns = range_per_column(input_range.detach().to(x.dtype), grid)
         ctx.save_for_backward(x, input_range)
         ctx.setup = (grid, decay, min_inside)
-        return torch.minimum(torch.maximum(x, -columns), columns)
+        return clamp_to_ranges(x, input_range, grid)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, input_range = ctx.saved_tensors
         grid, decay, min_inside = ctx.setup
-        ranges = input_range.detach()
+        ranges = input_range.detach().to(torch.float32)
         columns = range_per_column(ranges.to(x.dtype), grid)
         grad_x = grad.masked_fill(x.abs() > columns, 0.0)
         wider = (grad * (x >= columns)).clamp(max=0.0) - (grad * (x <= -columns)).clamp(min=0.0)
-        inside = (x.abs() < columns).to(torch.float32)
-        grad_range = torch.zeros_like(ranges, dtype=torch.float32)
-        for k, cols in enumerate(grid.in_slices()):
-            grad_range[k] = wider[:, cols].sum() * ranges[k]
-            if decay > 0 and inside[:, cols].numel() and float(inside[:, cols].mean()) > min_inside:
-                grad_range[k] += decay * ranges[k]
+        sizes = torch.tensor(grid.in_sizes)
+        tile = torch.repeat_interleave(torch.arange(len(grid.in_sizes)), sizes)   # the input tile of each column
+
+        def per_tile(values: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(len(grid.in_sizes)).index_add_(0, tile, values.to(torch.float32).sum(dim=0))
+
+        grad_range = per_tile(wider) * ranges
+        if decay > 0 and x.shape[0]:
+            inside_share = per_tile(x.abs() < columns) / (x.shape[0] * sizes)
+            grad_range = grad_range + decay * ranges * (inside_share > min_inside)
         return grad_x, grad_range.to(input_range.dtype), None, None, None
+
+
+def clamp_to_ranges(x: torch.Tensor, input_range: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """``x`` [B, in] clipped to ``+-r_k`` on the columns of input tile k (no gradient to the ranges)."""
+    columns = range_per_column(input_range.detach().to(x.dtype), grid)
+    return torch.clamp(x, -columns, columns)

@@ -543,10 +543,9 @@ def unsupported_weights(model: nn.Module, placement: Placement, converted: set[s
     for name, module in model.named_modules():
         if (converted is not None and name in converted) or isinstance(module, AnalogModule):
             covered.update(id(p) for p in module.parameters(recurse=False))
-        norm = getattr(module, "post_expert_norm", None)
-        if isinstance(norm, nn.Module) and (isinstance(module, AnalogExperts) or (converted is not None and name in converted)):
-            # a norm after each expert, digital like every norm; per-expert scales make its weight [E, H]
-            covered.update(id(p) for p in norm.parameters())
+            norm = getattr(module, "post_expert_norm", None)
+            if isinstance(norm, nn.Module):  # digital like every norm; per-expert scales make its weight [E, H]
+                covered.update(id(p) for p in norm.parameters())
         if is_weight_analog(module):
             covered.update(id(p) for p in module.analog.analog_weights())
     left = {}

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from romer_kernels.config.hwa import HWAConfig
-from romer_kernels.kernels.hwa import InputRangeClamp, hwa_linear, training_weights
-from romer_kernels.kernels.reference import range_per_column
+from romer_kernels.kernels.hwa import InputRangeClamp, clamp_to_ranges, hwa_linear, training_weights
 from romer_kernels.nn.base import AnalogModule
 from romer_kernels.nn.model_helpers import analog_matrices
 from romer_kernels.rng import MvmStreams, chip_key
@@ -79,8 +78,7 @@ class HWATraining:
             x_cpu = InputRangeClamp.apply(x_cpu, ranges, grid, hwa.input_range_decay, hwa.input_range_min_inside)
         elif matrix.input_range is not None:  # a model trained with learned ranges, trained on with them fixed
             ranges = matrix.input_range
-            columns = range_per_column(ranges, grid).to(x_cpu.dtype)
-            x_cpu = torch.minimum(torch.maximum(x_cpu, -columns), columns)
+            x_cpu = clamp_to_ranges(x_cpu, ranges, grid)
         y = hwa_linear(x_cpu, weight, bias32, grid, config.io, weights, streams,
                        None if row_ids is None else row_ids.cpu(), ranges)
         return y.to(x.device)
